@@ -1,0 +1,125 @@
+"""The multimodal adapter between ImageBind's joint embedding space and a causal LLM's hidden space.
+
+InstructAny2Pix feeds each referenced medium to the LLM as a `<video>` token whose input embedding is
+`embed(<video>) + input_projector(e)`, with `e` the medium's ImageBind vector rescaled to norm 20, and reads
+embeddings back out of the LLM's final hidden states through `output_head`. The official checkpoint stores these
+two MLPs inside the LLM as `model.vae_projector_image.*` and `model.vae_predictor_image.*`; here they are a
+standalone diffusers component so that the LLM stays a plain transformers model.
+"""
+
+from numbers import Real
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+
+def rescale_to_norm(x: torch.Tensor, norm: float, eps: float = 1e-9) -> torch.Tensor:
+    """Rescales vectors (along the last dimension) to a given L2 norm, as `x / (||x|| + eps) * norm`.
+
+    This is the exact formula of the official code (norm 20 for LLM inputs and targets, 100 for the prior's input).
+    The arithmetic runs in at least float32, so half-precision inputs do not lose the tiny `eps` or overflow the
+    squared norm; the result has the input's dtype. A zero vector stays zero.
+
+    Args:
+        x (`torch.Tensor`):
+            Floating-point tensor of shape `(..., dim)`; every vector along the last dimension is rescaled.
+        norm (`float`):
+            The target L2 norm, a positive number.
+        eps (`float`, *optional*, defaults to 1e-9):
+            Added to the norm before dividing, as in the official code.
+
+    Returns:
+        `torch.Tensor`: a new tensor of the same shape and dtype as `x`.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim == 0 or not x.is_floating_point():
+        raise ValueError(
+            f"`x` must be a floating-point tensor with at least one dimension, got dtype {x.dtype} and shape "
+            f"{tuple(x.shape)}."
+        )
+    if isinstance(norm, bool) or not isinstance(norm, Real) or not norm > 0 or norm == float("inf"):
+        raise ValueError(f"`norm` must be a positive finite number, got {norm!r}.")
+    if isinstance(eps, bool) or not isinstance(eps, Real) or eps < 0:
+        raise ValueError(f"`eps` must be a non-negative number, got {eps!r}.")
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    x_compute = x.to(compute_dtype)
+    scaled = x_compute / (torch.linalg.vector_norm(x_compute, dim=-1, keepdim=True) + eps) * norm
+    return scaled.to(x.dtype)
+
+
+class MultimodalAdapter(ModelMixin, ConfigMixin):
+    r"""
+    Maps ImageBind embeddings into an LLM's input space and LLM hidden states back into ImageBind's space.
+
+    `input_projector` and `output_head` are `Sequential(Linear, GELU, Linear)` MLPs whose state-dict keys
+    (`input_projector.{0,2}.*`, `output_head.{0,2}.*`) map one to one onto the official
+    `model.vae_projector_image.{0,2}.*` and `model.vae_predictor_image.{0,2}.*`.
+
+    Args:
+        embed_dim (`int`, *optional*, defaults to 1024):
+            Size of the media embeddings (ImageBind-huge's joint space is 1024).
+        llm_hidden_size (`int`, *optional*, defaults to 4096):
+            Hidden size of the LLM (4096 for Vicuna-7B).
+        media_embed_norm (`float`, *optional*, defaults to 20.0):
+            L2 norm every media embedding is rescaled to before the projector (the scale the official LLM was
+            trained on; its read-out targets have the same norm).
+    """
+
+    @register_to_config
+    def __init__(self, embed_dim: int = 1024, llm_hidden_size: int = 4096, media_embed_norm: float = 20.0):
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("llm_hidden_size", llm_hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if isinstance(media_embed_norm, bool) or not isinstance(media_embed_norm, Real) or not media_embed_norm > 0:
+            raise ValueError(f"`media_embed_norm` must be a positive number, got {media_embed_norm!r}.")
+
+        self.input_projector = nn.Sequential(
+            nn.Linear(embed_dim, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, llm_hidden_size)
+        )
+        self.output_head = nn.Sequential(
+            nn.Linear(llm_hidden_size, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, embed_dim)
+        )
+
+    @staticmethod
+    def _check_last_dim(tensor: torch.Tensor, expected: int, argument: str, meaning: str) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"`{argument}` must be a torch.Tensor, got {type(tensor).__name__}.")
+        if tensor.ndim == 0 or tensor.shape[-1] != expected:
+            raise ValueError(
+                f"`{argument}` must have {meaning} {expected} as its last dimension, got shape {tuple(tensor.shape)}."
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"`{argument}` must be a floating-point tensor, got dtype {tensor.dtype}.")
+
+    def project(self, media_embeds: torch.Tensor) -> torch.Tensor:
+        """Rescales media embeddings to `media_embed_norm` and projects them into the LLM's embedding space.
+
+        The result is *added* to the `<video>` token embedding (the official weights were trained that way).
+
+        Args:
+            media_embeds (`torch.Tensor`):
+                ImageBind embeddings of shape `(..., embed_dim)`, at any norm.
+
+        Returns:
+            `torch.Tensor`: shape `(..., llm_hidden_size)`, on the adapter's device and in its dtype.
+        """
+        self._check_last_dim(media_embeds, self.config.embed_dim, "media_embeds", "embed_dim")
+        rescaled = rescale_to_norm(media_embeds.to(self.device), self.config.media_embed_norm)
+        return self.input_projector(rescaled.to(self.dtype))
+
+    def predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Maps final-layer LLM hidden states to ImageBind embeddings (trained against norm-20 targets).
+
+        Args:
+            hidden_states (`torch.Tensor`):
+                Final-layer (post-norm) LLM hidden states of shape `(..., llm_hidden_size)`.
+
+        Returns:
+            `torch.Tensor`: shape `(..., embed_dim)`, on the adapter's device and in its dtype.
+        """
+        self._check_last_dim(hidden_states, self.config.llm_hidden_size, "hidden_states", "llm_hidden_size")
+        return self.output_head(hidden_states.to(device=self.device, dtype=self.dtype))

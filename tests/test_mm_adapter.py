@@ -1,0 +1,531 @@
+"""Tests of the multimodal adapter and the LLM toolkit around it (tiny Llama and word-level tokenizer, CPU)."""
+
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
+
+from diffusers_any2pix.models.mm_adapter import MultimodalAdapter, rescale_to_norm
+from diffusers_any2pix.multimodal_llm import (
+    MULTIMODAL_SPECIAL_TOKENS,
+    EmbeddingPositions,
+    MultimodalTokenIds,
+    ParsedAnswer,
+    add_multimodal_tokens,
+    build_vicuna_prompt,
+    find_embedding_positions,
+    generate_with_media,
+    get_multimodal_token_ids,
+    inject_media_embeds,
+    parse_answer,
+    prepare_multimodal_inputs,
+)
+
+
+EMBED_DIM = 8
+HIDDEN = 32
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+EXTRA_WORDS = "USER: ASSISTANT: add to make look like the style of remove a cat dog red blue [ ] . : ,"
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", f"{SYSTEM} {EXTRA_WORDS}")))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_llm(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = make_tokenizer()
+    llm = make_llm(len(tokenizer))
+    token_ids = add_multimodal_tokens(tokenizer, llm)
+    torch.manual_seed(1)
+    adapter = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN).eval()
+    return tokenizer, llm, adapter, token_ids
+
+
+def media(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, EMBED_DIM, generator=torch.Generator().manual_seed(seed)) * 3.0
+
+
+class ForceTokens(LogitsProcessor):
+    """Teacher forcing through generate(): step k of row r can only produce targets[r][k] (then its last token)."""
+
+    def __init__(self, targets: list[list[int]]):
+        self.targets = targets
+        self.step = 0
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        for row, target in enumerate(self.targets):
+            forced[row, target[min(self.step, len(target) - 1)]] = 0.0
+        self.step += 1
+        return forced
+
+
+def answer_ids(tokenizer, tokens: list[str]) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+FULL_ANSWER = ["<base>", "<video>", "<im_gen_start>", "<im_gen>", "[", "red", "cat", "]", "<video>", "</s>"]
+
+
+# ----------------------------------------------------------------------------------------------- adapter
+
+
+def test_rescale_to_norm_matches_official_formula():
+    x = torch.randn(3, 5, EMBED_DIM, dtype=torch.float64)
+    expected = x / (x.norm(dim=-1, keepdim=True) + 1e-9) * 20
+    out = rescale_to_norm(x, 20.0)
+    assert out.dtype == torch.float64 and torch.equal(out, expected)
+    assert torch.allclose(out.norm(dim=-1), torch.full((3, 5), 20.0, dtype=torch.float64))
+    half = rescale_to_norm(x.half(), 100.0)
+    assert half.dtype == torch.float16
+    assert torch.allclose(half.float().norm(dim=-1), torch.full((3, 5), 100.0), rtol=1e-3)
+    assert torch.equal(rescale_to_norm(torch.zeros(2, 4), 20.0), torch.zeros(2, 4))
+
+
+def test_rescale_to_norm_errors():
+    with pytest.raises(TypeError, match="`x` must be a torch.Tensor"):
+        rescale_to_norm([1.0, 2.0], 20.0)
+    with pytest.raises(ValueError, match="floating-point tensor"):
+        rescale_to_norm(torch.ones(4, dtype=torch.long), 20.0)
+    with pytest.raises(ValueError, match="floating-point tensor with at least one dimension"):
+        rescale_to_norm(torch.tensor(1.0), 20.0)
+    with pytest.raises(ValueError, match="`norm` must be a positive finite number"):
+        rescale_to_norm(torch.ones(4), 0.0)
+    with pytest.raises(ValueError, match="`eps` must be a non-negative number"):
+        rescale_to_norm(torch.ones(4), 20.0, eps=-1.0)
+
+
+def test_adapter_layout_project_predict():
+    torch.manual_seed(0)
+    adapter = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, media_embed_norm=20.0)
+    assert sorted(adapter.state_dict()) == sorted(
+        f"{module}.{index}.{kind}"
+        for module in ("input_projector", "output_head")
+        for index in (0, 2)
+        for kind in ("weight", "bias")
+    )
+    assert isinstance(adapter.input_projector[1], torch.nn.GELU)
+    e = media(4, seed=3)
+    rescaled = e / (e.norm(dim=-1, keepdim=True) + 1e-9) * 20
+    expected = adapter.input_projector[2](torch.nn.functional.gelu(adapter.input_projector[0](rescaled)))
+    assert torch.allclose(adapter.project(e), expected, atol=1e-6)
+    # Only the direction of the media embedding matters.
+    assert torch.allclose(adapter.project(e * 7.5), adapter.project(e), atol=1e-5)
+    h = torch.randn(2, 3, HIDDEN)
+    assert adapter.predict(h).shape == (2, 3, EMBED_DIM)
+    assert torch.equal(adapter.predict(h), adapter.output_head(h))
+
+
+def test_adapter_errors():
+    adapter = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN)
+    with pytest.raises(ValueError, match=r"`media_embeds` must have embed_dim 8 as its last dimension, got"):
+        adapter.project(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="`media_embeds` must be a torch.Tensor"):
+        adapter.project([[0.0] * EMBED_DIM])
+    with pytest.raises(ValueError, match="`media_embeds` must be a floating-point tensor"):
+        adapter.project(torch.ones(2, EMBED_DIM, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"`hidden_states` must have llm_hidden_size 32 as its last dimension"):
+        adapter.predict(torch.randn(2, EMBED_DIM))
+    with pytest.raises(ValueError, match="`embed_dim` must be a positive integer"):
+        MultimodalAdapter(embed_dim=0)
+    with pytest.raises(ValueError, match="`llm_hidden_size` must be a positive integer"):
+        MultimodalAdapter(llm_hidden_size=3.5)
+    with pytest.raises(ValueError, match="`media_embed_norm` must be a positive number"):
+        MultimodalAdapter(media_embed_norm=-1.0)
+
+
+def test_adapter_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    adapter = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, media_embed_norm=12.5)
+    adapter.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = MultimodalAdapter.from_pretrained(tmp_path)
+    assert loaded.config.embed_dim == EMBED_DIM and loaded.config.llm_hidden_size == HIDDEN
+    assert loaded.config.media_embed_norm == 12.5
+    original, restored = adapter.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert restored[key].device.type == "cpu"
+        assert torch.equal(original[key], restored[key]), key
+    e = media(2, seed=5)
+    assert torch.equal(adapter.project(e), loaded.project(e))
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+
+def test_special_tokens_official_order_idempotent_and_resized():
+    tokenizer = make_tokenizer()
+    base_vocab = len(tokenizer)
+    llm = make_llm(base_vocab)
+    assert tokenizer.pad_token is None
+    with pytest.raises(ValueError, match=re.escape(str(list(MULTIMODAL_SPECIAL_TOKENS)))):
+        get_multimodal_token_ids(tokenizer)
+
+    ids = add_multimodal_tokens(tokenizer, llm)
+    assert MULTIMODAL_SPECIAL_TOKENS == (
+        "<im_gen_start>", "<im_gen>", "<mask_gen>", "<audio_gen>", "<audio_gen_start>",
+        "<audio>", "<video>", "<base>", "<base_null>",
+    )
+    assert ids.special_token_ids == tuple(range(base_vocab, base_vocab + 9))
+    assert (ids.im_gen_start, ids.video, ids.base_null) == (base_vocab, base_vocab + 6, base_vocab + 8)
+    assert (ids.eos, ids.bos, ids.pad) == (2, 1, 0)
+    assert tokenizer.pad_token == "<unk>"
+    assert llm.get_input_embeddings().weight.shape == (base_vocab + 9, HIDDEN)
+    assert llm.get_output_embeddings().weight.shape == (base_vocab + 9, HIDDEN)
+    # The tokens are atomic for the tokenizer.
+    assert tokenizer("cat<video>dog", add_special_tokens=False)["input_ids"][1] == ids.video
+
+    embeddings = llm.get_input_embeddings().weight.detach().clone()
+    again = add_multimodal_tokens(tokenizer, llm)
+    assert again == ids == get_multimodal_token_ids(tokenizer)
+    assert len(tokenizer) == base_vocab + 9
+    assert torch.equal(llm.get_input_embeddings().weight, embeddings)
+
+
+def test_special_tokens_partially_present_and_existing_pad():
+    tokenizer = make_tokenizer()
+    base_vocab = len(tokenizer)
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
+    tokenizer.pad_token = "</s>"
+    ids = add_multimodal_tokens(tokenizer)
+    assert ids.video == base_vocab
+    others = [i for i in ids.special_token_ids if i != ids.video]
+    assert others == list(range(base_vocab + 1, base_vocab + 9))
+    assert ids.pad == 2 and tokenizer.pad_token == "</s>"
+
+
+def test_token_errors(setup):
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(["<video>", "<base>"], special_tokens=True)
+    with pytest.raises(ValueError, match=r"lacks the multimodal special tokens \['<im_gen_start>', '<im_gen>'"):
+        get_multimodal_token_ids(tokenizer)
+    with pytest.raises(TypeError, match="`tokenizer` must be a transformers tokenizer"):
+        get_multimodal_token_ids("not a tokenizer")
+    with pytest.raises(TypeError, match="`llm` must be a transformers causal LM"):
+        add_multimodal_tokens(make_tokenizer(), llm=torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------- prompt
+
+
+def test_vicuna_prompt_exact():
+    assert build_vicuna_prompt("add <video> to <video>") == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: add <video> to <video> ASSISTANT:"
+    )
+    answer = "<base><video><im_gen_start><im_gen>[a red cat]<video>"
+    full = build_vicuna_prompt("add <video> to <video>", answer)
+    assert full == build_vicuna_prompt("add <video> to <video>") + " " + answer + "</s>"
+    assert build_vicuna_prompt("x", "y", eos_token="<|endoftext|>").endswith(" ASSISTANT: y<|endoftext|>")
+    with pytest.raises(TypeError, match="`instruction` must be a str"):
+        build_vicuna_prompt(None)
+    with pytest.raises(TypeError, match="`answer` must be a str or None"):
+        build_vicuna_prompt("x", answer=3)
+    with pytest.raises(TypeError, match="`eos_token` must be a str"):
+        build_vicuna_prompt("x", "y", eos_token=None)
+
+
+# ----------------------------------------------------------------------------------------------- injection
+
+
+def test_injection_only_at_video_positions_in_order(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompt = build_vicuna_prompt("add <video> to <video> .")
+    e = media(2, seed=0)
+    e_before = e.clone()
+    inputs_embeds, attention_mask, input_ids = prepare_multimodal_inputs(llm, tokenizer, adapter, [prompt], [e], ids)
+
+    expected_ids = [ids.bos] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert input_ids[0].tolist() == expected_ids
+    assert attention_mask.tolist() == [[1] * len(expected_ids)]
+    plain = llm.get_input_embeddings()(input_ids)
+    video = (input_ids[0] == ids.video).nonzero().flatten().tolist()
+    assert len(video) == 2
+    others = [p for p in range(input_ids.shape[1]) if p not in video]
+    assert torch.equal(inputs_embeds[0, others], plain[0, others])
+    rescaled = e / (e.norm(dim=-1, keepdim=True) + 1e-9) * 20
+    projected = adapter.input_projector(rescaled)
+    for k, position in enumerate(video):
+        assert torch.allclose(inputs_embeds[0, position], plain[0, position] + projected[k], atol=1e-6)
+    assert not torch.allclose(projected[0], projected[1])
+    assert torch.equal(e, e_before)
+
+
+def test_inject_media_embeds_prompt_lengths_skips_answer_videos(setup):
+    tokenizer, llm, adapter, ids = setup
+    text = build_vicuna_prompt("add <video> .", "<base><video><im_gen>[ cat ]<video>")
+    input_ids = torch.tensor([[ids.bos] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+    prompt_length = 1 + len(tokenizer(build_vicuna_prompt("add <video> ."), add_special_tokens=False)["input_ids"])
+    plain = llm.get_input_embeddings()(input_ids)
+    e = media(1, seed=1)
+    out = inject_media_embeds(plain, input_ids, [e], adapter, ids.video, prompt_lengths=[prompt_length])
+    video = (input_ids[0] == ids.video).nonzero().flatten().tolist()
+    assert len(video) == 3 and video[0] < prompt_length <= video[1]
+    changed = (out != plain).any(dim=-1)[0].nonzero().flatten().tolist()
+    assert changed == [video[0]]
+    with pytest.raises(ValueError, match=r"Prompt 0 contains 3 <video> tokens but `media_embeds\[0\]` has 1"):
+        inject_media_embeds(plain, input_ids, [e], adapter, ids.video)
+    with pytest.raises(ValueError, match="`prompt_lengths` has 2 entries but the batch has 1 rows"):
+        inject_media_embeds(plain, input_ids, [e], adapter, ids.video, prompt_lengths=[3, 4])
+    with pytest.raises(ValueError, match="`input_ids` must be a tensor of shape"):
+        inject_media_embeds(plain, input_ids[:, 1:], [e], adapter, ids.video)
+    with pytest.raises(ValueError, match="`inputs_embeds` must be a"):
+        inject_media_embeds(plain[0], input_ids, [e], adapter, ids.video)
+
+
+def test_prepare_multimodal_inputs_errors(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompts = [build_vicuna_prompt("add <video> to <video>"), build_vicuna_prompt("remove the cat")]
+    with pytest.raises(ValueError, match=r"Prompt 0 contains 2 <video> tokens but `media_embeds\[0\]` has 1 embed"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, [media(1, 0), media(0, 0)], ids)
+    with pytest.raises(ValueError, match=r"Prompt 1 contains 0 <video> tokens but `media_embeds\[1\]` has 1 embed"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, [media(2, 0), media(1, 0)], ids)
+    with pytest.raises(ValueError, match=r"`media_embeds\[0\]` must have shape \(n_0, 8\) \(the adapter"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, [torch.randn(2, 5), media(0, 0)], ids)
+    with pytest.raises(ValueError, match=r"`media_embeds\[0\]` must have shape"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, [torch.randn(EMBED_DIM), media(0, 0)], ids)
+    with pytest.raises(ValueError, match="`media_embeds` has 1 entries but there are 2 prompts"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, [media(2, 0)], ids)
+    with pytest.raises(TypeError, match="`media_embeds` must be a list"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, media(2, 0), ids)
+    with pytest.raises(TypeError, match=r"`media_embeds\[1\]` must be a torch.Tensor"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, [media(2, 0), None], ids)
+    with pytest.raises(TypeError, match="`prompts` must be a non-empty list of strings"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, [], [], ids)
+    with pytest.raises(TypeError, match="`prompts` must be a non-empty list of strings"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, "add <video>", [media(1, 0)], ids)
+    with pytest.raises(TypeError, match="`adapter` must be a MultimodalAdapter"):
+        prepare_multimodal_inputs(llm, tokenizer, torch.nn.Linear(2, 2), prompts, [media(2, 0), media(0, 0)], ids)
+    with pytest.raises(TypeError, match="`token_ids` must be a MultimodalTokenIds"):
+        prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, [media(2, 0), media(0, 0)], {"video": 1})
+    wide = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN * 2)
+    with pytest.raises(ValueError, match="LLM's hidden size is 32 but the adapter's `llm_hidden_size` is 64"):
+        prepare_multimodal_inputs(llm, tokenizer, wide, prompts, [media(2, 0), media(0, 0)], ids)
+    # A tokenizer prepared without resizing its LLM.
+    fresh_tokenizer = make_tokenizer()
+    small_llm = make_llm(len(fresh_tokenizer))
+    fresh_ids = add_multimodal_tokens(fresh_tokenizer)
+    with pytest.raises(ValueError, match="Token id 49 is out of range for the LLM.s 43 input embeddings"):
+        prepare_multimodal_inputs(small_llm, fresh_tokenizer, adapter, prompts[:1], [media(2, 0)], fresh_ids)
+
+
+# ----------------------------------------------------------------------------------------------- read-out
+
+
+def test_find_embedding_positions_rule():
+    ids = MultimodalTokenIds(*range(100, 109), eos=2, pad=0, bos=1)
+    v, base, im_gen, base_null = ids.video, ids.base, ids.im_gen, ids.base_null
+    # prompt: [1, v, 5] | answer: base v 7 im_gen 8 9 v v </s> 0
+    sequence = [1, v, 5, base, v, 7, im_gen, 8, 9, v, v, 2, 0]
+    assert find_embedding_positions(sequence, ids, start=3) == EmbeddingPositions(base=3, generation=8)
+    assert find_embedding_positions(torch.tensor(sequence), ids, start=3) == EmbeddingPositions(base=3, generation=8)
+    # The generation <video> follows the LAST <im_gen>.
+    assert find_embedding_positions([5, im_gen, v, im_gen, 8, v], ids, start=1).generation == 4
+    # No <im_gen>, or nothing after it, or only after </s>: no generation embedding.
+    assert find_embedding_positions([5, base, v, 8, v], ids).generation is None
+    assert find_embedding_positions([5, base, v, im_gen, 8, 2, v], ids) == EmbeddingPositions(base=1, generation=None)
+    # <base_null>, or <base> not followed by <video>: no base embedding.
+    assert find_embedding_positions([5, base_null, im_gen, 8, v], ids) == EmbeddingPositions(base=None, generation=3)
+    assert find_embedding_positions([5, base, 8, v], ids).base is None
+    # Index 0 can hold the <im_gen> (generation: [last prompt token] + new tokens); a lone <video> is no target.
+    assert find_embedding_positions([im_gen, v], ids).generation == 0
+    assert find_embedding_positions([v], ids).generation is None
+    with pytest.raises(ValueError, match="`token_ids_sequence` must be 1-D"):
+        find_embedding_positions(torch.tensor([sequence]), ids)
+    with pytest.raises(TypeError, match="`token_ids_sequence` must be a 1-D tensor or list of ints"):
+        find_embedding_positions("abc", ids)
+    with pytest.raises(ValueError, match="`start` must be a non-negative int"):
+        find_embedding_positions(sequence, ids, start=-1)
+
+
+def test_readout_matches_teacher_forced_forward(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompt = build_vicuna_prompt("add <video> to <video>")
+    e = media(2, seed=4)
+    forced = answer_ids(tokenizer, FULL_ANSWER)
+    out = generate_with_media(
+        llm, tokenizer, adapter, [prompt], [e], ids, do_sample=False, max_new_tokens=20,
+        logits_processor=LogitsProcessorList([ForceTokens([forced])]), output_hidden_states=True,
+    )
+    assert out.sequences[0].tolist() == forced
+    assert out.texts == ["<base> <video> <im_gen_start> <im_gen> [ red cat ] <video>"]
+    assert out.parsed_answers == [ParsedAnswer(caption="red cat", has_im_gen=True, has_base=True, base_null=False)]
+
+    # Manual forward over prompt (with media) + the answer (plain token embeddings), no cache.
+    prompt_embeds, _, prompt_ids = prepare_multimodal_inputs(llm, tokenizer, adapter, [prompt], [e], ids)
+    answer = torch.tensor([forced[:-1]])
+    embeds = torch.cat([prompt_embeds, llm.get_input_embeddings()(answer)], dim=1)
+    with torch.no_grad():
+        states = llm.model(inputs_embeds=embeds).last_hidden_state[0]
+    n = prompt_ids.shape[1]
+    # The state preceding generated token j is the one at sequence index n - 1 + j.
+    assert torch.allclose(out.hidden_states[0], states[n - 1 :], atol=1e-5)
+    with torch.no_grad():
+        # base: <video> is answer token 1 -> state of answer token 0 (<base>); gen: <video> is answer token 8.
+        assert torch.allclose(out.base_embeds[0], adapter.predict(states[n + 0]), atol=1e-5)
+        assert torch.allclose(out.generation_embeds[0], adapter.predict(states[n + 7]), atol=1e-5)
+    assert out.generation_embeds[0].shape == (EMBED_DIM,)
+
+
+def test_base_null_and_missing_im_gen_give_none(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompts = [build_vicuna_prompt("add <video>"), build_vicuna_prompt("make <video> red")]
+    base_null = answer_ids(tokenizer, ["<base_null>"] + FULL_ANSWER[2:4] + ["[", "cat", "]", "<video>", "</s>"])
+    no_gen = answer_ids(tokenizer, ["<base>", "<video>", "[", "dog", "]", "<video>", "</s>"])
+    out = generate_with_media(
+        llm, tokenizer, adapter, prompts, [media(1, 0), media(1, 1)], ids, do_sample=False, max_new_tokens=12,
+        logits_processor=[ForceTokens([base_null, no_gen])],
+    )
+    assert out.base_embeds[0] is None and out.generation_embeds[0] is not None
+    assert out.base_embeds[1] is not None and out.generation_embeds[1] is None
+    assert out.parsed_answers[0] == ParsedAnswer(caption="cat", has_im_gen=True, has_base=False, base_null=True)
+    assert out.parsed_answers[1] == ParsedAnswer(caption="dog", has_im_gen=False, has_base=True, base_null=False)
+    # The shorter row is padded after its </s>; its text stops before </s>.
+    assert out.sequences[1].tolist() == no_gen + [ids.pad]
+    assert out.texts[1] == "<base> <video> [ dog ] <video>"
+    assert out.hidden_states is None
+
+
+def test_parse_answer():
+    assert parse_answer("<base><video><im_gen_start><im_gen>[a red cube]<video> [other]") == ParsedAnswer(
+        caption="a red cube", has_im_gen=True, has_base=True, base_null=False
+    )
+    # <im_gen_start> alone is not <im_gen>, <base_null> is not <base>.
+    assert parse_answer("<base_null><im_gen_start> no caption") == ParsedAnswer(
+        caption=None, has_im_gen=False, has_base=False, base_null=True
+    )
+    with pytest.raises(TypeError, match="`text` must be a str"):
+        parse_answer(None)
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def test_kv_cache_equals_no_cache_greedy(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompts = [build_vicuna_prompt("add <video> to <video>"), build_vicuna_prompt("remove the cat from <video>")]
+    embeds = [media(2, 7), media(1, 8)]
+    kwargs = dict(do_sample=False, max_new_tokens=8, output_hidden_states=True)
+    cached = generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, use_cache=True, **kwargs)
+    uncached = generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, use_cache=False, **kwargs)
+    assert cached.sequences.shape == (2, 8)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert cached.texts == uncached.texts
+    assert torch.allclose(cached.hidden_states, uncached.hidden_states, atol=1e-5)
+
+    # Same with a forced answer, so that the read-out embeddings exist in both paths.
+    forced = answer_ids(tokenizer, FULL_ANSWER)
+    results = [
+        generate_with_media(
+            llm, tokenizer, adapter, prompts[:1], embeds[:1], ids, do_sample=False, max_new_tokens=12,
+            use_cache=use_cache, logits_processor=[ForceTokens([forced])],
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(results[0].sequences, results[1].sequences)
+    assert torch.allclose(results[0].generation_embeds[0], results[1].generation_embeds[0], atol=1e-5)
+    assert torch.allclose(results[0].base_embeds[0], results[1].base_embeds[0], atol=1e-5)
+
+
+def test_batch_left_padding_matches_single(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompts = [build_vicuna_prompt("add <video> to <video> ."), build_vicuna_prompt("make <video> blue")]
+    embeds = [media(2, 11), media(1, 12)]
+    inputs_embeds, attention_mask, input_ids = prepare_multimodal_inputs(llm, tokenizer, adapter, prompts, embeds, ids)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in prompts]
+    assert lengths[0] > lengths[1]
+    # Left padding with the pad id, and the BOS right after it.
+    pad = lengths[0] - lengths[1]
+    assert input_ids[1, :pad].tolist() == [ids.pad] * pad and input_ids[1, pad] == ids.bos
+    assert attention_mask[1].tolist() == [0] * pad + [1] * lengths[1]
+
+    short_answer = FULL_ANSWER[:4] + ["[", "dog", "]", "<video>", "</s>"]
+    forced = [answer_ids(tokenizer, FULL_ANSWER), answer_ids(tokenizer, short_answer)]
+    for logits_processor in (None, "forced"):
+        def run(rows):
+            processors = None if logits_processor is None else [ForceTokens([forced[r] for r in rows])]
+            return generate_with_media(
+                llm, tokenizer, adapter, [prompts[r] for r in rows], [embeds[r] for r in rows], ids,
+                do_sample=False, max_new_tokens=12, logits_processor=processors, output_hidden_states=True,
+            )
+
+        batch = run([0, 1])
+        for row in (0, 1):
+            single = run([row])
+            length = single.sequences.shape[1]
+            assert batch.sequences[row, :length].tolist() == single.sequences[0].tolist()
+            assert batch.texts[row] == single.texts[0]
+            assert torch.allclose(batch.hidden_states[row, :length], single.hidden_states[0], atol=1e-5)
+            for name in ("generation_embeds", "base_embeds"):
+                expected, got = getattr(single, name)[0], getattr(batch, name)[row]
+                assert (expected is None) == (got is None)
+                if logits_processor is not None:
+                    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_sampling_reproducible_with_generator_and_global_rng_untouched(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompts = [build_vicuna_prompt("add <video>")]
+    embeds = [media(1, 3)]
+    kwargs = dict(do_sample=True, temperature=5.0, max_new_tokens=16)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    args = (llm, tokenizer, adapter, prompts, embeds, ids)
+    first = generate_with_media(*args, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # a different global state must not matter
+    second = generate_with_media(*args, generator=torch.Generator().manual_seed(0), **kwargs)
+    other = generate_with_media(*args, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(first.sequences, second.sequences)
+    assert first.texts == second.texts
+    assert not torch.equal(first.sequences, other.sequences)
+    # The generator itself advances: two draws from one generator differ.
+    generator = torch.Generator().manual_seed(0)
+    a = generate_with_media(*args, generator=generator, **kwargs)
+    b = generate_with_media(*args, generator=generator, **kwargs)
+    assert torch.equal(a.sequences, first.sequences) and not torch.equal(a.sequences, b.sequences)
+
+
+def test_generate_errors(setup):
+    tokenizer, llm, adapter, ids = setup
+    args = (llm, tokenizer, adapter, [build_vicuna_prompt("add <video>")], [media(1, 0)], ids)
+    with pytest.raises(TypeError, match="`generator` must be a single torch.Generator or None"):
+        generate_with_media(*args, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match="`max_new_tokens` must be a positive int"):
+        generate_with_media(*args, max_new_tokens=0)
+    with pytest.raises(ValueError, match="`temperature` must be a positive number when sampling"):
+        generate_with_media(*args, temperature=0.0)
+    with pytest.raises(ValueError, match=r"`top_p` must be in \(0, 1\] or None"):
+        generate_with_media(*args, top_p=1.5)
+    with pytest.raises(TypeError, match="`logits_processor` must be a LogitsProcessorList"):
+        generate_with_media(*args, logits_processor=lambda ids, scores: scores)
+    with pytest.raises(ValueError, match=r"Prompt 0 contains 1 <video> tokens but `media_embeds\[0\]` has 2"):
+        generate_with_media(*args[:4], [media(2, 0)], ids)
+    with pytest.raises(TypeError, match="`llm` must be a transformers causal LM"):
+        generate_with_media(adapter, *args[1:])

@@ -231,7 +231,7 @@ class ImageBindProcessor:
         Returns:
             `torch.FloatTensor` of shape `(batch, 3, image_size, image_size)`.
         """
-        pil_images = [self._to_pil_rgb(img) for img in self._image_list(images)]
+        pil_images = [self.load_image(img) for img in self._image_list(images)]
         return torch.stack([self._transform_pil(img) for img in pil_images])
 
     def _image_list(self, images) -> list:
@@ -248,7 +248,11 @@ class ImageBindProcessor:
             return list(images)
         return [images]
 
-    def _to_pil_rgb(self, image) -> PIL.Image.Image:
+    def load_image(self, image: ImageInput) -> PIL.Image.Image:
+        """One image input (any type `preprocess_image` accepts, not a batch) as a new RGB PIL image.
+
+        The caller's object is never modified. Raises `TypeError`/`ValueError` naming `images` on bad input.
+        """
         if isinstance(image, PIL.Image.Image):
             pil = image
         elif isinstance(image, (str, os.PathLike)):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 logger = logging.get_logger(__name__)
 
@@ -444,6 +445,8 @@ class ImageBindModel(ModelMixin, ConfigMixin):
         hidden_states = self.vision_encoder(self.vision_embeddings(frames))
         return self._postprocess(self.vision_head(hidden_states[:, 0]), None)
 
+    # apply_forward_hook: model CPU offload moves the model on these entry points too, not only on forward.
+    @apply_forward_hook
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
         Embeds images (already preprocessed: resized, centre-cropped, CLIP-normalised).
@@ -461,6 +464,7 @@ class ImageBindModel(ModelMixin, ConfigMixin):
         self._check_vision_frames("pixel_values", pixel_values, layout)
         return self._encode_clips(pixel_values.unsqueeze(2))
 
+    @apply_forward_hook
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """
         Embeds videos given as clips of frames. With several clips per video, the per-clip normalised
@@ -486,6 +490,7 @@ class ImageBindModel(ModelMixin, ConfigMixin):
         embeds = self._encode_clips(frames.flatten(0, 1))
         return embeds.reshape(batch_size, num_clips, -1).mean(dim=1)
 
+    @apply_forward_hook
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """
         Embeds tokenised text (CLIP BPE ids padded with 0 to `text_context_length`; the end-of-text token must
@@ -519,6 +524,7 @@ class ImageBindModel(ModelMixin, ConfigMixin):
         pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), eot_positions]
         return self._postprocess(self.text_head(pooled), self.text_log_logit_scale)
 
+    @apply_forward_hook
     def encode_audio(self, audio_features: torch.Tensor) -> torch.Tensor:
         """
         Embeds audio given as normalised log-mel filter banks of one or several clips; the per-clip embeddings

@@ -1,0 +1,884 @@
+"""InstructAny2PixPipeline: image editing from instructions that mix text, several images and audio."""
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from diffusers import AutoencoderKL, DDIMInverseScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+# Every component module must be imported here: diffusers resolves our classes through ``sys.modules``.
+from .instruction import ParsedInstruction, parse_instruction
+from .models.imagebind import ImageBindModel
+from .models.ip_adapter import ImageBindIPAdapter, temporary_ip_adapter_scale
+from .models.mm_adapter import MultimodalAdapter, rescale_to_norm
+from .models.prior import Any2PixPrior
+from .multimodal_llm import build_vicuna_prompt, generate_with_media, get_multimodal_token_ids, parse_answer
+from .processing_imagebind import ImageBindProcessor
+
+
+logger = logging.get_logger(__name__)
+
+DECODER_SD = "sd"
+DECODER_SDXL = "sdxl"
+DECODER_IMAGEBIND = "imagebind"
+
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+DEFAULT_PROMPT_TEMPLATE = "best quality, high quality, {caption}"
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | Path
+AudioInput = str | Path | tuple
+
+
+@dataclass
+class InstructAny2PixPipelineOutput(BaseOutput):
+    """
+    Output of [`InstructAny2PixPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The edited images, ``num_images_per_prompt`` per instruction (latents for ``output_type="latent"``).
+        answers (`list[str]`):
+            The LLM's answer for each instruction (special tokens kept).
+        captions (`list[str | None]`):
+            The output caption parsed from each answer (``None`` when the answer has none).
+        base_image_indices (`list[int]`):
+            Per instruction, the index into that instruction's ``images`` of the image that was edited.
+        generation_embeds (`torch.Tensor`):
+            ``(batch, embed_dim)`` the LLM's generation embedding (read at ``<im_gen>…<video>``).
+        base_embeds (`list[torch.Tensor | None]`):
+            The LLM's base embedding per instruction (``None`` with one image or a ``<base_null>`` answer).
+        refined_embeds (`torch.Tensor`):
+            ``(batch, embed_dim)`` the refinement prior's output (norm 20).
+        conditioning_embeds (`torch.Tensor`):
+            ``(batch, embed_dim)`` the mixed embedding the decoder was conditioned on; pass it back as
+            ``conditioning_embeds=`` to skip the LLM and prior.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    answers: list[str]
+    captions: list[str | None]
+    base_image_indices: list[int]
+    generation_embeds: torch.Tensor
+    base_embeds: list[torch.Tensor | None]
+    refined_embeds: torch.Tensor
+    conditioning_embeds: torch.Tensor
+
+
+def detect_decoder_family(unet: UNet2DConditionModel) -> str:
+    """Which decoder family ``unet`` belongs to (see DESIGN.md §3), from its config alone."""
+    config = unet.config
+    if config.encoder_hid_dim_type == "image_proj" and config.addition_embed_type == "image":
+        return DECODER_IMAGEBIND
+    if config.addition_embed_type == "text_time":
+        return DECODER_SDXL
+    if config.addition_embed_type is None and config.encoder_hid_dim_type in (None, "ip_image_proj"):
+        return DECODER_SD
+    raise ValueError(
+        "Unsupported `unet`: expected an SD 1.x-style UNet (cross-attention on text), an SDXL-style UNet "
+        "(`addition_embed_type='text_time'`) or an ImageBind-native UNet (`encoder_hid_dim_type='image_proj'`, "
+        f"`addition_embed_type='image'`); got addition_embed_type={config.addition_embed_type!r}, "
+        f"encoder_hid_dim_type={config.encoder_hid_dim_type!r}."
+    )
+
+
+def mix_latents_with_noise(latents: torch.Tensor, noise: torch.Tensor, preservation: float) -> torch.Tensor:
+    """The official "polar interpolation" of an inverted latent with fresh noise, per sample.
+
+    ``x = a·latents + (1−a)·noise``, rescaled to the norm ``a‖latents‖ + (1−a)‖noise‖`` so the result keeps the
+    magnitude the scheduler expects at its first timestep.
+    """
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x.flatten(1), dim=1).view(-1, *([1] * (x.ndim - 1)))
+
+    mixed = preservation * latents + (1.0 - preservation) * noise
+    target_norm = preservation * norm(latents) + (1.0 - preservation) * norm(noise)
+    return mixed / norm(mixed).clamp_min(1e-12) * target_norm
+
+
+class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
+    r"""
+    Image editing from multimodal instructions (InstructAny2Pix, arXiv 2312.06738).
+
+    An instruction such as ``"add [audio1] to [image1]"`` references ``images=`` and ``audio=`` by placeholder.
+    ImageBind encodes the inputs, an instruction-tuned LLM answers with a caption and an output embedding, a
+    refinement prior turns it into a realistic image embedding, and a diffusion decoder edits the base image (DDIM
+    inversion + noise mixing) conditioned on the mixed embedding.
+
+    This model inherits from [`DiffusionPipeline`]; see the superclass for generic methods (downloading, saving,
+    device placement, offloading).
+
+    Args:
+        image_encoder ([`ImageBindModel`]): ImageBind, encoding images and audio into the joint space.
+        llm ([`~transformers.PreTrainedModel`]): a causal language model (Vicuna-7B for the official weights).
+        llm_tokenizer ([`~transformers.PreTrainedTokenizerBase`]): its tokenizer, with the multimodal special tokens.
+        mm_adapter ([`MultimodalAdapter`]): projector (ImageBind → LLM) and output head (LLM → ImageBind).
+        prior ([`Any2PixPrior`]): the refinement prior.
+        vae ([`AutoencoderKL`]): the decoder's autoencoder.
+        unet ([`UNet2DConditionModel`]): an SD 1.x / SDXL UNet (with ``ip_adapter``) or an ImageBind-native UNet.
+        scheduler ([`SchedulerMixin`]): the denoising scheduler (its config also drives DDIM inversion).
+        text_encoder, tokenizer, text_encoder_2, tokenizer_2 (optional): the decoder's text encoders (SD 1.x uses
+            the first pair, SDXL both, an ImageBind-native decoder none).
+        ip_adapter ([`ImageBindIPAdapter`], optional): IP-Adapter weights (standard layout) for a text-to-image
+            UNet; attached to ``unet`` when the pipeline is built.
+        prior_text_encoder, prior_tokenizer (optional): a CLIP text model for the prior; without them the prior uses
+            its stored empty-prompt hidden states (identical output for the official, always-empty prompt).
+    """
+
+    model_cpu_offload_seq = "image_encoder->llm->prior_text_encoder->prior->text_encoder->text_encoder_2->unet->vae"
+    # The adapter is tiny and used between the other models' calls; keep it on the execution device.
+    _exclude_from_cpu_offload = ["mm_adapter"]
+    _optional_components = [
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "ip_adapter",
+        "prior_text_encoder",
+        "prior_tokenizer",
+    ]
+    _callback_tensor_inputs = ["latents", "conditioning_embeds"]
+
+    def __init__(
+        self,
+        image_encoder: ImageBindModel,
+        llm: PreTrainedModel,
+        llm_tokenizer: PreTrainedTokenizerBase,
+        mm_adapter: MultimodalAdapter,
+        prior: Any2PixPrior,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        text_encoder: CLIPTextModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
+        ip_adapter: ImageBindIPAdapter | None = None,
+        prior_text_encoder: CLIPTextModel | None = None,
+        prior_tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__()
+        required = {
+            "image_encoder": image_encoder,
+            "llm": llm,
+            "llm_tokenizer": llm_tokenizer,
+            "mm_adapter": mm_adapter,
+            "prior": prior,
+            "vae": vae,
+            "unet": unet,
+            "scheduler": scheduler,
+        }
+        missing = [name for name, value in required.items() if value is None]
+        if missing:
+            raise ValueError(f"InstructAny2PixPipeline is missing required components: {', '.join(missing)}.")
+
+        decoder_family = detect_decoder_family(unet)
+        self._check_component_sizes(
+            decoder_family,
+            image_encoder=image_encoder,
+            llm=llm,
+            llm_tokenizer=llm_tokenizer,
+            mm_adapter=mm_adapter,
+            prior=prior,
+            vae=vae,
+            unet=unet,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            ip_adapter=ip_adapter,
+            prior_text_encoder=prior_text_encoder,
+            prior_tokenizer=prior_tokenizer,
+        )
+
+        self.register_modules(
+            image_encoder=image_encoder,
+            llm=llm,
+            llm_tokenizer=llm_tokenizer,
+            mm_adapter=mm_adapter,
+            prior=prior,
+            vae=vae,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            ip_adapter=ip_adapter,
+            prior_text_encoder=prior_text_encoder,
+            prior_tokenizer=prior_tokenizer,
+        )
+        for component in (image_encoder, llm, mm_adapter, prior, vae, unet, text_encoder, text_encoder_2, ip_adapter, prior_text_encoder):
+            if component is not None:
+                _realign_tensors(component)
+        self.decoder_family = decoder_family
+        self.token_ids = get_multimodal_token_ids(llm_tokenizer)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.imagebind_processor = ImageBindProcessor(image_size=image_encoder.config.vision_image_size)
+        # The adapter lives inside the UNet (diffusers' IP-Adapter processors); `_detached_ip_adapter` takes it out
+        # for saving so the UNet folder stays a plain UNet and the adapter keeps its standard layout.
+        self._ip_adapter_restore = ip_adapter.attach_to(unet) if ip_adapter is not None else None
+
+    # ------------------------------------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_component_sizes(decoder_family: str, **c) -> None:
+        """Fail at construction, naming both sizes, when swapped components do not fit together."""
+        embed_dim = c["image_encoder"].config.out_embed_dim
+
+        def same(what_a: str, a: int, what_b: str, b: int) -> None:
+            if a != b:
+                raise ValueError(f"Component size mismatch: {what_a} is {a} but {what_b} is {b}.")
+
+        same("image_encoder.config.out_embed_dim", embed_dim, "mm_adapter.config.embed_dim", c["mm_adapter"].config.embed_dim)
+        same("image_encoder.config.out_embed_dim", embed_dim, "prior.config.embed_dim", c["prior"].config.embed_dim)
+        same(
+            "llm.config.hidden_size",
+            c["llm"].config.get_text_config().hidden_size,
+            "mm_adapter.config.llm_hidden_size",
+            c["mm_adapter"].config.llm_hidden_size,
+        )
+        same("vae.config.latent_channels", c["vae"].config.latent_channels, "unet.config.in_channels", c["unet"].config.in_channels)
+        if len(c["llm_tokenizer"]) > c["llm"].get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"llm_tokenizer has {len(c['llm_tokenizer'])} tokens but the llm's input embeddings only have "
+                f"{c['llm'].get_input_embeddings().num_embeddings} rows; resize them after adding the special tokens "
+                "(see `add_multimodal_tokens`)."
+            )
+        if (c["prior_text_encoder"] is None) != (c["prior_tokenizer"] is None):
+            raise ValueError("`prior_text_encoder` and `prior_tokenizer` must be given together (or both omitted).")
+        if c["prior_text_encoder"] is not None:
+            same(
+                "prior_text_encoder.config.hidden_size",
+                c["prior_text_encoder"].config.hidden_size,
+                "prior.config.text_hidden_dim",
+                c["prior"].config.text_hidden_dim,
+            )
+
+        unet = c["unet"]
+        if decoder_family == DECODER_IMAGEBIND:
+            same("image_encoder.config.out_embed_dim", embed_dim, "unet.config.encoder_hid_dim", unet.config.encoder_hid_dim)
+            extra = [name for name in ("text_encoder", "text_encoder_2", "ip_adapter") if c[name] is not None]
+            if extra:
+                raise ValueError(
+                    f"An ImageBind-native unet is conditioned on the embedding alone; remove {', '.join(extra)}."
+                )
+            return
+
+        if c["ip_adapter"] is None:
+            raise ValueError(
+                "A text-to-image unet (SD 1.x / SDXL) needs an `ip_adapter` that reads ImageBind embeddings."
+            )
+        c["ip_adapter"].check_compatible(unet, image_embed_dim=embed_dim)
+        if c["text_encoder"] is None or c["tokenizer"] is None:
+            raise ValueError(f"A {decoder_family.upper()} unet needs `text_encoder` and `tokenizer`.")
+        if decoder_family == DECODER_SD:
+            same(
+                "text_encoder.config.hidden_size",
+                c["text_encoder"].config.hidden_size,
+                "unet.config.cross_attention_dim",
+                unet.config.cross_attention_dim,
+            )
+            return
+        if c["text_encoder_2"] is None or c["tokenizer_2"] is None:
+            raise ValueError("An SDXL unet needs `text_encoder_2` and `tokenizer_2`.")
+        same(
+            "text_encoder.config.hidden_size + text_encoder_2.config.hidden_size",
+            c["text_encoder"].config.hidden_size + c["text_encoder_2"].config.hidden_size,
+            "unet.config.cross_attention_dim",
+            unet.config.cross_attention_dim,
+        )
+        same(
+            "text_encoder_2.config.projection_dim + 6 * unet.config.addition_time_embed_dim",
+            c["text_encoder_2"].config.projection_dim + 6 * unet.config.addition_time_embed_dim,
+            "unet.config.projection_class_embeddings_input_dim",
+            unet.config.projection_class_embeddings_input_dim,
+        )
+
+    # ------------------------------------------------------------------------------------------------ saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "InstructAny2PixPipeline":
+        """Load like [`DiffusionPipeline.from_pretrained`] (a local folder, or a Hub id downloaded first).
+
+        diffusers' download step refuses components from libraries it does not know (ours), so a Hub id is fetched
+        with `huggingface_hub.snapshot_download` (honouring `HF_HUB_OFFLINE`, `cache_dir`, `revision`, `token`)
+        and the local snapshot is loaded.
+        """
+        path = Path(str(pretrained_model_name_or_path))
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "revision", "token", "force_download") if k in kwargs}
+            path = Path(
+                snapshot_download(
+                    str(pretrained_model_name_or_path),
+                    local_files_only=kwargs.pop("local_files_only", False),
+                    **hub_kwargs,
+                )
+            )
+        return super().from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
+        """Save like [`DiffusionPipeline.save_pretrained`], with the UNet saved without the attached adapter."""
+        if self._ip_adapter_restore is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        ImageBindIPAdapter.detach_from(self.unet, self._ip_adapter_restore)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self._ip_adapter_restore = self.ip_adapter.attach_to(self.unet)
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def _normalize_inputs(
+        self, instruction: str | list[str], images: Any, audio: Any
+    ) -> tuple[list[str], list[list[ImageInput]], list[list[AudioInput]]]:
+        """Bring instruction/images/audio to per-instruction lists (single instruction → batch of one)."""
+        if isinstance(instruction, str):
+            instructions = [instruction]
+            per_images = [self._as_list(images, "images")]
+            per_audio = [self._as_list(audio, "audio")]
+        elif isinstance(instruction, (list, tuple)) and len(instruction) > 0:
+            instructions = list(instruction)
+            per_images = self._per_instruction(images, len(instructions), "images")
+            per_audio = self._per_instruction(audio, len(instructions), "audio")
+        else:
+            raise TypeError(
+                f"`instruction` must be a string or a non-empty list of strings, got {type(instruction).__name__}."
+            )
+        return instructions, per_images, per_audio
+
+    @staticmethod
+    def _as_list(value: Any, name: str) -> list:
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)) and not (name == "audio" and _is_waveform_tuple(value)):
+            return list(value)
+        return [value]
+
+    @classmethod
+    def _per_instruction(cls, value: Any, batch_size: int, name: str) -> list[list]:
+        if value is None:
+            return [[] for _ in range(batch_size)]
+        if not isinstance(value, (list, tuple)) or len(value) != batch_size:
+            raise ValueError(
+                f"With {batch_size} instructions, `{name}` must be a list of {batch_size} lists (one per instruction), "
+                f"got {type(value).__name__}{' of length ' + str(len(value)) if isinstance(value, (list, tuple)) else ''}."
+            )
+        return [cls._as_list(item, name) for item in value]
+
+    def check_inputs(
+        self,
+        instructions: list[str],
+        per_images: list[list],
+        per_audio: list[list],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        structure_preservation: float,
+        embedding_weights: tuple[float, float, float],
+        embedding_norm: float,
+        num_images_per_prompt: int,
+        output_type: str,
+        on_invalid_answer: str,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+        conditioning_embeds: torch.Tensor | None,
+    ) -> list[ParsedInstruction]:
+        """Validate every argument before any model runs; returns the parsed instructions."""
+        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
+            raise ValueError(
+                f"`height` and `width` must be positive multiples of {self.vae_scale_factor}, got {height}x{width}."
+            )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if not 0.0 <= structure_preservation <= 1.0:
+            raise ValueError(f"`structure_preservation` must be in [0, 1], got {structure_preservation}.")
+        if len(embedding_weights) != 3:
+            raise ValueError(
+                f"`embedding_weights` must be 3 numbers (base, generation, refined), got {len(embedding_weights)}."
+            )
+        if embedding_norm <= 0:
+            raise ValueError(f"`embedding_norm` must be positive, got {embedding_norm}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be one of 'pil', 'np', 'pt', 'latent'; got {output_type!r}.")
+        if on_invalid_answer not in ("error", "use_base"):
+            raise ValueError(f"`on_invalid_answer` must be 'error' or 'use_base', got {on_invalid_answer!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+                )
+
+        parsed = []
+        for i, (text, images, audio) in enumerate(zip(instructions, per_images, per_audio)):
+            name = "instruction" if len(instructions) == 1 else f"instruction[{i}]"
+            instruction = parse_instruction(text, num_images=len(images), num_audio=len(audio), argument_name=name)
+            if not instruction.image_references:
+                raise ValueError(
+                    f"`{name}` references no image. InstructAny2Pix edits a base image: pass it in `images=` and "
+                    "reference it as [image1]."
+                )
+            parsed.append(instruction)
+
+        if conditioning_embeds is not None:
+            expected = (len(instructions), self.image_encoder.config.out_embed_dim)
+            if not isinstance(conditioning_embeds, torch.Tensor) or tuple(conditioning_embeds.shape) != expected:
+                got = tuple(conditioning_embeds.shape) if isinstance(conditioning_embeds, torch.Tensor) else type(conditioning_embeds).__name__
+                raise ValueError(f"`conditioning_embeds` must be a tensor of shape {expected}, got {got}.")
+        return parsed
+
+    # ------------------------------------------------------------------------------------------------ stages
+    @torch.no_grad()
+    def encode_media(
+        self, parsed: list[ParsedInstruction], per_images: list[list[PIL.Image.Image]], per_audio: list[list], device
+    ) -> list[torch.Tensor]:
+        """ImageBind vectors of every referenced input, in placeholder order: one ``(n_i, embed_dim)`` per item.
+
+        All images of the batch go through ImageBind in one call, all audio clips in another.
+        """
+        flat_images = [image for images in per_images for image in images]
+        flat_audio = [clip for clips in per_audio for clip in clips]
+        dtype = self.image_encoder.dtype
+        image_embeds = audio_embeds = None
+        if flat_images:
+            pixels = self.imagebind_processor.preprocess_image(flat_images).to(device=device, dtype=dtype)
+            image_embeds = self.image_encoder.encode_image(pixels).float()
+        if flat_audio:
+            features = self.imagebind_processor.preprocess_audio(flat_audio).to(device=device, dtype=dtype)
+            audio_embeds = self.image_encoder.encode_audio(features).float()
+
+        per_item = []
+        image_offset = audio_offset = 0
+        for instruction, images, audio in zip(parsed, per_images, per_audio):
+            rows = []
+            for ref in instruction.references:
+                if ref.kind == "image":
+                    rows.append(image_embeds[image_offset + ref.index])
+                else:
+                    rows.append(audio_embeds[audio_offset + ref.index])
+            per_item.append(torch.stack(rows))
+            image_offset += len(images)
+            audio_offset += len(audio)
+        return per_item
+
+    @staticmethod
+    def select_base_image(
+        instruction: ParsedInstruction,
+        media_embeds: torch.Tensor,
+        base_embed: torch.Tensor | None,
+        generation_embed: torch.Tensor | None,
+    ) -> int:
+        """Index (into the instruction's ``images``) of the image to edit.
+
+        One image input is the base. With several, the image whose ImageBind vector has the largest dot product with
+        the LLM's base embedding; audio inputs are never candidates. A ``<base_null>`` answer (no base embedding)
+        with several images falls back to the generation embedding (the official code raises here).
+        """
+        candidates = [(pos, ref) for pos, ref in enumerate(instruction.references) if ref.kind == "image"]
+        if len(candidates) == 1:
+            return candidates[0][1].index
+        query = base_embed if base_embed is not None else generation_embed
+        if query is None:
+            return candidates[0][1].index
+        scores = torch.stack([media_embeds[pos].float() @ query.float() for pos, _ in candidates])
+        return candidates[int(scores.argmax())][1].index
+
+    def encode_prompt(
+        self, prompts: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning of an SD 1.x / SDXL decoder: ``(prompt_embeds, pooled_prompt_embeds or None)``."""
+        encoders = [(self.tokenizer, self.text_encoder)]
+        if self.decoder_family == DECODER_SDXL:
+            encoders.append((self.tokenizer_2, self.text_encoder_2))
+        hidden, pooled = [], None
+        for tokenizer, encoder in encoders:
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            if self.decoder_family == DECODER_SDXL:
+                # SDXL reads the penultimate layer of both encoders and the pooled projection of the second.
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0] if encoder is self.text_encoder_2 else pooled
+            else:
+                hidden.append(out.last_hidden_state)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def _decoder_conditioning(
+        self,
+        captions: list[str],
+        embeds: torch.Tensor,
+        negative_prompt: str,
+        prompt_template: str,
+        height: int,
+        width: int,
+        device: torch.device,
+        do_cfg: bool,
+    ) -> dict[str, Any]:
+        """UNet keyword arguments for the batch (negative branch first when ``do_cfg``)."""
+        dtype = self.unet.dtype
+        zero = torch.zeros_like(embeds)
+        if self.decoder_family == DECODER_IMAGEBIND:
+            image_embeds = torch.cat([zero, embeds]) if do_cfg else embeds
+            return {"encoder_hidden_states": None, "added_cond_kwargs": {"image_embeds": image_embeds.to(dtype)}}
+
+        prompts = [prompt_template.format(caption=caption) for caption in captions]
+        prompt_embeds, pooled = self.encode_prompt(prompts, device)
+        if do_cfg:
+            negative_embeds, negative_pooled = self.encode_prompt([negative_prompt] * len(prompts), device)
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            pooled = torch.cat([negative_pooled, pooled]) if pooled is not None else None
+        # One adapter; per-sample embeddings must be (B, 1, E) so diffusers keeps them per sample.
+        ip_embeds = (torch.cat([zero, embeds]) if do_cfg else embeds)[:, None, :].to(dtype)
+        added = {"image_embeds": [ip_embeds]}
+        if self.decoder_family == DECODER_SDXL:
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+            added.update(text_embeds=pooled.to(dtype), time_ids=time_ids.repeat(prompt_embeds.shape[0], 1))
+        return {"encoder_hidden_states": prompt_embeds.to(dtype), "added_cond_kwargs": added}
+
+    @staticmethod
+    def _select_branch(unet_kwargs: dict[str, Any], positive_only: bool) -> dict[str, Any]:
+        """The conditional half of CFG-batched UNet kwargs (used for inversion with guidance 1)."""
+        if not positive_only:
+            return unet_kwargs
+
+        def second_half(x):
+            if isinstance(x, torch.Tensor):
+                return x.chunk(2)[1]
+            if isinstance(x, list):
+                return [second_half(v) for v in x]
+            if isinstance(x, dict):
+                return {k: second_half(v) for k, v in x.items()}
+            return x
+
+        return second_half(unet_kwargs)
+
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latent *mean* (deterministic; the official code samples) times the VAE scaling factor."""
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def invert(
+        self, latents: torch.Tensor, num_inference_steps: int, unet_kwargs: dict[str, Any], device: torch.device
+    ) -> torch.Tensor:
+        """DDIM-invert clean ``latents`` to the first timestep of the decoding schedule (guidance 1)."""
+        inverse = DDIMInverseScheduler.from_config(self.scheduler.config, clip_sample=False)
+        inverse.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(inverse.timesteps):
+            noise_pred = self.unet(latents, t, return_dict=False, **unet_kwargs)[0]
+            latents = inverse.step(noise_pred, t, latents).prev_sample
+        return latents
+
+    # ------------------------------------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        instruction: str | list[str],
+        images: ImageInput | list | None = None,
+        audio: AudioInput | list | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 10.0,
+        structure_preservation: float = 0.7,
+        embedding_weights: tuple[float, float, float] = (0.0, 0.4, 1.0),
+        embedding_norm: float = 20.0,
+        ip_adapter_scale: float = 1.0,
+        prior_guidance_scale: float = 10.0,
+        prior_score: float = 6.5,
+        llm_do_sample: bool = True,
+        llm_temperature: float = 0.3,
+        llm_top_p: float | None = None,
+        llm_max_new_tokens: int = 100,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        on_invalid_answer: str = "error",
+        conditioning_embeds: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> InstructAny2PixPipelineOutput | tuple:
+        r"""
+        Edit images following multimodal instructions.
+
+        Edit knobs — our names, the paper's and the official code's, with the official defaults
+        (``__call__`` / demo app):
+
+        | argument | paper | official | official default | effect |
+        |---|---|---|---|---|
+        | `structure_preservation` | β (latent side) | `alpha` | 0.7 / 1.0 | share of the inverted latent kept vs fresh noise; higher keeps more layout |
+        | `embedding_weights` | α (embedding side) | `h=[h0,h1,h2]` | [0.0,0.4,1.0] / [0.4,0.6,0.4] | weights of base-image, LLM and refined embeddings in the conditioning |
+        | `embedding_norm` | — | `norm` | 20 | norm of the mixed conditioning embedding |
+        | `guidance_scale` | — | `cfg` | 10 | decoder classifier-free guidance |
+        | `ip_adapter_scale` | — | `scale` | 1.0 | IP-Adapter strength (text-to-image decoders) |
+        | `prior_guidance_scale` | — | hard-coded | 10 | refinement-prior guidance |
+        | `prior_score` | — | hard-coded | 6.5 | quality score the prior is conditioned on |
+        | `num_inference_steps` | — | `steps` | 25 | inversion and denoising steps |
+        | `llm_temperature`, `llm_max_new_tokens` | — | hard-coded | 0.3, 100 | LLM sampling |
+        | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
+
+        Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
+        lower the base weight ``embedding_weights[0]``; too much change → the opposite; low quality → raise the
+        refined weight ``embedding_weights[2]`` and `num_inference_steps`; wrong content → another seed, or raise the
+        generation weight ``embedding_weights[1]``.
+
+        Args:
+            instruction (`str` or `list[str]`):
+                The edit, with placeholders ``[image1]``, ``[audio1]``, … (1-based) for the inputs. A list edits a
+                batch; then ``images``/``audio`` are lists of per-instruction lists.
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, path, or a list of them):
+                Images referenced as ``[image1]``, ``[image2]``, …. Arrays/tensors are ``(H, W, 3)`` or ``(3, H, W)``
+                with values in [0, 1] (or uint8).
+            audio (path, `(waveform, sample_rate)`, or a list of them):
+                Audio clips referenced as ``[audio1]``, …; any sample rate and channel count.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Output size; defaults to the UNet's native size. The base image is resized and centre-cropped to it.
+            num_inference_steps (`int`, defaults to 25): DDIM inversion and denoising steps.
+            guidance_scale (`float`, defaults to 10.0): decoder classifier-free guidance (≤ 1 disables it).
+            structure_preservation (`float`, defaults to 0.7): see the table (official ``alpha``).
+            embedding_weights (`tuple[float, float, float]`, defaults to (0.0, 0.4, 1.0)): see the table (``h``).
+            embedding_norm (`float`, defaults to 20.0): see the table (``norm``).
+            ip_adapter_scale (`float`, defaults to 1.0): see the table (``scale``); restored after the call.
+            prior_guidance_scale (`float`, defaults to 10.0), prior_score (`float`, defaults to 6.5): the prior.
+            llm_do_sample (`bool`, defaults to True), llm_temperature (`float`, defaults to 0.3),
+            llm_top_p (`float`, *optional*), llm_max_new_tokens (`int`, defaults to 100):
+                LLM decoding; sampling draws from ``generator`` so results are reproducible.
+            negative_prompt (`str`): the decoder's negative prompt (text-to-image decoders).
+            prompt_template (`str`): the decoder prompt; ``{caption}`` is the LLM's caption.
+            on_invalid_answer (`str`, defaults to ``"error"``):
+                What to do when the LLM's answer has no ``<im_gen>…<video>`` generation embedding: ``"error"`` raises
+                a `ValueError` quoting the answer; ``"use_base"`` uses the base image's embedding instead (a mild
+                re-rendering of the base) and the caption falls back to the instruction text.
+            conditioning_embeds (`torch.Tensor`, *optional*):
+                ``(batch, embed_dim)`` conditioning from an earlier output; skips the LLM and the prior (the base is
+                then the first referenced image).
+            num_images_per_prompt (`int`, defaults to 1): edits per instruction (one LLM answer, different noise).
+            generator (`torch.Generator` or list, *optional*): makes LLM sampling and all noise deterministic.
+            output_type (`str`, defaults to ``"pil"``): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skips the VAE).
+            return_dict (`bool`, defaults to True): return an [`InstructAny2PixPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called as ``callback_on_step_end(self, step, timestep, callback_kwargs)`` after each denoising step;
+                may return replacements for the tensors in ``callback_on_step_end_tensor_inputs``.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback.
+
+        Returns:
+            [`InstructAny2PixPipelineOutput`] or `tuple` ``(images, answers, captions, base_image_indices)``.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height = height or default_size
+        width = width or default_size
+
+        # 1. Parse and validate everything before any model runs.
+        instructions, per_images, per_audio = self._normalize_inputs(instruction, images, audio)
+        parsed = self.check_inputs(
+            instructions,
+            per_images,
+            per_audio,
+            height,
+            width,
+            num_inference_steps,
+            structure_preservation,
+            tuple(embedding_weights),
+            embedding_norm,
+            num_images_per_prompt,
+            output_type,
+            on_invalid_answer,
+            callback_on_step_end_tensor_inputs,
+            conditioning_embeds,
+        )
+        # Decode every input once, up front: bad files fail here, before any model runs.
+        per_images = [[self.imagebind_processor.load_image(img) for img in imgs] for imgs in per_images]
+        per_audio = [[self.imagebind_processor.load_audio(clip) for clip in clips] for clips in per_audio]
+        device = self._execution_device
+        batch_size = len(instructions)
+        embed_dim = self.image_encoder.config.out_embed_dim
+        media_norm = self.mm_adapter.config.media_embed_norm
+
+        # 2. Encode every referenced input once with ImageBind.
+        media_embeds = self.encode_media(parsed, per_images, per_audio, device)
+
+        if conditioning_embeds is None:
+            # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
+            llm_out = generate_with_media(
+                self.llm,
+                self.llm_tokenizer,
+                self.mm_adapter,
+                prompts=[build_vicuna_prompt(p.llm_text) for p in parsed],
+                media_embeds=media_embeds,
+                token_ids=self.token_ids,
+                generator=_independent_copy(generator[0] if isinstance(generator, list) else generator),
+                do_sample=llm_do_sample,
+                temperature=llm_temperature,
+                top_p=llm_top_p,
+                max_new_tokens=llm_max_new_tokens,
+            )
+            answers = list(llm_out.texts)
+            captions, generation_rows, base_rows, base_indices = [], [], [], []
+            for b in range(batch_size):
+                answer = parse_answer(answers[b])
+                gen = llm_out.generation_embeds[b]
+                base = llm_out.base_embeds[b]
+                # 4. Pick the base image (images only; audio is never a base).
+                base_index = self.select_base_image(parsed[b], media_embeds[b], base, gen)
+                if gen is None:
+                    if on_invalid_answer == "error":
+                        raise ValueError(
+                            f"The LLM's answer to {instructions[b]!r} has no generation embedding (<im_gen>…<video>): "
+                            f"{answers[b]!r}. Try another seed, or pass on_invalid_answer='use_base'."
+                        )
+                    gen = rescale_to_norm(media_embeds[b][parsed[b].position_of("image", base_index)], media_norm)
+                captions.append(answer.caption if answer.caption is not None else (None if on_invalid_answer == "error" else instructions[b]))
+                generation_rows.append(gen.float().to(device))
+                base_rows.append(base)
+                base_indices.append(base_index)
+            generation_embeds = torch.stack(generation_rows)
+
+            # 5. Refine with the prior (once for the whole batch, both guidance branches in one pass).
+            prior_text_states = None
+            if self.prior_text_encoder is not None:
+                ids = self.prior_tokenizer([""] * batch_size, return_tensors="pt").input_ids.to(device)
+                prior_text_states = self.prior_text_encoder(ids).last_hidden_state
+            refined_embeds = self.prior.refine(
+                generation_embeds.to(self.prior.dtype),
+                guidance_scale=prior_guidance_scale,
+                score=prior_score,
+                text_hidden_states=prior_text_states,
+            ).float()
+
+            # 6. Mix: z = h0·e_base + h1·e_gen + h2·e_refined, rescaled to `embedding_norm`.
+            base_media = torch.stack(
+                [media_embeds[b][parsed[b].position_of("image", base_indices[b])] for b in range(batch_size)]
+            ).to(device)
+            h0, h1, h2 = embedding_weights
+            mixed = h0 * rescale_to_norm(base_media, media_norm) + h1 * generation_embeds + h2 * refined_embeds
+            conditioning_embeds = rescale_to_norm(mixed, embedding_norm)
+        else:
+            answers, captions, base_rows = [""] * batch_size, [p.text for p in parsed], [None] * batch_size
+            base_indices = [p.image_references[0].index for p in parsed]
+            generation_embeds = refined_embeds = torch.zeros(batch_size, embed_dim, device=device)
+            conditioning_embeds = conditioning_embeds.to(device=device, dtype=torch.float32)
+
+        # 7. Decoder conditioning, repeated for num_images_per_prompt.
+        do_cfg = guidance_scale > 1.0
+        repeated_embeds = conditioning_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        repeated_captions = [c for c in captions for _ in range(num_images_per_prompt)]
+        unet_kwargs = self._decoder_conditioning(
+            repeated_captions, repeated_embeds, negative_prompt, prompt_template, height, width, device, do_cfg
+        )
+
+        with temporary_ip_adapter_scale(self.unet, ip_adapter_scale):
+            # 8. Invert the base images (VAE mean, DDIM inversion with the decoding conditioning, guidance 1).
+            base_images = [per_images[b][base_indices[b]] for b in range(batch_size)]
+            pixels = self.image_processor.preprocess(base_images, height=height, width=width, resize_mode="crop")
+            latents = self._vae_encode(pixels.to(device))
+            latents = latents.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
+            latents = self.invert(latents, num_inference_steps, self._select_branch(unet_kwargs, do_cfg), device)
+
+            # 9. Mix in fresh noise (the main edit-strength knob), then denoise with guidance.
+            noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+            latents = mix_latents_with_noise(latents, noise, structure_preservation)
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            latents = latents * self.scheduler.init_noise_sigma
+            timesteps = self.scheduler.timesteps
+            extra_step_kwargs = {}
+            if "generator" in inspect.signature(self.scheduler.step).parameters:
+                extra_step_kwargs["generator"] = generator
+            self._num_timesteps = len(timesteps)
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(model_input, t, return_dict=False, **unet_kwargs)[0]
+                if do_cfg:
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {"latents": latents, "conditioning_embeds": repeated_embeds}
+                    callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+
+        # 10. Decode.
+        if output_type == "latent":
+            image = latents
+        else:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            decoded = self.vae.decode(
+                (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype), return_dict=False
+            )[0]
+            image = self.image_processor.postprocess(decoded, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return image, answers, captions, base_indices
+        return InstructAny2PixPipelineOutput(
+            images=image,
+            answers=answers,
+            captions=captions,
+            base_image_indices=base_indices,
+            generation_embeds=generation_embeds.cpu(),
+            base_embeds=[None if e is None else e.cpu() for e in base_rows],
+            refined_embeds=refined_embeds.cpu(),
+            conditioning_embeds=conditioning_embeds.cpu(),
+        )
+
+
+def _is_waveform_tuple(value: Any) -> bool:
+    """``(waveform, sample_rate)`` is one audio clip, not a list of two clips."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], (np.ndarray, torch.Tensor))
+        and isinstance(value[1], (int, np.integer))
+    )
+
+
+def _realign_tensors(module: torch.nn.Module, alignment: int = 64) -> None:
+    """Copy CPU tensors that loading left at unaligned addresses (views into a memory-mapped safetensors file).
+
+    CPU kernels take different vectorised paths for unaligned data and round differently (~1e-8), which would
+    make a reloaded pipeline differ from the saved one; an aligned copy restores bit-identical outputs.
+    """
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
+            tensor.data = tensor.data.clone()
+
+
+def _independent_copy(generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator in the same state, so LLM sampling does not shift the noise drawn later from ``generator``.
+
+    This keeps the decoder noise of a call identical whether or not the LLM ran (``conditioning_embeds=``).
+    """
+    if generator is None:
+        return None
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy

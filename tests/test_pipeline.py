@@ -1,0 +1,355 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+from diffusers_any2pix import InstructAny2PixPipeline, InstructAny2PixPipelineOutput
+from diffusers_any2pix.instruction import parse_instruction
+from diffusers_any2pix.models.ip_adapter import ImageBindIPAdapter, is_ip_adapter_attached
+from diffusers_any2pix.pipeline_instruct_any2pix import mix_latents_with_noise
+from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, tiny_decoder, tiny_llm, tiny_pipeline_components
+
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ["imagebind", "sd", "sdxl"]
+
+
+def make_pipe(family: str, **overrides) -> InstructAny2PixPipeline:
+    components = tiny_pipeline_components(family)
+    components.update(overrides)
+    pipe = InstructAny2PixPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pipe(request):
+    return make_pipe(request.param)
+
+
+@pytest.fixture(scope="module")
+def native_pipe():
+    return make_pipe("imagebind")
+
+
+def image(seed: int, size=(40, 48)) -> PIL.Image.Image:
+    return PIL.Image.fromarray((np.random.RandomState(seed).rand(*size, 3) * 255).astype("uint8"))
+
+
+def clip(freq: float = 440.0, seconds: float = 1.0, rate: int = 16000):
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sin(2 * np.pi * freq * t).astype("float32"), rate)
+
+
+def run(pipe, instruction="add [audio1] to [image1]", images=None, audio=None, seed=0, **kwargs):
+    images = [image(0)] if images is None else images
+    audio = [clip()] if audio is None and "[audio1]" in instruction else audio
+    kwargs.setdefault("num_inference_steps", 3)
+    return pipe(instruction, images=images, audio=audio, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_end_to_end_output(pipe):
+    out = run(pipe)
+    assert isinstance(out, InstructAny2PixPipelineOutput)
+    assert len(out.images) == 1 and isinstance(out.images[0], PIL.Image.Image)
+    assert out.images[0].size == (32, 32)
+    assert out.captions == ["a red circle on a blue background"]
+    assert out.base_image_indices == [0]
+    assert out.generation_embeds.shape == out.refined_embeds.shape == out.conditioning_embeds.shape == (1, TINY_EMBED_DIM)
+    # The conditioning is rescaled to embedding_norm; the prior output to 20.
+    assert torch.allclose(out.conditioning_embeds.norm(dim=-1), torch.tensor([20.0]), atol=1e-4)
+    assert torch.allclose(out.refined_embeds.norm(dim=-1), torch.tensor([20.0]), atol=1e-4)
+
+
+def test_seed_determinism_and_output_types(pipe):
+    a = run(pipe, output_type="np", seed=1).images
+    b = run(pipe, output_type="np", seed=1).images
+    c = run(pipe, output_type="np", seed=2).images
+    assert a.shape == (1, 32, 32, 3) and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+    pt = run(pipe, output_type="pt", seed=1).images
+    assert pt.shape == (1, 3, 32, 32)
+    assert torch.allclose(pt.permute(0, 2, 3, 1), torch.from_numpy(a), atol=1e-6)
+
+
+def test_latent_output_skips_the_vae(native_pipe, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("vae.decode must not run for output_type='latent'")
+
+    monkeypatch.setattr(native_pipe.vae, "decode", fail)
+    latents = run(native_pipe, output_type="latent").images
+    assert latents.shape == (1, 4, 16, 16)
+
+
+def test_num_images_per_prompt_and_batched_instructions(native_pipe):
+    out = run(native_pipe, output_type="np", num_images_per_prompt=2)
+    assert out.images.shape == (2, 32, 32, 3)
+    assert not np.allclose(out.images[0], out.images[1])  # one LLM answer, different noise
+
+    batch = native_pipe(
+        ["add [audio1] to [image1]", "make [image2] look like [image1]"],
+        images=[[image(0)], [image(1), image(2)]],
+        audio=[[clip()], None],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    assert batch.images.shape == (2, 32, 32, 3)
+    assert len(batch.answers) == len(batch.captions) == len(batch.base_image_indices) == 2
+    assert batch.base_image_indices[0] == 0 and batch.base_image_indices[1] in (0, 1)
+
+
+def test_reusing_conditioning_embeds_reproduces_the_edit(native_pipe):
+    first = run(native_pipe, output_type="np", seed=5)
+    again = run(native_pipe, output_type="np", seed=5, conditioning_embeds=first.conditioning_embeds)
+    assert np.array_equal(first.images, again.images)
+
+
+def test_callback_on_step_end(native_pipe):
+    seen = []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append((step, kwargs["latents"].shape, kwargs["conditioning_embeds"].shape))
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    out = run(
+        native_pipe,
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "conditioning_embeds"],
+    )
+    assert [s[0] for s in seen] == [0, 1, 2]
+    assert seen[0][1] == (1, 4, 16, 16) and seen[0][2] == (1, TINY_EMBED_DIM)
+    assert torch.count_nonzero(out.images) == 0  # the callback's latents were used
+
+
+def test_return_dict_false(native_pipe):
+    images, answers, captions, bases = run(native_pipe, return_dict=False)
+    assert len(images) == 1 and captions == ["a red circle on a blue background"] and bases == [0]
+
+
+# ------------------------------------------------------------------------------------------------ base selection
+def test_single_image_is_the_base_even_with_audio(native_pipe):
+    out = run(native_pipe, "add [audio1] and [audio2] to [image1]", audio=[clip(300), clip(600)])
+    assert out.base_image_indices == [0]
+
+
+def test_base_chosen_by_base_embedding_among_images(native_pipe):
+    images = [image(3), image(4), image(5)]
+    out = run(native_pipe, "put [image2] into [image3] with the style of [image1]", images=images)
+    assert out.base_embeds[0] is not None
+    with torch.no_grad():
+        vectors = native_pipe.image_encoder.encode_image(native_pipe.imagebind_processor.preprocess_image(images))
+    assert out.base_image_indices[0] == int((vectors @ out.base_embeds[0]).argmax())
+
+
+def test_audio_is_never_the_base():
+    parsed = parse_instruction("add [audio1] to [image1] or [image2]", num_images=2, num_audio=1)
+    media = torch.tensor([[10.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # the audio row matches the base embedding best
+    index = InstructAny2PixPipeline.select_base_image(parsed, media, torch.tensor([1.0, 0.0]), None)
+    assert index == 1  # [image2] (row 2), not the audio (row 0)
+    # <base_null> with several images: falls back to the generation embedding.
+    assert InstructAny2PixPipeline.select_base_image(parsed, media, None, torch.tensor([0.0, 1.0])) == 0
+
+
+def test_placeholder_order_maps_to_inputs(native_pipe):
+    images = [image(6), image(7)]
+    parsed = [parse_instruction("put [image2] into [audio1] and [image1]", num_images=2, num_audio=1)]
+    audio = [native_pipe.imagebind_processor.load_audio(clip(500))]
+    pil = [native_pipe.imagebind_processor.load_image(i) for i in images]
+    (media,) = native_pipe.encode_media(parsed, [pil], [audio], torch.device("cpu"))
+    with torch.no_grad():
+        vectors = native_pipe.image_encoder.encode_image(native_pipe.imagebind_processor.preprocess_image(images))
+        sound = native_pipe.image_encoder.encode_audio(native_pipe.imagebind_processor.preprocess_audio([clip(500)]))
+    assert torch.allclose(media[0], vectors[1]) and torch.allclose(media[1], sound[0]) and torch.allclose(media[2], vectors[0])
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "instruction, images, audio, match",
+    [
+        ("add [audio1] to [image1]", [0], None, r"references \[audio1\] but only 0"),
+        ("edit [image1]", [0, 1], None, r"never references images\[1\]"),
+        ("edit [image1] and [image1]", [0], None, r"more than once"),
+        ("edit [image0]", [0], None, r"1-based"),
+        ("make a red circle", None, None, r"references no image"),
+        ("add [audio1]", None, "clip", r"references no image"),
+    ],
+)
+def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, instruction, images, audio, match):
+    monkeypatch.setattr(native_pipe.image_encoder, "encode_image", None)  # any model call would crash differently
+    imgs = [image(i) for i in images] if images else None
+    with pytest.raises(ValueError, match=match):
+        native_pipe(instruction, images=imgs, audio=[clip()] if audio else None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(images=[np.zeros((0, 4, 3), np.uint8)]), ValueError, "no pixels"),
+        (dict(images=[np.zeros((8, 8, 2), np.uint8)]), ValueError, "images"),
+        (dict(images=["/nonexistent/picture.png"]), FileNotFoundError, "picture.png"),
+        (dict(images=[3.5]), TypeError, "images"),
+        (dict(images=[image(0)], height=33), ValueError, "multiples of 2"),
+        (dict(images=[image(0)], output_type="jpeg"), ValueError, "output_type"),
+        (dict(images=[image(0)], structure_preservation=1.5), ValueError, "structure_preservation"),
+        (dict(images=[image(0)], embedding_weights=(1.0, 2.0)), ValueError, "embedding_weights"),
+        (dict(images=[image(0)], num_inference_steps=0), ValueError, "num_inference_steps"),
+        (dict(images=[image(0)], conditioning_embeds=torch.zeros(1, 3)), ValueError, "conditioning_embeds"),
+        (dict(images=[image(0)], callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback"),
+    ],
+)
+def test_bad_arguments(native_pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        native_pipe("edit [image1]", **kwargs)
+
+
+def test_bad_audio(native_pipe, tmp_path):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio at all")
+    with pytest.raises(ValueError, match="broken.wav"):
+        native_pipe("add [audio1] to [image1]", images=[image(0)], audio=[str(broken)])
+    with pytest.raises(ValueError, match="(?i)empty|0 samples"):
+        native_pipe("add [audio1] to [image1]", images=[image(0)], audio=[(np.zeros(0, np.float32), 16000)])
+
+
+def test_batched_inputs_must_match(native_pipe):
+    with pytest.raises(ValueError, match="must be a list of 2 lists"):
+        native_pipe(["edit [image1]", "edit [image1]"], images=[image(0)])
+    with pytest.raises(ValueError, match=r"`instruction\[1\]` references \[image2\]"):
+        native_pipe(["edit [image1]", "edit [image2]"], images=[[image(0)], [image(1)]])
+
+
+def test_answer_without_generation_embedding():
+    llm, tokenizer, adapter = tiny_llm(answer="<base><video>[a red circle]")
+    pipe = make_pipe("imagebind", llm=llm, llm_tokenizer=tokenizer, mm_adapter=adapter)
+    with pytest.raises(ValueError, match=r"has no generation embedding.*<base> <video>"):
+        run(pipe, "edit [image1]", llm_do_sample=False)
+    out = run(pipe, "edit [image1]", llm_do_sample=False, on_invalid_answer="use_base")
+    assert out.captions == ["a red circle"]
+    assert len(out.images) == 1
+
+
+# ------------------------------------------------------------------------------------------------ swaps
+def test_swapping_a_matching_unet_works_and_mismatches_fail_naming_sizes():
+    components = tiny_pipeline_components("imagebind")
+    other = tiny_decoder("imagebind", seed=3)["unet"]
+    pipe = InstructAny2PixPipeline(**{**components, "unet": other})
+    assert pipe.unet is other
+
+    torch.manual_seed(0)
+    wrong = UNet2DConditionModel.from_config({**other.config, "encoder_hid_dim": 24})
+    with pytest.raises(ValueError, match=r"out_embed_dim is 16 but unet.config.encoder_hid_dim is 24"):
+        InstructAny2PixPipeline(**{**components, "unet": wrong})
+    sd = tiny_pipeline_components("sd")
+    unet_24 = UNet2DConditionModel.from_config({**sd["unet"].config, "cross_attention_dim": 24})
+    adapter_24 = ImageBindIPAdapter.from_unet(unet_24, image_embed_dim=TINY_EMBED_DIM)
+    with pytest.raises(ValueError, match=r"text_encoder.config.hidden_size is 16 but unet.config.cross_attention_dim is 24"):
+        InstructAny2PixPipeline(**{**sd, "unet": unet_24, "ip_adapter": adapter_24})
+    with pytest.raises(ValueError, match=r"ip_adapter was built for cross_attention_dim=32 but the unet has cross_attention_dim=16"):
+        InstructAny2PixPipeline(**{**sd, "ip_adapter": tiny_decoder("sdxl")["ip_adapter"]})
+    with pytest.raises(ValueError, match=r"needs an `ip_adapter`"):
+        InstructAny2PixPipeline(**{**sd, "ip_adapter": None})
+    with pytest.raises(ValueError, match=r"remove text_encoder"):
+        InstructAny2PixPipeline(**{**components, "text_encoder": sd["text_encoder"], "tokenizer": sd["tokenizer"]})
+    with pytest.raises(ValueError, match=r"missing required components: prior"):
+        InstructAny2PixPipeline(**{**components, "prior": None})
+
+
+def test_mismatched_llm_and_adapter_sizes():
+    components = tiny_pipeline_components("imagebind")
+    from diffusers_any2pix import MultimodalAdapter
+
+    with pytest.raises(ValueError, match=r"llm.config.hidden_size is 32 but mm_adapter.config.llm_hidden_size is 64"):
+        InstructAny2PixPipeline(**{**components, "mm_adapter": MultimodalAdapter(embed_dim=16, llm_hidden_size=64)})
+    with pytest.raises(ValueError, match=r"out_embed_dim is 16 but mm_adapter.config.embed_dim is 8"):
+        InstructAny2PixPipeline(**{**components, "mm_adapter": MultimodalAdapter(embed_dim=8, llm_hidden_size=32)})
+
+
+# ------------------------------------------------------------------------------------------------ state
+def test_ip_adapter_scale_does_not_leak():
+    pipe = make_pipe("sd")
+    default = run(pipe, output_type="np").images
+    weak = run(pipe, output_type="np", ip_adapter_scale=0.0).images
+    again = run(pipe, output_type="np").images
+    assert not np.allclose(default, weak)
+    assert np.array_equal(default, again)
+    scales = {s for p in pipe.unet.attn_processors.values() if hasattr(p, "scale") for s in p.scale}
+    assert scales == {1.0}
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+@pytest.mark.parametrize("family", ["imagebind", "sdxl"])
+def test_save_load_round_trip_is_exact(family, tmp_path):
+    pipe = make_pipe(family)
+    expected = run(pipe, output_type="np").images
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["image_encoder"] == ["diffusers_any2pix.models.imagebind", "ImageBindModel"]
+    assert index["ip_adapter"][1] == ("ImageBindIPAdapter" if family == "sdxl" else None)
+    assert not list(tmp_path.rglob("*.bin")) and list(tmp_path.rglob("*.safetensors"))
+
+    loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    for name, component in loaded.components.items():
+        if isinstance(component, torch.nn.Module):
+            assert not [n for n, p in component.named_parameters() if p.device.type == "meta"], name
+    assert is_ip_adapter_attached(loaded.unet) == (family == "sdxl")
+    assert np.array_equal(run(loaded, output_type="np").images, expected)
+    # Saving did not detach the adapter from the live pipeline.
+    assert np.array_equal(run(pipe, output_type="np").images, expected)
+
+
+def test_custom_pipeline_and_hub_cache_loading(tmp_path, monkeypatch):
+    pipe = make_pipe("imagebind")
+    expected = run(pipe, output_type="np").images
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(folder)
+
+    generic = DiffusionPipeline.from_pretrained(
+        folder, custom_pipeline=str(REPO / "pipelines" / "instruct_any2pix"), trust_remote_code=True
+    )
+    assert type(generic).__name__ == "InstructAny2PixPipeline"
+    generic.set_progress_bar_config(disable=True)
+    assert np.array_equal(run(generic, output_type="np").images, expected)
+
+    # A Hub id resolved from a local cache, offline (the layout huggingface_hub writes).
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--any2pix--tiny" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, snapshot)
+    (cache / "models--any2pix--tiny" / "refs").mkdir()
+    (cache / "models--any2pix--tiny" / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from_hub = InstructAny2PixPipeline.from_pretrained("any2pix/tiny", cache_dir=str(cache))
+    from_hub.set_progress_bar_config(disable=True)
+    assert np.array_equal(run(from_hub, output_type="np").images, expected)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_noise_mixing_formula():
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    mixed = mix_latents_with_noise(latents, noise, 0.7)
+    for i in range(2):
+        target = 0.7 * latents[i].norm() + 0.3 * noise[i].norm()
+        direction = 0.7 * latents[i] + 0.3 * noise[i]
+        assert torch.allclose(mixed[i], direction / direction.norm() * target, atol=1e-6)
+    assert torch.equal(mix_latents_with_noise(latents, noise, 1.0), latents / latents.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * latents.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+
+
+def test_inputs_are_not_modified(native_pipe):
+    array = (np.random.RandomState(0).rand(20, 24, 3)).astype(np.float32)
+    tensor = torch.rand(3, 20, 24)
+    wave = clip()
+    copies = (array.copy(), tensor.clone(), wave[0].copy())
+    native_pipe("add [audio1] to [image1] and [image2]", images=[array, tensor], audio=[wave], num_inference_steps=2)
+    assert np.array_equal(array, copies[0]) and torch.equal(tensor, copies[1]) and np.array_equal(wave[0], copies[2])

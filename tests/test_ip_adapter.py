@@ -4,7 +4,7 @@ from diffusers import UNet2DConditionModel
 
 from diffusers_any2pix.models.ip_adapter import (
     ImageBindIPAdapter,
-    ip_adapter_scale,
+    temporary_ip_adapter_scale,
     is_ip_adapter_attached,
     unet_cross_attention_hidden_sizes,
 )
@@ -94,7 +94,7 @@ def test_detach_restores_the_plain_unet_and_scale_never_leaks():
     kwargs = {"added_cond_kwargs": {"image_embeds": [embeds]}}
     with torch.no_grad():
         full = unet(sample, t, text, **kwargs).sample
-        with ip_adapter_scale(unet, 0.0):
+        with temporary_ip_adapter_scale(unet, 0.0):
             off = unet(sample, t, text, **kwargs).sample
         again = unet(sample, t, text, **kwargs).sample
     assert torch.allclose(off, before, atol=1e-6)  # scale 0 == no adapter
@@ -111,7 +111,7 @@ def test_scale_restored_on_exception():
     unet = tiny_unet()
     random_adapter(unet).attach_to(unet)
     with pytest.raises(RuntimeError):
-        with ip_adapter_scale(unet, 0.3):
+        with temporary_ip_adapter_scale(unet, 0.3):
             raise RuntimeError("boom")
     scales = {s for p in unet.attn_processors.values() if hasattr(p, "scale") for s in p.scale}
     assert scales == {1.0}

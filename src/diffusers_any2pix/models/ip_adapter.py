@@ -178,7 +178,7 @@ def is_ip_adapter_attached(unet) -> bool:
 
 
 @contextmanager
-def ip_adapter_scale(unet, scale: float) -> Iterator[None]:
+def temporary_ip_adapter_scale(unet, scale: float) -> Iterator[None]:
     """Set the scale of every attached IP-Adapter processor for the duration of the block, then restore it.
 
     Restoring in ``finally`` is what keeps one call's scale from leaking into the next (an official-code bug).

@@ -273,3 +273,22 @@ def tiny_pipeline_components(family: str = "imagebind", seed: int = 0, answer: s
         "prior": tiny_prior(seed=seed),
         **tiny_decoder(family, seed=seed),
     }
+
+
+def save_tiny_pipeline(output_dir: str, family: str = "imagebind", seed: int = 0) -> None:
+    """Save the tiny (untrained) pipeline of ``family`` as a pipeline folder."""
+    from .pipeline_instruct_any2pix import InstructAny2PixPipeline
+
+    InstructAny2PixPipeline(**tiny_pipeline_components(family, seed=seed)).save_pretrained(output_dir)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a tiny, untrained InstructAny2Pix pipeline (plumbing only).")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--family", choices=["imagebind", "sd", "sdxl"], default="imagebind")
+    parser.add_argument("--seed", type=int, default=0)
+    cli = parser.parse_args()
+    save_tiny_pipeline(cli.output_dir, cli.family, cli.seed)
+    print(f"saved a tiny untrained {cli.family} pipeline to {cli.output_dir}")

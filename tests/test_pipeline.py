@@ -353,3 +353,21 @@ def test_inputs_are_not_modified(native_pipe):
     copies = (array.copy(), tensor.clone(), wave[0].copy())
     native_pipe("add [audio1] to [image1] and [image2]", images=[array, tensor], audio=[wave], num_inference_steps=2)
     assert np.array_equal(array, copies[0]) and torch.equal(tensor, copies[1]) and np.array_equal(wave[0], copies[2])
+
+
+def test_model_cpu_offload_gives_the_same_edit():
+    expected = run(make_pipe("sdxl"), output_type="np").images
+    pipe = make_pipe("sdxl")
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks run the same way as with an accelerator
+    assert np.array_equal(run(pipe, output_type="np").images, expected)
+    assert np.array_equal(run(pipe, output_type="np").images, expected)  # hooks survive a second call
+
+
+def test_bfloat16_pipeline_is_close_to_float32():
+    pipe = make_pipe("imagebind")
+    expected = run(pipe, output_type="np").images
+    pipe.to(dtype=torch.bfloat16)
+    out = run(pipe, output_type="np")
+    assert out.images.dtype == np.float32 and np.isfinite(out.images).all()
+    assert np.abs(out.images - expected).mean() < 0.05
+    assert out.captions == ["a red circle on a blue background"]

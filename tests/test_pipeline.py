@@ -371,3 +371,21 @@ def test_bfloat16_pipeline_is_close_to_float32():
     assert out.images.dtype == np.float32 and np.isfinite(out.images).all()
     assert np.abs(out.images - expected).mean() < 0.05
     assert out.captions == ["a red circle on a blue background"]
+
+
+def test_float16_vae_with_force_upcast_runs_in_float32(native_pipe, monkeypatch):
+    seen = []
+    original = native_pipe.vae.decode
+
+    def spy(latents, **kwargs):
+        seen.append((latents.dtype, native_pipe.vae.dtype))
+        return original(latents, **kwargs)
+
+    monkeypatch.setattr(native_pipe.vae, "decode", spy)
+    native_pipe.vae.to(dtype=torch.float16)
+    try:
+        out = run(native_pipe, output_type="np")
+    finally:
+        native_pipe.vae.to(dtype=torch.float32)
+    assert seen == [(torch.float32, torch.float32)]
+    assert np.isfinite(out.images).all()

@@ -1,9 +1,10 @@
 """InstructAny2PixPipeline: image editing from instructions that mix text, several images and audio."""
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import PIL.Image
@@ -571,11 +572,30 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         return second_half(unet_kwargs)
 
-    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Latent *mean* (deterministic; the official code samples) times the VAE scaling factor."""
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+    @contextmanager
+    def _vae_precision(self) -> Iterator[None]:
+        """Run the VAE in float32 when it is float16 and its config asks for it (SDXL's VAE overflows in fp16)."""
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latent *mean* of ``images`` in [-1, 1] (deterministic; the official code samples)."""
+        with self._vae_precision():
+            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents (the inverse of `vae_encode`)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        with self._vae_precision():
+            return self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype), return_dict=False)[0]
 
     @torch.no_grad()
     def invert(
@@ -797,7 +817,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             # 8. Invert the base images (VAE mean, DDIM inversion with the decoding conditioning, guidance 1).
             base_images = [per_images[b][base_indices[b]] for b in range(batch_size)]
             pixels = self.image_processor.preprocess(base_images, height=height, width=width, resize_mode="crop")
-            latents = self._vae_encode(pixels.to(device))
+            latents = self.vae_encode(pixels.to(device))
             latents = latents.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
             latents = self.invert(latents, num_inference_steps, self._select_branch(unet_kwargs, do_cfg), device)
 
@@ -830,10 +850,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         if output_type == "latent":
             image = latents
         else:
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            decoded = self.vae.decode(
-                (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype), return_dict=False
-            )[0]
+            decoded = self.vae_decode(latents)
             image = self.image_processor.postprocess(decoded, output_type=output_type)
 
         self.maybe_free_model_hooks()

@@ -89,8 +89,12 @@ def test_latent_output_skips_the_vae(native_pipe, monkeypatch):
     assert latents.shape == (1, 4, 16, 16)
 
 
-def test_num_images_per_prompt_and_batched_instructions(native_pipe):
+def test_num_images_per_prompt_and_batched_instructions(native_pipe, monkeypatch):
+    inverted = []
+    invert = native_pipe.invert
+    monkeypatch.setattr(native_pipe, "invert", lambda latents, *a: inverted.append(len(latents)) or invert(latents, *a))
     out = run(native_pipe, output_type="np", num_images_per_prompt=2)
+    assert inverted == [1]  # each base image is inverted once, then repeated
     assert out.images.shape == (2, 32, 32, 3)
     assert not np.allclose(out.images[0], out.images[1])  # one LLM answer, different noise
 

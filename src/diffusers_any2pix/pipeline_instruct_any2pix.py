@@ -556,21 +556,36 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         return {"encoder_hidden_states": prompt_embeds.to(dtype), "added_cond_kwargs": added}
 
     @staticmethod
-    def _select_branch(unet_kwargs: dict[str, Any], positive_only: bool) -> dict[str, Any]:
-        """The conditional half of CFG-batched UNet kwargs (used for inversion with guidance 1)."""
-        if not positive_only:
-            return unet_kwargs
+    def _map_unet_kwargs(unet_kwargs: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """Apply ``fn`` to every tensor of (nested) UNet keyword arguments."""
 
-        def second_half(x):
+        def apply(x):
             if isinstance(x, torch.Tensor):
-                return x.chunk(2)[1]
+                return fn(x)
             if isinstance(x, list):
-                return [second_half(v) for v in x]
+                return [apply(v) for v in x]
             if isinstance(x, dict):
-                return {k: second_half(v) for k, v in x.items()}
+                return {k: apply(v) for k, v in x.items()}
             return x
 
-        return second_half(unet_kwargs)
+        return apply(unet_kwargs)
+
+    @classmethod
+    def _conditional_branch(cls, unet_kwargs: dict[str, Any], do_cfg: bool) -> dict[str, Any]:
+        """The conditional half of CFG-batched UNet kwargs (inversion runs with guidance 1)."""
+        return cls._map_unet_kwargs(unet_kwargs, lambda x: x.chunk(2)[1]) if do_cfg else unet_kwargs
+
+    @classmethod
+    def _repeat_per_item(cls, unet_kwargs: dict[str, Any], repeats: int, do_cfg: bool) -> dict[str, Any]:
+        """Repeat each item's conditioning ``repeats`` times (inside each CFG half)."""
+        if repeats == 1:
+            return unet_kwargs
+
+        def repeat(x: torch.Tensor) -> torch.Tensor:
+            halves = x.chunk(2) if do_cfg else (x,)
+            return torch.cat([h.repeat_interleave(repeats, dim=0) for h in halves])
+
+        return cls._map_unet_kwargs(unet_kwargs, repeat)
 
     @contextmanager
     def _vae_precision(self) -> Iterator[None]:
@@ -805,21 +820,22 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             generation_embeds = refined_embeds = torch.zeros(batch_size, embed_dim, device=device)
             conditioning_embeds = conditioning_embeds.to(device=device, dtype=torch.float32)
 
-        # 7. Decoder conditioning, repeated for num_images_per_prompt.
+        # 7. Decoder conditioning, computed once per instruction.
         do_cfg = guidance_scale > 1.0
-        repeated_embeds = conditioning_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        repeated_captions = [c for c in captions for _ in range(num_images_per_prompt)]
         unet_kwargs = self._decoder_conditioning(
-            repeated_captions, repeated_embeds, negative_prompt, prompt_template, height, width, device, do_cfg
+            captions, conditioning_embeds, negative_prompt, prompt_template, height, width, device, do_cfg
         )
 
         with temporary_ip_adapter_scale(self.unet, ip_adapter_scale):
-            # 8. Invert the base images (VAE mean, DDIM inversion with the decoding conditioning, guidance 1).
+            # 8. Invert each base image once (VAE mean; DDIM inversion with the decoding conditioning, guidance 1),
+            # then repeat it for num_images_per_prompt.
             base_images = [per_images[b][base_indices[b]] for b in range(batch_size)]
             pixels = self.image_processor.preprocess(base_images, height=height, width=width, resize_mode="crop")
-            latents = self.vae_encode(pixels.to(device))
-            latents = latents.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
-            latents = self.invert(latents, num_inference_steps, self._select_branch(unet_kwargs, do_cfg), device)
+            latents = self.vae_encode(pixels.to(device)).to(self.unet.dtype)
+            latents = self.invert(latents, num_inference_steps, self._conditional_branch(unet_kwargs, do_cfg), device)
+            latents = latents.repeat_interleave(num_images_per_prompt, dim=0)
+            unet_kwargs = self._repeat_per_item(unet_kwargs, num_images_per_prompt, do_cfg)
+            repeated_embeds = conditioning_embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
             # 9. Mix in fresh noise (the main edit-strength knob), then denoise with guidance.
             noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)

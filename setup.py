@@ -23,6 +23,8 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "soundfile>=0.12",
+        "ftfy",  # exact CLIP text cleaning in ImageBindProcessor.tokenize
+        "regex",
         "tqdm",
     ],
     extras_require={

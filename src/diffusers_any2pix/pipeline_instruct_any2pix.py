@@ -175,7 +175,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         prior_tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
-        required = {
+        components = {
             "image_encoder": image_encoder,
             "llm": llm,
             "llm_tokenizer": llm_tokenizer,
@@ -184,49 +184,24 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             "vae": vae,
             "unet": unet,
             "scheduler": scheduler,
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer_2,
+            "ip_adapter": ip_adapter,
+            "prior_text_encoder": prior_text_encoder,
+            "prior_tokenizer": prior_tokenizer,
         }
-        missing = [name for name, value in required.items() if value is None]
+        # diffusers accepts None for any component at load time; fail here, by name, instead of mid-call.
+        missing = [n for n, c in components.items() if c is None and n not in self._optional_components]
         if missing:
             raise ValueError(f"InstructAny2PixPipeline is missing required components: {', '.join(missing)}.")
 
         decoder_family = detect_decoder_family(unet)
-        self._check_component_sizes(
-            decoder_family,
-            image_encoder=image_encoder,
-            llm=llm,
-            llm_tokenizer=llm_tokenizer,
-            mm_adapter=mm_adapter,
-            prior=prior,
-            vae=vae,
-            unet=unet,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            ip_adapter=ip_adapter,
-            prior_text_encoder=prior_text_encoder,
-            prior_tokenizer=prior_tokenizer,
-        )
-
-        self.register_modules(
-            image_encoder=image_encoder,
-            llm=llm,
-            llm_tokenizer=llm_tokenizer,
-            mm_adapter=mm_adapter,
-            prior=prior,
-            vae=vae,
-            unet=unet,
-            scheduler=scheduler,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            ip_adapter=ip_adapter,
-            prior_text_encoder=prior_text_encoder,
-            prior_tokenizer=prior_tokenizer,
-        )
-        for component in (image_encoder, llm, mm_adapter, prior, vae, unet, text_encoder, text_encoder_2, ip_adapter, prior_text_encoder):
-            if component is not None:
+        self._check_component_sizes(decoder_family, **components)
+        self.register_modules(**components)
+        for component in components.values():
+            if isinstance(component, torch.nn.Module):
                 _realign_tensors(component)
         self.decoder_family = decoder_family
         self.token_ids = get_multimodal_token_ids(llm_tokenizer)

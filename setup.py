@@ -29,7 +29,9 @@ setup(
     ],
     extras_require={
         "training": ["peft>=0.15", "tensorboard"],
+        # The official release's Llama tokenizer is a SentencePiece model (convert_official).
+        "convert": ["sentencepiece", "protobuf"],
         # The ImageBind reference is a test oracle only (CC-BY-NC-SA); it is installed with --no-deps by .ci/run.
-        "test": ["pytest>=8", "timm>=1.0", "ftfy", "regex", "iopath", "einops", "peft>=0.15"],
+        "test": ["pytest>=8", "timm>=1.0", "iopath", "einops", "peft>=0.15", "sentencepiece", "protobuf"],
     },
 )

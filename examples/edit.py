@@ -23,15 +23,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--audio", action="append", default=[], help="Audio file for [audio1], … (repeat).")
     parser.add_argument("--output", required=True, help="Where to write the edited PNG.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_inference_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=10.0)
-    parser.add_argument("--structure_preservation", type=float, default=0.7, help="Official `alpha`.")
+    # Edit knobs left unset use the model's `edit_defaults`, else the official defaults (pipeline docstring).
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Official `steps` (25).")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Official `cfg` (10).")
+    parser.add_argument("--structure_preservation", type=float, default=None, help="Official `alpha` (0.7).")
     parser.add_argument(
-        "--embedding_weights", type=float, nargs=3, default=(0.0, 0.4, 1.0), metavar=("BASE", "GEN", "REFINED"),
-        help="Official `h`: weights of the base-image, LLM and refined embeddings.",
+        "--embedding_weights", type=float, nargs=3, default=None, metavar=("BASE", "GEN", "REFINED"),
+        help="Official `h` (0 0.4 1): weights of the base-image, LLM and refined embeddings.",
     )  # fmt: skip
-    parser.add_argument("--embedding_norm", type=float, default=20.0, help="Official `norm`.")
-    parser.add_argument("--ip_adapter_scale", type=float, default=1.0, help="Official `scale`.")
+    parser.add_argument("--embedding_norm", type=float, default=None, help="Official `norm` (20).")
+    parser.add_argument("--ip_adapter_scale", type=float, default=None, help="Official `scale` (1.0).")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             structure_preservation=args.structure_preservation,
-            embedding_weights=tuple(args.embedding_weights),
+            embedding_weights=args.embedding_weights,
             embedding_norm=args.embedding_norm,
             ip_adapter_scale=args.ip_adapter_scale,
             height=args.height,

@@ -341,7 +341,7 @@ def converted(release, tmp_path_factory) -> Converted:
 
 def test_converted_folder_is_complete_and_safetensors_only(converted):
     files = {p.relative_to(converted.out).as_posix() for p in converted.out.rglob("*") if p.is_file()}
-    assert {"model_index.json", "edit_defaults.json", "README.md"} <= files
+    assert {"model_index.json", "README.md"} <= files
     index = json.loads((converted.out / "model_index.json").read_text())
     assert index["_class_name"] == "InstructAny2PixPipeline"
     for name in ("image_encoder", "llm", "llm_tokenizer", "mm_adapter", "prior", "vae", "unet", "scheduler",
@@ -360,7 +360,7 @@ def test_converted_folder_is_complete_and_safetensors_only(converted):
 
 
 def test_edit_defaults_are_the_official_demo_settings(converted):
-    defaults = json.loads((converted.out / "edit_defaults.json").read_text())
+    defaults = json.loads((converted.out / "model_index.json").read_text())["edit_defaults"]
     assert defaults == OFFICIAL_EDIT_DEFAULTS
     assert defaults["structure_preservation"] == 1.0 and defaults["embedding_weights"] == [0.4, 0.6, 0.4]
     assert (defaults["embedding_norm"], defaults["num_inference_steps"], defaults["guidance_scale"]) == (
@@ -373,14 +373,15 @@ def test_edit_defaults_are_the_official_demo_settings(converted):
 
 
 def test_converted_pipeline_runs_a_full_edit(converted):
-    defaults = json.loads((converted.out / "edit_defaults.json").read_text())
     pipe = converted.pipe
+    assert pipe.resolve_edit_settings()["structure_preservation"] == OFFICIAL_EDIT_DEFAULTS["structure_preservation"]
     assert pipe.decoder_family == "sdxl"
     image = PIL.Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
     output = pipe(
         "make [image1] red",
         images=[image],
-        **{**defaults, "num_inference_steps": 2, "llm_do_sample": False},
+        num_inference_steps=2,
+        llm_do_sample=False,
         generator=torch.Generator().manual_seed(0),
     )
     # The fitted tiny LLM still gives its well-formed answer: tokens, embedding rows and adapter survived.

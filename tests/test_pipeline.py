@@ -393,3 +393,24 @@ def test_float16_vae_with_force_upcast_runs_in_float32(native_pipe, monkeypatch)
         native_pipe.vae.to(dtype=torch.float32)
     assert seen == [(torch.float32, torch.float32)]
     assert np.isfinite(out.images).all()
+
+
+def test_edit_defaults_are_saved_and_used_unless_overridden(tmp_path):
+    pipe = make_pipe("imagebind", edit_defaults={"structure_preservation": 1.0, "embedding_weights": [0.4, 0.6, 0.4]})
+    settings = pipe.resolve_edit_settings(embedding_norm=30.0)
+    assert settings["structure_preservation"] == 1.0 and settings["embedding_weights"] == (0.4, 0.6, 0.4)
+    assert settings["embedding_norm"] == 30.0 and settings["num_inference_steps"] == 25  # passed; built-in
+    stored = run(pipe, output_type="np", num_inference_steps=2)
+    explicit = run(make_pipe("imagebind"), output_type="np", num_inference_steps=2, structure_preservation=1.0,
+                   embedding_weights=(0.4, 0.6, 0.4))  # fmt: skip
+    assert np.array_equal(stored.images, explicit.images)
+
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["edit_defaults"]["structure_preservation"] == 1.0
+    loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
+    assert loaded.resolve_edit_settings() == pipe.resolve_edit_settings()
+
+
+def test_unknown_edit_defaults_are_rejected():
+    with pytest.raises(ValueError, match=r"unknown settings \['alpha'\]"):
+        make_pipe("imagebind", edit_defaults={"alpha": 1.0})

@@ -43,6 +43,22 @@ DECODER_IMAGEBIND = "imagebind"
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 DEFAULT_PROMPT_TEMPLATE = "best quality, high quality, {caption}"
 
+# The official `__call__` defaults (REFERENCE.md §4). A pipeline's `edit_defaults` config overrides them (a converted
+# official pipeline records the demo app's settings there); an argument passed to `__call__` overrides both.
+BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
+    "num_inference_steps": 25,
+    "guidance_scale": 10.0,
+    "structure_preservation": 0.7,
+    "embedding_weights": (0.0, 0.4, 1.0),
+    "embedding_norm": 20.0,
+    "ip_adapter_scale": 1.0,
+    "prior_guidance_scale": 10.0,
+    "prior_score": 6.5,
+    "llm_do_sample": True,
+    "llm_temperature": 0.3,
+    "llm_max_new_tokens": 100,
+}
+
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | Path
 AudioInput = str | Path | tuple
 
@@ -140,6 +156,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             UNet; attached to ``unet`` when the pipeline is built.
         prior_text_encoder, prior_tokenizer (optional): a CLIP text model for the prior; without them the prior uses
             its stored empty-prompt hidden states (identical output for the official, always-empty prompt).
+        edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
+            `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """
 
     model_cpu_offload_seq = "image_encoder->llm->prior_text_encoder->prior->text_encoder->text_encoder_2->unet->vae"
@@ -173,6 +191,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         ip_adapter: ImageBindIPAdapter | None = None,
         prior_text_encoder: CLIPTextModel | None = None,
         prior_tokenizer: PreTrainedTokenizerBase | None = None,
+        edit_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
         components = {
@@ -200,6 +219,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         decoder_family = detect_decoder_family(unet)
         self._check_component_sizes(decoder_family, **components)
         self.register_modules(**components)
+        unknown = sorted(set(edit_defaults or {}) - set(BUILTIN_EDIT_DEFAULTS))
+        if unknown:
+            raise ValueError(f"`edit_defaults` has unknown settings {unknown}; known: {sorted(BUILTIN_EDIT_DEFAULTS)}.")
+        self.register_to_config(edit_defaults=dict(edit_defaults or {}))
         for component in components.values():
             if isinstance(component, torch.nn.Module):
                 _realign_tensors(component)
@@ -599,6 +622,17 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             latents = inverse.step(noise_pred, t, latents).prev_sample
         return latents
 
+    def resolve_edit_settings(self, **passed: Any) -> dict[str, Any]:
+        """The edit knobs for one call: passed value, else the pipeline's ``edit_defaults``, else the official
+        ``__call__`` default."""
+        stored = self.config.get("edit_defaults") or {}
+        settings = {}
+        for name, builtin in BUILTIN_EDIT_DEFAULTS.items():
+            value = passed.get(name)
+            settings[name] = value if value is not None else stored.get(name, builtin)
+        settings["embedding_weights"] = tuple(settings["embedding_weights"])
+        return settings
+
     # ------------------------------------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(
@@ -609,18 +643,18 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         *,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 10.0,
-        structure_preservation: float = 0.7,
-        embedding_weights: tuple[float, float, float] = (0.0, 0.4, 1.0),
-        embedding_norm: float = 20.0,
-        ip_adapter_scale: float = 1.0,
-        prior_guidance_scale: float = 10.0,
-        prior_score: float = 6.5,
-        llm_do_sample: bool = True,
-        llm_temperature: float = 0.3,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        structure_preservation: float | None = None,
+        embedding_weights: tuple[float, float, float] | None = None,
+        embedding_norm: float | None = None,
+        ip_adapter_scale: float | None = None,
+        prior_guidance_scale: float | None = None,
+        prior_score: float | None = None,
+        llm_do_sample: bool | None = None,
+        llm_temperature: float | None = None,
         llm_top_p: float | None = None,
-        llm_max_new_tokens: int = 100,
+        llm_max_new_tokens: int | None = None,
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         on_invalid_answer: str = "error",
@@ -667,6 +701,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 Audio clips referenced as ``[audio1]``, …; any sample rate and channel count.
             height (`int`, *optional*), width (`int`, *optional*):
                 Output size; defaults to the UNet's native size. The base image is resized and centre-cropped to it.
+            Every knob below left as `None` takes the pipeline's `edit_defaults` (see `__init__`), else the official
+            `__call__` default quoted here.
+
             num_inference_steps (`int`, defaults to 25): DDIM inversion and denoising steps.
             guidance_scale (`float`, defaults to 10.0): decoder classifier-free guidance (≤ 1 disables it).
             structure_preservation (`float`, defaults to 0.7): see the table (official ``alpha``).
@@ -698,6 +735,25 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         Returns:
             [`InstructAny2PixPipelineOutput`] or `tuple` ``(images, answers, captions, base_image_indices)``.
         """
+        settings = self.resolve_edit_settings(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            structure_preservation=structure_preservation,
+            embedding_weights=embedding_weights,
+            embedding_norm=embedding_norm,
+            ip_adapter_scale=ip_adapter_scale,
+            prior_guidance_scale=prior_guidance_scale,
+            prior_score=prior_score,
+            llm_do_sample=llm_do_sample,
+            llm_temperature=llm_temperature,
+            llm_max_new_tokens=llm_max_new_tokens,
+        )
+        num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
+        structure_preservation, embedding_weights = settings["structure_preservation"], settings["embedding_weights"]
+        embedding_norm, ip_adapter_scale = settings["embedding_norm"], settings["ip_adapter_scale"]
+        prior_guidance_scale, prior_score = settings["prior_guidance_scale"], settings["prior_score"]
+        llm_do_sample, llm_temperature = settings["llm_do_sample"], settings["llm_temperature"]
+        llm_max_new_tokens = settings["llm_max_new_tokens"]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]

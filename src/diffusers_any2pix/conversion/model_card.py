@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 # The official release on the Hub (REFERENCE.md §1).
 OFFICIAL_RELEASE_REPO = "jacklishufan/instructany2pix_retrained"
 
-# What each setting of `edit_defaults.json` is called in the official code (REFERENCE.md §4).
+# What each setting of `edit_defaults` is called in the official code (REFERENCE.md §4).
 _OFFICIAL_NAMES = {
     "structure_preservation": "`alpha`",
     "embedding_weights": "`h`",
@@ -127,22 +127,19 @@ that mixes text, several images and audio clips, e.g. `"add [audio1] to [image1]
 ## Usage
 
 ```python
-import json
-
 import torch
 {snapshot_import}from diffusers_any2pix import InstructAny2PixPipeline
 
 {load_line}
 pipe = InstructAny2PixPipeline.from_pretrained(path, dtype=torch.float16).to("cuda")
-with open(f"{{path}}/edit_defaults.json") as f:
-    defaults = json.load(f)  # the official demo's settings
-result = pipe("add [audio1] to [image1]", images=["photo.jpg"], audio=["clock.wav"], **defaults)
+# The official demo's settings are the pipeline's defaults (`edit_defaults` in model_index.json).
+result = pipe("add [audio1] to [image1]", images=["photo.jpg"], audio=["clock.wav"])
 result.images[0].save("edited.png")
 ```
 
-## Official settings (`edit_defaults.json`)
+## Official settings (`edit_defaults` in `model_index.json`)
 
-The settings of the official demo, as `InstructAny2PixPipeline.__call__` arguments:
+The settings of the official demo, used by default; any `InstructAny2PixPipeline.__call__` argument overrides them:
 
 | argument | official name | value |
 |---|---|---|

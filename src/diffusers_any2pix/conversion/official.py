@@ -20,7 +20,8 @@ Decisions, each explained where it is made:
 - the IP-Adapter's two-view projection becomes diffusers' standard 4-token layout with the global view folded into
   the bias, losslessly ([`two_view_image_proj_to_standard`]);
 - the decoder's scheduler becomes a DDIM scheduler on the decoder's own noise schedule ([`load_decoder`]);
-- the official demo's edit settings are written to ``edit_defaults.json`` ([`OFFICIAL_EDIT_DEFAULTS`]).
+- the official demo's edit settings are recorded as the pipeline's ``edit_defaults`` in ``model_index.json``
+  ([`OFFICIAL_EDIT_DEFAULTS`]), so ``pipe(...)`` uses them unless an argument says otherwise.
 """
 
 import importlib.util
@@ -58,7 +59,7 @@ from diffusers.utils import logging
 from ..models.imagebind import ImageBindModel, convert_meta_imagebind_state_dict
 from ..models.ip_adapter import STANDARD_NUM_TOKENS, ImageBindIPAdapter
 from ..models.mm_adapter import MultimodalAdapter
-from ..models.prior import Any2PixPrior, PriorConversionReport, _checkpoint_text_encoder
+from ..models.prior import Any2PixPrior, PriorConversionReport, text_encoder_from_official_state_dict
 from ..multimodal_llm import MULTIMODAL_SPECIAL_TOKENS, MultimodalTokenIds, add_multimodal_tokens
 from ..pipeline_instruct_any2pix import InstructAny2PixPipeline
 from .model_card import OFFICIAL_RELEASE_REPO, make_model_card
@@ -72,7 +73,6 @@ OFFICIAL_PRIOR_FILE = "prior/model.bin"
 OFFICIAL_IMAGEBIND_FILE = "imagebind_huge.pth"
 OFFICIAL_IP_ADAPTER_FILE = "sdxl/ip_adapter_global_local_2_view.bin"
 DEFAULT_DECODER = "stabilityai/stable-diffusion-xl-base-1.0"
-EDIT_DEFAULTS_FILE = "edit_defaults.json"
 
 # The official demo app's settings (REFERENCE.md §4 "Defaults", demo column, and the hard-coded prior and LLM
 # settings of §2/§3), under the names of `InstructAny2PixPipeline.__call__`:
@@ -750,7 +750,7 @@ def convert_official_prior(
         )
     try:
         clip_config = CLIPTextConfig(**{**OFFICIAL_PRIOR_TEXT_ENCODER_CONFIG, **dict(text_encoder_config or {})})
-        text_encoder = _checkpoint_text_encoder(state_dict, text_keys, clip_config)
+        text_encoder = text_encoder_from_official_state_dict(state_dict, text_keys, clip_config)
         if tokenizer is not None:
             prior, report = Any2PixPrior.from_official_state_dict(
                 state_dict, text_encoder=text_encoder, tokenizer=tokenizer, **dict(prior_config or {})
@@ -1224,6 +1224,7 @@ def convert_official_release(
             ip_adapter=ip_adapter.adapter.to(torch_dtype),
             prior_text_encoder=prior.text_encoder.to(torch_dtype) if prior.text_encoder is not None else None,
             prior_tokenizer=prior_tokenizer if keep_prior_text_encoder else None,
+            edit_defaults=dict(OFFICIAL_EDIT_DEFAULTS),
             **decoder_components,
         )
     except ValueError as error:
@@ -1247,9 +1248,6 @@ def convert_official_release(
     )
     with _staged_output_dir(output_dir) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
-        (staging / EDIT_DEFAULTS_FILE).write_text(
-            json.dumps(OFFICIAL_EDIT_DEFAULTS, indent=2) + "\n", encoding="utf-8"
-        )
         (staging / "README.md").write_text(make_model_card(report, repo_id=push_to_hub), encoding="utf-8")
     logger.info(f"Wrote the converted pipeline to {output_dir}.")
 

@@ -830,7 +830,7 @@ class Any2PixPrior(ModelMixin, ConfigMixin):
         elif text_encoder is not None:
             model.set_empty_text_hidden_states_from_encoder(text_encoder, tokenizer)
         elif text_encoder_config is not None:
-            encoder = _checkpoint_text_encoder(state_dict, report.dropped_text_encoder_keys, text_encoder_config)
+            encoder = text_encoder_from_official_state_dict(state_dict, report.dropped_text_encoder_keys, text_encoder_config)
             model.set_empty_text_hidden_states_from_encoder(encoder, tokenizer)
         else:
             logger.warning(
@@ -845,7 +845,7 @@ class Any2PixPrior(ModelMixin, ConfigMixin):
         return model.eval(), report
 
 
-def _checkpoint_text_encoder(
+def text_encoder_from_official_state_dict(
     state_dict: dict[str, torch.Tensor], text_keys: list[str], config: CLIPTextConfig
 ) -> CLIPTextModel:
     """Build a `CLIPTextModel` from `config` and load the official checkpoint's `cond_stage_models.0.model.*`

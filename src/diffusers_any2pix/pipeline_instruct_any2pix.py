@@ -115,6 +115,33 @@ def detect_decoder_family(unet: UNet2DConditionModel) -> str:
     )
 
 
+def encode_decoder_prompt(
+    prompts: list[str],
+    device: torch.device,
+    tokenizer: PreTrainedTokenizerBase,
+    text_encoder: CLIPTextModel,
+    tokenizer_2: PreTrainedTokenizerBase | None = None,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text conditioning of a text-to-image decoder: ``(prompt_embeds, pooled_prompt_embeds or None)``.
+
+    SD 1.x (one encoder): the last hidden states. SDXL (``text_encoder_2`` given): the penultimate hidden states of
+    both encoders concatenated, and the pooled projection of the second. Shared by the pipeline and
+    `training/train_decoder.py`, so captions are encoded identically in training and inference.
+    """
+    sdxl = text_encoder_2 is not None
+    hidden, pooled = [], None
+    for tok, encoder in [(tokenizer, text_encoder)] + ([(tokenizer_2, text_encoder_2)] if sdxl else []):
+        ids = tok(
+            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)
+        if encoder is text_encoder_2:
+            pooled = out[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
 def mix_latents_with_noise(latents: torch.Tensor, noise: torch.Tensor, preservation: float) -> torch.Tensor:
     """The official "polar interpolation" of an inverted latent with fresh noise, per sample.
 
@@ -500,26 +527,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         scores = torch.stack([media_embeds[pos].float() @ query.float() for pos, _ in candidates])
         return candidates[int(scores.argmax())][1].index
 
-    def encode_prompt(
-        self, prompts: list[str], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompt(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning of an SD 1.x / SDXL decoder: ``(prompt_embeds, pooled_prompt_embeds or None)``."""
-        encoders = [(self.tokenizer, self.text_encoder)]
-        if self.decoder_family == DECODER_SDXL:
-            encoders.append((self.tokenizer_2, self.text_encoder_2))
-        hidden, pooled = [], None
-        for tokenizer, encoder in encoders:
-            ids = tokenizer(
-                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
-            if self.decoder_family == DECODER_SDXL:
-                # SDXL reads the penultimate layer of both encoders and the pooled projection of the second.
-                hidden.append(out.hidden_states[-2])
-                pooled = out[0] if encoder is self.text_encoder_2 else pooled
-            else:
-                hidden.append(out.last_hidden_state)
-        return torch.cat(hidden, dim=-1), pooled
+        return encode_decoder_prompt(
+            prompts, device, self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2
+        )
 
     def _decoder_conditioning(
         self,

@@ -1,0 +1,396 @@
+"""MM-Inst data for training (`diffusers_any2pix.data`): reading with line numbers, validation errors that name file,
+line, entry and field, the official sampling rules, tokenisation and read-out positions, prior pairs, image data."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_any2pix.data import (
+    IGNORE_INDEX,
+    ROLE_ADDITION,
+    ROLE_BASE,
+    ROLE_GENERATION,
+    FeatureStore,
+    ImageEmbeddingDataset,
+    MMInstDataError,
+    MMInstLLMDataset,
+    MissingFeatureError,
+    PriorPairsDataset,
+    build_llm_sample,
+    collate_llm_batch,
+    default_prior_pairs,
+    image_entries,
+    load_instructions,
+    load_media_map,
+    read_json_entries,
+    read_prior_pairs,
+)
+from diffusers_any2pix.models.prior import Modality
+from diffusers_any2pix.multimodal_llm import find_embedding_positions
+from diffusers_any2pix.shapes import generate_dataset
+from diffusers_any2pix.testing_utils import tiny_llm_tokenizer
+from diffusers_any2pix.multimodal_llm import add_multimodal_tokens
+
+DIM = 8
+
+
+def _write_features(root: str, split: str, dim: int = DIM, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    with open(os.path.join(root, split, "media.json")) as f:
+        for entry in json.load(f).values():
+            path = os.path.join(root, entry["fpath"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.savez(path, clip=rng.standard_normal((1, dim)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def source_data(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("shapes"))
+    generate_dataset(root, 20, seed=0, image_size=32, sound_duration=1.0, progress=False)
+    _write_features(root, "train")
+    return root
+
+
+@pytest.fixture
+def data(source_data, tmp_path) -> str:
+    """A private copy the test may break."""
+    root = str(tmp_path / "data")
+    shutil.copytree(source_data, root)
+    return root
+
+
+def _features(root: str, dim: int | None = DIM) -> FeatureStore:
+    return FeatureStore.from_file(os.path.join(root, "train", "media.json"), root, dim)
+
+
+def _edit_record(root: str, index: int, edit) -> str:
+    path = os.path.join(root, "train", "instruction.json")
+    with open(path) as f:
+        records = json.load(f)
+    edit(records[index])
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    return path
+
+
+def _line_of(path: str, index: int) -> int:
+    return read_json_entries(path)[index].line
+
+
+# ------------------------------------------------------------------------------------------------ JSON reading
+
+
+def test_read_json_entries_gives_start_lines_of_list_and_object(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text('[\n {"a": 1},\n\n {"b": [1,\n 2]}, 3\n]\n')
+    entries = read_json_entries(path)
+    assert [(e.line, e.key, e.value) for e in entries] == [(2, 0, {"a": 1}), (4, 1, {"b": [1, 2]}), (5, 2, 3)]
+    path = tmp_path / "map.json"
+    path.write_text('{\n "x": {"fpath": "a.npz"},\n "y":\n  2\n}')
+    assert [(e.line, e.key) for e in read_json_entries(path)] == [(2, "x"), (3, "y")]
+    path = tmp_path / "lines.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert [(e.line, e.key) for e in read_json_entries(path)] == [(1, 0), (3, 1)]
+
+
+def test_read_json_entries_reports_syntax_errors_with_position(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"a": 1},\n {"a": }\n]')
+    with pytest.raises(MMInstDataError, match=r"bad\.json:3:\d+: invalid JSON"):
+        read_json_entries(path)
+    with pytest.raises(MMInstDataError, match="Cannot read"):
+        read_json_entries(tmp_path / "missing.json")
+
+
+def test_media_map_entries_must_have_fpath_and_key(tmp_path):
+    path = tmp_path / "media.json"
+    path.write_text('{\n "a cat": {"fpath": "cat.jpg.npz", "key": "clip"},\n "a dog": {"fpath": "dog.npz"}\n}')
+    with pytest.raises(MMInstDataError, match=r"media\.json:3 \(entry 'a dog', field `key`\)"):
+        load_media_map(path)
+    path.write_text('{"a cat": {"fpath": "x/cat.jpg.npz", "key": "clip"}}')
+    entry = load_media_map(path)["a cat"]
+    assert entry.media_file == "x/cat.jpg" and entry.kind == "image"  # the official <medium>.npz convention
+
+
+# ------------------------------------------------------------------------------------------------ features
+
+
+def test_feature_store_loads_and_caches_copies(source_data):
+    features = _features(source_data)
+    key = next(iter(features.media_map))
+    first = features.load(key, "test")
+    assert first.shape == (DIM,) and first.dtype == torch.float32
+    first.zero_()  # a copy: the cache is not affected
+    assert features.load(f"[{key.upper()}.]", "test").abs().sum() > 0  # looked up like the official `clean`
+
+
+def test_feature_store_missing_caption_names_the_caption_and_map(source_data):
+    with pytest.raises(
+        MMInstDataError, match=r"ctx: caption '\[no such thing\]' is missing from the media map .*media\.json"
+    ):
+        _features(source_data).load("[no such thing]", "ctx")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"not a zip file", "Cannot read feature file .*npz \\(media map .*media.json:\\d+ \\(entry '"),
+        ("wrong_key", "has no array 'clip'"),
+        ("nan", "non-finite"),
+        ("matrix", "must be a float vector of shape"),
+    ],
+)
+def test_feature_store_corrupt_files_are_named(data, content, match):
+    features = _features(data)
+    key, entry = next(iter(features.media_map.items()))
+    path = features.path(entry)
+    if isinstance(content, bytes):
+        with open(path, "wb") as f:
+            f.write(content)
+    elif content == "wrong_key":
+        np.savez(path, other=np.zeros((1, DIM), np.float32))
+    elif content == "nan":
+        np.savez(path, clip=np.full((1, DIM), np.nan, np.float32))
+    else:
+        np.savez(path, clip=np.zeros((2, DIM), np.float32))
+    with pytest.raises(MMInstDataError, match=match) as error:
+        features.load(key, "ctx")
+    assert path in str(error.value)
+
+
+def test_feature_store_checks_the_model_size(source_data):
+    key = next(iter(_features(source_data).media_map))
+    with pytest.raises(MMInstDataError, match=f"has {DIM} values but the model expects 5"):
+        _features(source_data, dim=5).load(key, "ctx")
+
+
+# ------------------------------------------------------------------------------------------------ instructions
+
+
+def test_shapesworld_instructions_validate(source_data):
+    examples = load_instructions(os.path.join(source_data, "train", "instruction.json"), _features(source_data))
+    assert len(examples) == 16
+    added = [e for e in examples if e.added]
+    assert added and all(caption in e.instruction for e in added for caption in e.added)
+    assert all(e.base in e.instruction and e.result in e.answer for e in examples)
+
+
+def test_missing_caption_error_names_file_line_entry_and_field(data):
+    path = _edit_record(
+        data, 3, lambda r: r["conversations"][0].update(value=r["conversations"][0]["value"] + " and [a unicorn]")
+    )
+    line = _line_of(path, 3)
+    with pytest.raises(MMInstDataError) as error:
+        load_instructions(path, _features(data))
+    message = str(error.value)
+    assert f"instruction.json:{line} (entry 3, id 'train-000003', field `conversations[0].value`)" in message
+    assert "'[a unicorn]' is missing from the media map" in message
+
+
+def test_missing_feature_file_is_reported(data):
+    features = _features(data)
+    os.remove(features.path(next(iter(features.media_map.values()))))
+    path = os.path.join(data, "train", "instruction.json")
+    with pytest.raises(MissingFeatureError, match="does not exist; run training/prepare_data.py first"):
+        load_instructions(path, features)
+    kept = load_instructions(path, features, skip_missing_features=True)
+    assert 0 < len(kept) < 16
+
+
+def test_placeholders_that_do_not_match_media_are_named(data):
+    def swap(record):
+        record["instruction"] = record["instruction"].replace("[image1]", "[image3]")
+
+    path = _edit_record(data, 0, swap)
+    with pytest.raises(
+        MMInstDataError, match=r"instruction\.json:\d+ \(entry 0, id 'train-000000', field `instruction`\).*\[image3\]"
+    ):
+        load_instructions(path, _features(data))
+
+
+def test_instruction_placeholders_in_the_wrong_order_are_named(data):
+    records = json.load(open(os.path.join(data, "train", "instruction.json")))
+    index = next(i for i, r in enumerate(records) if sum(m["kind"] == "image" for m in r["media"]) == 2)
+
+    def swap_images(record):
+        record["instruction"] = (
+            record["instruction"].replace("[image1]", "[x]").replace("[image2]", "[image1]").replace("[x]", "[image2]")
+        )
+
+    path = _edit_record(data, index, swap_images)
+    with pytest.raises(
+        MMInstDataError, match=r"placeholders \['\[image\d\]', '\[image\d\]'\] refer to media .* but the human turn"
+    ):
+        load_instructions(path, _features(data))
+
+
+@pytest.mark.parametrize(
+    "edit, field, match",
+    [
+        (lambda r: r.update(base="[a dragon]"), "base", "does not appear in the human turn"),
+        (lambda r: r.update(base="no brackets"), "base", "one bracketed caption"),
+        (
+            lambda r: r["conversations"][1].update(value="Sure. <base>" + r["base"]),
+            "conversations[1].value",
+            "no <im_gen>",
+        ),
+        (lambda r: r.update(task="generation"), "task", "only 'any2any'"),
+        (
+            lambda r: r.update(conversations=[r["conversations"][0]]),
+            "conversations",
+            "one human turn followed by one gpt",
+        ),
+        (lambda r: r.update(added=[["cat", "[a cat]"]]), "added[0]", "does not appear in the human turn"),
+    ],
+)
+def test_malformed_records_name_the_field(data, edit, field, match):
+    path = _edit_record(data, 2, edit)
+    with pytest.raises(MMInstDataError, match=match) as error:
+        load_instructions(path, _features(data))
+    assert f"instruction.json:{_line_of(path, 2)} (entry 2, id 'train-000002', field `{field}`)" in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------ sampling rules
+
+
+@pytest.fixture(scope="module")
+def examples(source_data):
+    return load_instructions(os.path.join(source_data, "train", "instruction.json"), _features(source_data))
+
+
+def test_sample_with_everything_as_video(examples):
+    example = next(e for e in examples if e.added)
+    sample = build_llm_sample(example, np.random.default_rng(0), base_drop_prob=0.0, caption_text_prob=0.0)
+    assert "[" not in sample.instruction and sample.instruction.count("<video>") == len(sample.input_captions)
+    assert sample.answer == (
+        f"Sure. <base><video><im_gen_start><im_gen>{example.result}<video>"
+        + "additions:"
+        + "".join(f"{name}:<video>." for name in example.added.values())
+    )
+    roles = [role for role, _ in sample.targets]
+    assert roles == [ROLE_BASE, ROLE_GENERATION] + [ROLE_ADDITION] * len(example.added)
+    assert sample.targets[0][1] == example.base and sample.targets[1][1] == example.result
+
+
+def test_sample_with_base_dropped_and_captions_as_text(examples):
+    example = next(e for e in examples if e.added)
+    sample = build_llm_sample(example, np.random.default_rng(0), base_drop_prob=1.0, caption_text_prob=1.0)
+    assert "<video>" not in sample.instruction and example.base[1:-1] in sample.instruction
+    assert sample.answer == f"Sure. <base_null><im_gen_start><im_gen>{example.result}<video>"  # no additions
+    assert sample.input_captions == [] and sample.targets == [(ROLE_GENERATION, example.result)]
+
+
+def test_sampling_rates_follow_the_official_80_20_rules(examples):
+    example = next(e for e in examples if len(e.added) == 1)
+    rng = np.random.default_rng(123)
+    samples = [build_llm_sample(example, rng) for _ in range(4000)]
+    dropped = np.mean(["<base_null>" in s.answer for s in samples])
+    kept = [s for s in samples if "<base_null>" not in s.answer]
+    other_as_video = np.mean([len(s.input_captions) == 2 for s in kept])
+    assert abs(dropped - 0.2) < 0.03 and abs(other_as_video - 0.8) < 0.03
+
+
+# ------------------------------------------------------------------------------------------------ LLM dataset
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = tiny_llm_tokenizer()
+    return tokenizer, add_multimodal_tokens(tokenizer)
+
+
+def test_llm_dataset_tokenises_with_the_inference_prompt_and_read_out_rule(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    dataset = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0)
+    for index in range(len(dataset)):
+        item = dataset[(1, index)]
+        ids = item["input_ids"].tolist()
+        prompt_length = item["prompt_length"]
+        assert ids[0] == token_ids.bos and ids[-1] == token_ids.eos
+        assert item["labels"][:prompt_length].eq(IGNORE_INDEX).all()
+        assert item["labels"][prompt_length:].tolist() == ids[prompt_length:]
+        assert tokenizer.decode(ids[1:prompt_length]).endswith("ASSISTANT :")
+        positions = find_embedding_positions(ids, token_ids, start=prompt_length)
+        answer_videos = [p for p in range(prompt_length, len(ids)) if ids[p] == token_ids.video]
+        assert item["target_positions"].tolist() == [p - 1 for p in answer_videos]
+        assert positions.generation in item["target_positions"].tolist()
+        assert (positions.base is None) == (ids[prompt_length:].count(token_ids.base_null) == 1)
+        assert item["media_embeds"].shape == (ids[:prompt_length].count(token_ids.video), DIM)
+        torch.testing.assert_close(item["target_embeds"].norm(dim=-1), torch.full((len(answer_videos),), 20.0))
+    # Deterministic in (seed, epoch, index), different across epochs.
+    again = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0)
+    assert all(torch.equal(dataset[(1, i)]["input_ids"], again[(1, i)]["input_ids"]) for i in range(len(dataset)))
+    assert any(
+        not torch.equal(dataset[(1, i)]["input_ids"], dataset[(2, i)]["input_ids"]) for i in range(len(dataset))
+    )
+
+
+def test_llm_dataset_rejects_too_long_conversations(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    dataset = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, max_length=20)
+    with pytest.raises(MMInstDataError, match=r"instruction\.json:\d+ \(entry 0.*tokens exceed --max_length 20"):
+        dataset[0]
+
+
+def test_collate_pads_right_and_flattens_targets(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    dataset = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0)
+    items = [dataset[(0, 0)], dataset[(0, 5)]]
+    batch = collate_llm_batch(items, token_ids.pad)
+    for row, item in enumerate(items):
+        n = item["input_ids"].numel()
+        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"]) and batch["attention_mask"][row].sum() == n
+        assert batch["labels"][row, n:].eq(IGNORE_INDEX).all() and batch["input_ids"][row, n:].eq(token_ids.pad).all()
+    assert batch["target_rows"].tolist() == [r for r, item in enumerate(items) for _ in item["target_positions"]]
+    assert batch["target_embeds"].shape == (len(batch["target_rows"]), DIM)
+
+
+# ------------------------------------------------------------------------------------------------ prior pairs
+
+
+def test_prior_pairs_file_and_corruption(source_data, tmp_path):
+    features = _features(source_data)
+    images = image_entries(features)
+    sound = next(k for k, e in features.media_map.items() if e.kind == "audio")
+    pairs_path = tmp_path / "pairs.json"
+    pairs_path.write_text(json.dumps([{"source": sound, "source_modality": "audio", "target": images[0].caption_key}]))
+    pairs = read_prior_pairs(str(pairs_path)) + default_prior_pairs(features, corrupted_images=True)
+    assert pairs[0].modality == Modality.AUDIO and len(pairs) == 1 + len(images)
+    schedule = torch.linspace(0.999, 0.001, 1000)
+    dataset = PriorPairsDataset(pairs, features, None, seed=0, alphas_cumprod=schedule)
+    item = dataset[(0, 0)]
+    torch.testing.assert_close(item["condition"], features.load(sound, "t"))
+    torch.testing.assert_close(item["target"].norm(), torch.tensor(20.0))
+    corrupted = dataset[(0, 1)]
+    assert corrupted["modality"] == Modality.VIDEO and not torch.equal(corrupted["condition"], corrupted["target"])
+    assert torch.equal(corrupted["condition"], dataset[(0, 1)]["condition"])  # seeded by (seed, epoch, index)
+    assert not torch.equal(corrupted["condition"], dataset[(1, 1)]["condition"])
+
+
+def test_prior_pairs_errors_are_named(source_data, tmp_path):
+    pairs_path = tmp_path / "pairs.json"
+    pairs_path.write_text('[\n {"source": "x", "source_modality": "smell", "target": "y"}\n]')
+    with pytest.raises(MMInstDataError, match=r"pairs\.json:2 \(entry 0, field `source_modality`\)"):
+        read_prior_pairs(str(pairs_path))
+    pairs_path.write_text('[{"source": "a unicorn", "source_modality": "audio", "target": "a unicorn"}]')
+    with pytest.raises(MMInstDataError, match=r"pairs\.json:1 \(entry 0\): caption 'a unicorn' is missing"):
+        PriorPairsDataset(read_prior_pairs(str(pairs_path)), _features(source_data), None, seed=0)
+    with pytest.raises(ValueError, match="need `text_features`"):
+        default_prior_pairs(_features(source_data), text_to_image=True)
+
+
+# ------------------------------------------------------------------------------------------------ decoder images
+
+
+def test_image_embedding_dataset(source_data):
+    features = _features(source_data)
+    dataset = ImageEmbeddingDataset(image_entries(features), features, resolution=16, embedding_norm=20.0)
+    item = dataset[(3, 0)]
+    assert item["pixel_values"].shape == (3, 16, 16)
+    assert -1.0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1.0
+    torch.testing.assert_close(item["image_embeds"].norm(), torch.tensor(20.0))
+    assert item["caption"] == dataset.entries[0].caption_key

@@ -1,0 +1,448 @@
+"""The training scripts of ``training/`` run end to end on tiny ShapesWorld data with tiny models: features,
+the LLM (full, LoRA, two data-parallel processes), the prior (exact resumption), the decoder (IP-Adapter for SD/SDXL,
+ImageBind-native UNet, VAE); the saved components load into `InstructAny2PixPipeline` and edit an image; bad data and
+a non-finite loss stop the run with errors that name what went wrong."""
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from diffusers_any2pix.data import MMInstDataError
+from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.models.prior import Any2PixPrior
+from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
+from diffusers_any2pix.processing_imagebind import ImageBindProcessor
+from diffusers_any2pix.shapes import generate_dataset
+from diffusers_any2pix.testing_utils import _tiny_clip_tokenizer, tiny_pipeline_components
+from diffusers_any2pix.training_utils import NonFiniteLossError
+from test_training_data import _edit_record
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCENE = "media/scenes"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"training_{name}", os.path.join(REPO, "training", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare_data = _load_script("prepare_data")
+train_llm = _load_script("train_llm")
+train_prior = _load_script("train_prior")
+train_decoder = _load_script("train_decoder")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """Tiny ShapesWorld data with ImageBind features (made by prepare_data.py) and tiny saved pipelines."""
+    root = tmp_path_factory.mktemp("training")
+    data = str(root / "data")
+    generate_dataset(data, 20, seed=0, image_size=32, sound_duration=1.0, progress=False)
+    pipelines = {}
+    for family in ("imagebind", "sd"):
+        pipelines[family] = str(root / f"pipeline_{family}")
+        InstructAny2PixPipeline(**tiny_pipeline_components(family, answer=None)).save_pretrained(pipelines[family])
+    tokenizer = str(root / "imagebind_tokenizer")
+    _tiny_clip_tokenizer().save_pretrained(tokenizer)
+    status = prepare_data.main(
+        [
+            "--pipeline", pipelines["imagebind"], "--data_dir", data, "--no_progress", "--batch_size", "7",
+            "--media_map", f"{data}/train/media.json", f"{data}/val/media.json",
+            "--text_media_map", f"{data}/train/text_media.json", "--imagebind_tokenizer", tokenizer,
+        ]
+    )  # fmt: skip
+    assert status == 0
+    scene = sorted(os.listdir(os.path.join(data, SCENE)))[0]
+    return {
+        "root": root,
+        "data": data,
+        "pipelines": pipelines,
+        "tokenizer": tokenizer,
+        "scene": f"{data}/{SCENE}/{scene}",
+    }
+
+
+def _common(output_dir, *extra: str) -> list[str]:
+    return ["--output_dir", str(output_dir), "--report_to", "none", "--seed", "0", *extra]
+
+
+def _edit(pipeline: InstructAny2PixPipeline, scene: str):
+    return pipeline(
+        "add a red circle to [image1]",
+        images=[scene],
+        num_inference_steps=2,
+        llm_max_new_tokens=4,
+        on_invalid_answer="use_base",
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _weights(folder: str) -> dict[str, torch.Tensor]:
+    name = next(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    return load_file(os.path.join(folder, name))
+
+
+def _summary(output_dir) -> dict:
+    with open(os.path.join(output_dir, "training_summary.json")) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------ --help
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        (prepare_data, ["--media_map", "--inputs", "--text_media_map"]),
+        (train_llm, ["--lora", "--base_drop_prob", "--checkpoints_total_limit", "--resume_from_checkpoint"]),
+        (train_prior, ["--corrupted_image_pairs", "--condition_dropout_prob", "--report_to"]),
+        (train_decoder, ["--mode", "--snr_gamma", "--use_ema", "--validation_pipeline"]),
+    ],
+)
+def test_help(script, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in flags)
+
+
+# ------------------------------------------------------------------------------------------------ prepare_data
+
+
+def test_prepare_data_fills_the_media_map_and_resumes(workspace, capsys):
+    data = workspace["data"]
+    with open(f"{data}/train/media.json") as f:
+        media = json.load(f)
+    for entry in media.values():
+        with np.load(os.path.join(data, entry["fpath"])) as npz:
+            assert npz.files == ["clip"] and npz["clip"].shape == (1, 16) and npz["clip"].dtype == np.float32
+    # The stored vector is ImageBind's embedding of the medium.
+    key, entry = next((k, e) for k, e in media.items() if e["media_path"].endswith(".png"))
+    model = ImageBindModel.from_pretrained(workspace["pipelines"]["imagebind"], subfolder="image_encoder").eval()
+    pixels = ImageBindProcessor(image_size=model.config.vision_image_size).preprocess_image(
+        f"{data}/{entry['media_path']}"
+    )
+    with torch.no_grad():
+        expected = model.encode_image(pixels).numpy()
+    np.testing.assert_allclose(np.load(os.path.join(data, entry["fpath"]))["clip"], expected, rtol=1e-5, atol=1e-6)
+    with open(f"{data}/train/text_media.json") as f:
+        text_map = json.load(f)
+    assert key in text_map and os.path.isfile(os.path.join(data, text_map[key]["fpath"]))
+    # Resumable: a second run skips everything.
+    capsys.readouterr()
+    argv = ["--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", data, "--no_progress"]
+    assert prepare_data.main(argv + ["--media_map", f"{data}/train/media.json"]) == 0
+    assert f"Encoded 0 feature(s), skipped {len(media)} existing." in capsys.readouterr().out
+
+
+def test_prepare_data_folder_reports_unreadable_files_and_continues(workspace, tmp_path, capsys):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    scenes = sorted(os.listdir(os.path.join(workspace["data"], SCENE)))[:3]
+    for name in scenes:
+        shutil.copy(os.path.join(workspace["data"], SCENE, name), folder / name)
+    sound = sorted(os.listdir(os.path.join(workspace["data"], "media", "sounds")))[0]
+    shutil.copy(os.path.join(workspace["data"], "media", "sounds", sound), folder / sound)
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "silence.flac").write_bytes(b"")
+    argv = ["--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", str(tmp_path), "--inputs", str(folder)]
+    assert prepare_data.main(argv + ["--no_progress"]) == 1
+    out = capsys.readouterr().out
+    assert "2 medium/media could not be read" in out and "broken.png" in out and "silence.flac" in out
+    assert "Encoded 4 feature(s)" in out
+    with open(tmp_path / "media.json") as f:
+        media = json.load(f)
+    assert len(media) == 6  # every medium is in the map; the two unreadable ones have no feature yet
+    assert (
+        media[scenes[0][: -len(".png")].replace("_", " ").replace("-", " ")]["fpath"]
+        == f"features/media/{scenes[0]}.npz"
+    )
+    assert all(
+        os.path.isfile(tmp_path / e["fpath"])
+        for e in media.values()
+        if "broken" not in e["fpath"] and "silence" not in e["fpath"]
+    )
+    # A rerun retries only the failures; a file list (paths relative to --data_dir) names the same media.
+    assert prepare_data.main(argv + ["--no_progress"]) == 1
+    assert "Encoded 0 feature(s), skipped 4 existing." in capsys.readouterr().out
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(f"media/{name}" for name in sorted(os.listdir(folder))) + "\n")
+    argv = ["--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", str(tmp_path), "--no_progress"]
+    argv += ["--file_list", str(listing), "--output_media_map", str(tmp_path / "listed.json")]
+    assert prepare_data.main(argv) == 1
+    assert "Encoded 0 feature(s), skipped 4 existing." in capsys.readouterr().out
+    with open(tmp_path / "listed.json") as f:
+        assert json.load(f) == media
+
+
+def test_prepare_data_rejects_media_outside_the_data_folder(workspace, tmp_path):
+    args = prepare_data.parse_args(
+        [
+            "--pipeline",
+            workspace["pipelines"]["imagebind"],
+            "--data_dir",
+            str(tmp_path),
+            "--inputs",
+            workspace["scene"],
+        ]
+    )
+    with pytest.raises(ValueError, match="is not under `--data_dir`"):
+        prepare_data.prepare_features(args)
+
+
+# ------------------------------------------------------------------------------------------------ train_prior
+
+
+def test_train_prior_resumes_exactly_and_the_pipeline_edits(workspace, tmp_path):
+    out = tmp_path / "prior"
+    source = workspace["pipelines"]["imagebind"]
+    argv = _common(
+        out,
+        "--pretrained_prior", os.path.join(source, "prior"), "--data_dir", workspace["data"],
+        "--text_media_map", f"{workspace['data']}/train/text_media.json", "--text_to_image_pairs",
+        "--corrupted_image_pairs", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "2", "--train_batch_size", "4",
+    )  # fmt: skip
+    train_prior.main(argv)
+    assert _summary(out)["global_step"] == 4
+    final = _weights(out / "prior")
+    optimizer_at_4 = torch.load(out / "checkpoint-4" / "optimizer.bin", weights_only=False)
+    initial = _weights(os.path.join(source, "prior"))
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+
+    # Interrupt after step 2: drop what came later and resume from the latest checkpoint.
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "prior")
+    train_prior.main(argv + ["--resume_from_checkpoint", "latest"])
+    resumed = _weights(out / "prior")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    resumed_optimizer = torch.load(out / "checkpoint-4" / "optimizer.bin", weights_only=False)
+    for index, state in optimizer_at_4["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, resumed_optimizer["state"][index][name]), (index, name)
+
+    pipeline = InstructAny2PixPipeline.from_pretrained(source, prior=Any2PixPrior.from_pretrained(out / "prior"))
+    assert all(torch.equal(p, resumed[n]) for n, p in pipeline.prior.state_dict().items())
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+
+
+def test_non_finite_loss_stops_with_the_step(workspace, tmp_path):
+    argv = _common(
+        tmp_path / "nan",
+        "--pretrained_prior", os.path.join(workspace["pipelines"]["imagebind"], "prior"),
+        "--data_dir", workspace["data"], "--corrupted_image_pairs", "--max_train_steps", "4",
+        "--learning_rate", "1e30", "--max_grad_norm", "0",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"not finite at step 2 \(\[nan\]"):
+        train_prior.main(argv)
+    assert not os.path.exists(tmp_path / "nan" / "prior")
+
+
+def test_corrupt_feature_file_stops_training_naming_it(workspace, tmp_path):
+    data = str(tmp_path / "data")
+    shutil.copytree(workspace["data"], data)
+    for root, _, files in os.walk(os.path.join(data, "features")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    argv = _common(
+        tmp_path / "out",
+        "--pretrained_prior", os.path.join(workspace["pipelines"]["imagebind"], "prior"),
+        "--data_dir", data, "--corrupted_image_pairs", "--max_train_steps", "1",
+    )  # fmt: skip
+    with pytest.raises(
+        MMInstDataError,
+        match=r"Cannot read feature file .*features/media/.*\.npz \(media map .*media\.json:\d+ \(entry '",
+    ):
+        train_prior.main(argv)
+
+
+# ------------------------------------------------------------------------------------------------ train_llm
+
+
+def test_train_llm_saves_a_pipeline_that_edits_and_resumes_at_the_step(workspace, tmp_path):
+    out = tmp_path / "llm"
+    argv = _common(
+        out,
+        "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+        "--max_train_steps", "4", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--checkpointing_steps", "2", "--gradient_checkpointing",
+    )  # fmt: skip
+    train_llm.main(argv)
+    summary = _summary(out)
+    assert summary["global_step"] == 4 and summary["final_logs"]["embedding_loss"] > 0
+    before = _weights(os.path.join(workspace["pipelines"]["imagebind"], "mm_adapter"))
+    after = _weights(out / "mm_adapter")
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # projector and head both trained
+
+    shutil.rmtree(out / "checkpoint-4")
+    train_llm.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert _summary(out)["global_step"] == 4 and os.path.isdir(out / "checkpoint-4")
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+
+
+def test_train_llm_lora_from_a_plain_causal_lm(workspace, tmp_path):
+    source = workspace["pipelines"]["imagebind"]
+    out = tmp_path / "lora"
+    argv = _common(
+        out,
+        "--pretrained_llm", f"{source}/llm", "--pretrained_llm_tokenizer", f"{source}/llm_tokenizer",
+        "--embed_dim", "16", "--lora", "--lora_rank", "4", "--data_dir", workspace["data"],
+        "--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-2",
+    )  # fmt: skip
+    train_llm.main(argv)
+    merged = _weights(out / "llm")
+    assert not any("lora" in key for key in merged)
+    base = _weights(f"{source}/llm")
+    assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)
+    components = tiny_pipeline_components("imagebind", answer=None)
+    components.update(
+        llm=AutoModelForCausalLM.from_pretrained(out / "llm"),
+        llm_tokenizer=train_llm.AutoTokenizer.from_pretrained(out / "llm_tokenizer"),
+        mm_adapter=train_llm.MultimodalAdapter.from_pretrained(out / "mm_adapter"),
+    )
+    assert _edit(InstructAny2PixPipeline(**components), workspace["scene"]).images[0].size == (32, 32)
+
+
+def test_train_llm_on_two_processes_ends_with_identical_weights(workspace, tmp_path):
+    out = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free rendezvous port, so parallel test runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+        os.path.join(REPO, "training", "train_llm.py"), "--cpu",
+        *_common(out, "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+                 "--max_train_steps", "3", "--train_batch_size", "2"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = _summary(out)
+    assert summary["num_processes"] == 2 and summary["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert summary["global_step"] == 3
+    assert len(summary["parameter_digests"]) == 2 and len(set(summary["parameter_digests"])) == 1
+    assert "4 in total (x2 processes" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda r: r["conversations"][0].update(value=r["conversations"][0]["value"] + " near [a unicorn]"),
+            r"instruction\.json:\d+ \(entry 1, id 'train-000001', field `conversations\[0\]\.value`\): caption "
+            r"'\[a unicorn\]' is missing from the media map",
+        ),
+        (
+            lambda r: r.update(instruction=r["instruction"].replace("[image1]", "[image2]")),
+            r"instruction\.json:\d+ \(entry 1, id 'train-000001', field `instruction`\): .*\[image2\]",
+        ),
+    ],
+)
+def test_train_llm_bad_instructions_are_named(workspace, tmp_path, edit, match):
+    data = str(tmp_path / "data")
+    shutil.copytree(workspace["data"], data)
+    _edit_record(data, 1, edit)
+    argv = _common(tmp_path / "out", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", data)
+    with pytest.raises(MMInstDataError, match=match):
+        train_llm.main(argv + ["--max_train_steps", "1"])
+
+
+# ------------------------------------------------------------------------------------------------ train_decoder
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_train_decoder_ip_adapter(workspace, tmp_path, family):
+    source = workspace["pipelines"].get(family)
+    if source is None:  # the SDXL pipeline is built only here, to keep the module fixture small
+        source = str(tmp_path / "pipeline_sdxl")
+        InstructAny2PixPipeline(**tiny_pipeline_components("sdxl", answer=None)).save_pretrained(source)
+    out = tmp_path / "ip"
+    argv = _common(
+        out,
+        "--mode", "ip_adapter", "--pipeline", source, "--data_dir", workspace["data"], "--max_train_steps", "2",
+        "--train_batch_size", "2", "--use_ema", "--snr_gamma", "5",
+    )  # fmt: skip
+    if family == "sd":  # validation renders through the pipeline with the (EMA) adapter swapped in
+        argv += ["--validation_instruction", "add a red circle to [image1]", "--validation_images", workspace["scene"]]
+        argv += ["--validation_inference_steps", "2", "--validation_steps", "2"]
+    train_decoder.main(argv)
+    trained, initial = _weights(out / "ip_adapter"), _weights(os.path.join(source, "ip_adapter"))
+    assert sorted({k.split(".")[0] for k in trained}) == ["image_proj", "ip_adapter"]  # the standard layout
+    assert all(not torch.equal(trained[k], initial[k]) for k in trained)
+    unet, frozen = _weights(out / "unet"), _weights(os.path.join(source, "unet"))
+    assert all(torch.equal(unet[k], frozen[k]) for k in frozen)
+    assert os.path.isfile(out / "validation" / "step-000002-0.png") == (family == "sd")
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+
+
+def test_train_decoder_imagebind_unet_from_scratch_and_vae(workspace, tmp_path):
+    source = workspace["pipelines"]["imagebind"]
+    out = tmp_path / "unet"
+    argv = _common(
+        out,
+        "--mode", "imagebind_unet", "--unet_config", os.path.join(source, "unet", "config.json"),
+        "--pretrained_vae", os.path.join(source, "vae"), "--data_dir", workspace["data"], "--max_train_steps", "2",
+        "--train_batch_size", "2", "--use_ema",
+    )  # fmt: skip
+    train_decoder.main(argv)
+    assert _summary(out)["global_step"] == 2
+    vae_out = tmp_path / "vae"
+    argv = _common(
+        vae_out,
+        "--mode", "vae", "--vae_config", os.path.join(source, "vae", "config.json"), "--resolution", "32",
+        "--data_dir", workspace["data"], "--max_train_steps", "2", "--train_batch_size", "2",
+    )  # fmt: skip
+    train_decoder.main(argv)
+    assert _summary(vae_out)["final_logs"]["kl_loss"] > 0
+    pipeline = InstructAny2PixPipeline.from_pretrained(
+        source,
+        unet=train_decoder.UNet2DConditionModel.from_pretrained(out / "unet"),
+        vae=train_decoder.AutoencoderKL.from_pretrained(vae_out / "vae"),
+    )
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+
+
+def test_train_decoder_checks_the_unet_family(workspace, tmp_path):
+    argv = _common(
+        tmp_path / "x", "--mode", "ip_adapter", "--pipeline", workspace["pipelines"]["imagebind"],
+        "--data_dir", workspace["data"],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="needs a text-to-image"):
+        train_decoder.main(argv)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one state per process; a run with another mixed precision needs it reset (before and
+    after, so the other tests see a clean state)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_bf16_mixed_precision_runs(workspace, tmp_path, fresh_accelerate_state):
+    source = workspace["pipelines"]["imagebind"]
+    common = ("--data_dir", workspace["data"], "--max_train_steps", "1", "--mixed_precision", "bf16")
+    summary = train_llm.main(_common(tmp_path / "llm", "--pipeline", source, "--lora", "--lora_rank", "4", *common))
+    assert summary["global_step"] == 1 and summary["final_logs"]["embedding_loss"] > 0
+    argv = _common(tmp_path / "vae", "--mode", "vae", "--pipeline", source, "--resolution", "32", *common)
+    assert train_decoder.main(argv)["final_logs"]["kl_loss"] > 0

@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""Instruction-tune the InstructAny2Pix LLM (any causal LM + the multimodal adapter) on MM-Inst-format data.
+
+The objective of the official release (shared/REFERENCE.md §2, §5): next-token cross-entropy on the answer (system
+and user turns masked) plus the L1 distance between the embeddings read out at the answer's BASE and GEN ``<video>``
+tokens (the hidden state preceding each token, through ``mm_adapter.output_head``; the read-out rule inference uses)
+and the norm-20 ImageBind targets, weight 1 each. Samples follow the official rules: the base image is an input
+``<video>`` except in 20% of samples (``<base_null>``), other media are ``<video>`` inputs 80% of the time and their
+caption text otherwise — drawn per (seed, epoch, sample), so runs are reproducible.
+
+Full fine-tuning (default), LoRA (``--lora``, via peft; merged into the saved LLM) or adapter-only
+(``--freeze_llm``). The LLM comes from ``--pretrained_llm`` (any transformers causal LM folder; the multimodal tokens
+are added when missing) or from a converted ``--pipeline``. Saves ``llm``, ``llm_tokenizer`` and ``mm_adapter`` as
+pipeline components in ``--output_dir`` (with ``--pipeline``: the complete updated pipeline).
+
+Example::
+
+    accelerate launch training/train_llm.py --pipeline path/to/pipeline --data_dir data/shapes \\
+        --output_dir out/llm --max_train_steps 3000 --train_batch_size 8 --gradient_checkpointing
+"""
+
+import argparse
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils import BaseOutput
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from diffusers_any2pix.data import FeatureStore, MMInstLLMDataset, collate_llm_batch, load_instructions
+from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
+from diffusers_any2pix.multimodal_llm import MultimodalTokenIds, add_multimodal_tokens, inject_media_embeds
+from diffusers_any2pix import training_utils
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and validates the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_llm", type=str, default=None, help="Any transformers causal LM folder (or Hub id)."
+    )
+    model.add_argument(
+        "--pretrained_llm_tokenizer",
+        type=str,
+        default=None,
+        help="Its tokenizer (default: the LLM folder, or its `tokenizer` subfolder as in the official release).",
+    )
+    model.add_argument("--pretrained_mm_adapter", type=str, default=None, help="A MultimodalAdapter folder.")
+    model.add_argument("--embed_dim", type=int, default=1024, help="ImageBind size, for a new adapter.")
+    model.add_argument("--freeze_llm", action="store_true", help="Train the adapter only.")
+    model.add_argument("--lora", action="store_true", help="Train LoRA adapters (merged into the saved LLM).")
+    model.add_argument("--lora_rank", type=int, default=64)
+    model.add_argument("--lora_alpha", type=int, default=16)
+    model.add_argument("--lora_dropout", type=float, default=0.05)
+    model.add_argument(
+        "--lora_target_modules", type=str, nargs="+", default=["all-linear"], help="peft target modules."
+    )
+    training_utils.add_data_args(parser, instructions=True)
+    data = parser.add_argument_group("sampling (official rules)")
+    data.add_argument("--base_drop_prob", type=float, default=0.2, help="Samples whose base becomes <base_null>.")
+    data.add_argument("--caption_text_prob", type=float, default=0.2, help="Non-base media given as caption text.")
+    data.add_argument("--target_norm", type=float, default=20.0, help="Norm of the BASE/GEN embedding targets.")
+    data.add_argument("--max_length", type=int, default=512, help="Longest conversation in tokens.")
+    data.add_argument(
+        "--skip_missing_features",
+        action="store_true",
+        help="Drop records whose media have no feature file (MM-Inst-Train lists media it cannot distribute).",
+    )
+    training_utils.add_common_training_args(parser, learning_rate=2e-5, train_batch_size=4)
+    args = training_utils.check_common_args(parser.parse_args(argv))
+    training_utils.resolve_data_paths(args)
+    if args.pretrained_llm is None and args.pipeline is None:
+        raise ValueError("Pass `--pretrained_llm` (a causal LM) or `--pipeline` (a converted pipeline).")
+    if args.lora and args.freeze_llm:
+        raise ValueError("`--lora` and `--freeze_llm` exclude each other.")
+    return args
+
+
+@dataclass
+class LLMTrainingOutput(BaseOutput):
+    """Output of `MultimodalLLMForTraining.forward`.
+
+    The parts default to `None` only so accelerate's mixed-precision output conversion can rebuild the object.
+
+    Args:
+        loss (`torch.Tensor`): ``lm_loss + embedding_loss``.
+        lm_loss (`torch.Tensor`): next-token cross-entropy on the answer.
+        embedding_loss (`torch.Tensor`): mean L1 between read-out and target embeddings.
+    """
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor | None = None
+    embedding_loss: torch.Tensor | None = None
+
+
+class MultimodalLLMForTraining(torch.nn.Module):
+    """The LLM and its adapter as one module, whose forward is the training objective (so data-parallel wrappers see
+    every trained parameter used in their forward).
+
+    Args:
+        llm (`PreTrainedModel`): the causal LM (possibly a peft model).
+        mm_adapter (`MultimodalAdapter`): projector and output head.
+        token_ids (`MultimodalTokenIds`): special token ids.
+    """
+
+    def __init__(self, llm, mm_adapter: MultimodalAdapter, token_ids: MultimodalTokenIds):
+        super().__init__()
+        self.llm = llm
+        self.mm_adapter = mm_adapter
+        self.token_ids = token_ids
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        labels: torch.LongTensor,
+        prompt_lengths: list[int],
+        media_embeds: list[torch.Tensor],
+        target_rows: torch.LongTensor,
+        target_positions: torch.LongTensor,
+        target_embeds: torch.Tensor,
+    ) -> LLMTrainingOutput:
+        """Teacher-forced forward of a `collate_llm_batch` batch: prompt media injected additively (answer
+        ``<video>`` tokens keep their plain embedding, as at inference), CE on the answer, L1 on the read-outs."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = inject_media_embeds(
+            embeds, input_ids, media_embeds, self.mm_adapter, self.token_ids.video, prompt_lengths=prompt_lengths
+        )
+        output = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        # The last entry of `hidden_states` is the final layer after the final norm, as read at inference.
+        hidden = output.hidden_states[-1][target_rows, target_positions]
+        predicted = self.mm_adapter.predict(hidden)
+        embedding_loss = F.l1_loss(predicted.float(), target_embeds.to(predicted.device).float())
+        return LLMTrainingOutput(loss=output.loss + embedding_loss, lm_loss=output.loss, embedding_loss=embedding_loss)
+
+
+def load_llm_tokenizer(args: argparse.Namespace):
+    """``--pretrained_llm_tokenizer``, else the pipeline's ``llm_tokenizer``, else the LLM folder (or its ``tokenizer``
+    subfolder, the official layout)."""
+    source = training_utils.component_source(args, "llm_tokenizer")
+    if source is None and args.pretrained_llm is not None:
+        nested = os.path.join(args.pretrained_llm, "tokenizer")
+        source = (nested, None) if os.path.isdir(nested) else (args.pretrained_llm, None)
+    path, subfolder = source
+    return AutoTokenizer.from_pretrained(path, **({"subfolder": subfolder} if subfolder else {}))
+
+
+def build_model(args: argparse.Namespace, accelerator) -> tuple[MultimodalLLMForTraining, object, MultimodalTokenIds]:
+    """The training module, the tokenizer (multimodal tokens added when missing) and the token ids."""
+    # Frozen base weights may be half precision; trained weights stay float32 (mixed precision autocasts).
+    frozen = args.lora or args.freeze_llm
+    dtype = training_utils.weight_dtype_for(accelerator) if frozen else torch.float32
+    llm = training_utils.load_component(args, "llm", AutoModelForCausalLM.from_pretrained, dtype=dtype)
+    tokenizer = load_llm_tokenizer(args)
+    token_ids = add_multimodal_tokens(tokenizer, llm)
+    adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)
+    if adapter is None:
+        embed_dim = args.embed_dim
+        if args.pipeline is not None:
+            embed_dim = training_utils.load_component(args, "image_encoder", _image_encoder_config)["out_embed_dim"]
+        adapter = MultimodalAdapter(embed_dim=embed_dim, llm_hidden_size=llm.config.get_text_config().hidden_size)
+    adapter = adapter.to(torch.float32)
+    if args.gradient_checkpointing:
+        # transformers 5 renamed gradient checkpointing to activation checkpointing.
+        (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
+    if args.freeze_llm:
+        llm.requires_grad_(False)
+    elif args.lora:
+        llm = _wrap_lora(args, llm, token_ids)
+    return MultimodalLLMForTraining(llm, adapter, token_ids), tokenizer, token_ids
+
+
+def _image_encoder_config(path: str, subfolder: str | None = None) -> dict:
+    from diffusers_any2pix.models.imagebind import ImageBindModel
+
+    return ImageBindModel.load_config(path, subfolder=subfolder)
+
+
+def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target).split(".")[-1]
+
+
+def _wrap_lora(args: argparse.Namespace, llm, token_ids: MultimodalTokenIds):
+    """LoRA on the linear layers; the multimodal tokens' input rows train too (peft trainable tokens), and so does an
+    untied output layer (the LM must learn to emit the new tokens)."""
+    from peft import LoraConfig, get_peft_model
+
+    input_name = _module_name(llm, llm.get_input_embeddings())
+    tied = (
+        llm.get_output_embeddings() is None or llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    )
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=(
+            args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
+        ),
+        trainable_token_indices={input_name: list(token_ids.special_token_ids)},
+        modules_to_save=None if tied else [_module_name(llm, llm.get_output_embeddings())],
+    )
+    llm = get_peft_model(llm, config)
+    for param in llm.parameters():  # LoRA weights train in float32 under mixed precision
+        if param.requires_grad:
+            param.data = param.data.float()
+    return llm
+
+
+def trained_llm(model: MultimodalLLMForTraining, in_place: bool = False):
+    """The plain transformers LLM: with LoRA, merged into the base weights (into a copy unless ``in_place``, which
+    ends training: the model no longer holds LoRA layers)."""
+    llm = model.llm
+    if hasattr(llm, "merge_and_unload"):
+        llm = (llm if in_place else copy.deepcopy(llm)).merge_and_unload()
+    return llm
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> dict:
+    """Runs the training; returns the training summary (see `write_training_summary`)."""
+    if not isinstance(args, argparse.Namespace):
+        args = parse_args(args)
+    # Batches whose media are all given as text leave the projector unused.
+    accelerator = training_utils.make_accelerator(args, find_unused_parameters=True)
+    model, tokenizer, token_ids = build_model(args, accelerator)
+    features = FeatureStore.from_file(args.media_map, args.data_dir, model.mm_adapter.config.embed_dim)
+    dataset = MMInstLLMDataset(
+        load_instructions(args.instruction_file, features, args.skip_missing_features),
+        features,
+        tokenizer,
+        token_ids,
+        seed=args.seed,
+        target_norm=args.target_norm,
+        max_length=args.max_length,
+        base_drop_prob=args.base_drop_prob,
+        caption_text_prob=args.caption_text_prob,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    collate = partial(collate_llm_batch, pad_token_id=token_ids.pad)
+    setup = training_utils.prepare_training(
+        accelerator, args, model, params, dataset, collate, tracker_name="train_llm"
+    )
+
+    def compute_loss(batch):
+        output = setup.model(**batch)
+        return output.loss, {"lm_loss": output.lm_loss.item(), "embedding_loss": output.embedding_loss.item()}
+
+    def components(in_place: bool = False) -> dict:
+        unwrapped = accelerator.unwrap_model(setup.model)
+        llm = trained_llm(unwrapped, in_place=in_place)
+        return {"llm": llm, "llm_tokenizer": tokenizer, "mm_adapter": unwrapped.mm_adapter}
+
+    result = training_utils.run_training_loop(
+        accelerator, args, setup, compute_loss, training_utils.validate_every(accelerator, args, components)
+    )
+    summary = training_utils.finish_training(accelerator, args, result, {"model": setup.model}, components)
+    if accelerator.is_main_process:
+        training_utils.save_trained_components(args, accelerator, **components(in_place=True))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -42,23 +42,13 @@ from diffusers_any2pix.convert_official import main
 from diffusers_any2pix.models.ip_adapter import unet_cross_attention_hidden_sizes
 from diffusers_any2pix.multimodal_llm import MULTIMODAL_SPECIAL_TOKENS, build_vicuna_prompt, inject_media_embeds
 from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
-from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, tiny_decoder, tiny_llm, tiny_prior
+from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, TINY_IMAGEBIND_CONFIG, tiny_decoder, tiny_llm, tiny_prior
 
 
 EMBED = TINY_EMBED_DIM
 # Meta's constructor hard-codes 224-pixel images, a 77-token context and a 49408-id vocabulary; the rest is tiny.
 META_IMAGEBIND_KWARGS = dict(
-    out_embed_dim=EMBED,
-    vision_embed_dim=16,
-    vision_num_blocks=1,
-    vision_num_heads=2,
-    text_embed_dim=16,
-    text_num_blocks=1,
-    text_num_heads=2,
-    audio_embed_dim=16,
-    audio_num_blocks=1,
-    audio_num_heads=2,
-    audio_drop_path=0.0,
+    **TINY_IMAGEBIND_CONFIG,
     depth_embed_dim=8,
     depth_num_blocks=1,
     depth_num_heads=2,

@@ -44,23 +44,27 @@ _TINY_WORDS = (
 )
 
 
-def tiny_imagebind(embed_dim: int = TINY_EMBED_DIM, seed: int = 0) -> ImageBindModel:
-    """An ImageBind with 1-block trunks and 28×28 images (Meta's preprocessing sizes for audio and text)."""
+# Sizes of the tiny ImageBind (1-block trunks); Meta's preprocessing sizes for audio and text are kept.
+TINY_IMAGEBIND_CONFIG = dict(
+    out_embed_dim=TINY_EMBED_DIM,
+    vision_embed_dim=16,
+    vision_num_blocks=1,
+    vision_num_heads=2,
+    text_embed_dim=16,
+    text_num_blocks=1,
+    text_num_heads=2,
+    audio_embed_dim=16,
+    audio_num_blocks=1,
+    audio_num_heads=2,
+    audio_drop_path=0.0,
+)
+
+
+def tiny_imagebind(embed_dim: int = TINY_EMBED_DIM, seed: int = 0, image_size: int = 28) -> ImageBindModel:
+    """An ImageBind with 1-block trunks and ``image_size``² images."""
     torch.manual_seed(seed)
-    return ImageBindModel(
-        out_embed_dim=embed_dim,
-        vision_embed_dim=16,
-        vision_num_blocks=1,
-        vision_num_heads=2,
-        vision_image_size=28,
-        text_embed_dim=16,
-        text_num_blocks=1,
-        text_num_heads=2,
-        audio_embed_dim=16,
-        audio_num_blocks=1,
-        audio_num_heads=2,
-        audio_drop_path=0.0,
-    ).eval()
+    config = {**TINY_IMAGEBIND_CONFIG, "out_embed_dim": embed_dim, "vision_image_size": image_size}
+    return ImageBindModel(**config).eval()
 
 
 def tiny_llm_tokenizer() -> PreTrainedTokenizerFast:

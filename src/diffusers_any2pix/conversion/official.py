@@ -61,7 +61,7 @@ from ..models.ip_adapter import STANDARD_NUM_TOKENS, ImageBindIPAdapter
 from ..models.mm_adapter import MultimodalAdapter
 from ..models.prior import Any2PixPrior, PriorConversionReport, text_encoder_from_official_state_dict
 from ..multimodal_llm import MULTIMODAL_SPECIAL_TOKENS, MultimodalTokenIds, add_multimodal_tokens
-from ..pipeline_instruct_any2pix import InstructAny2PixPipeline
+from ..pipeline_instruct_any2pix import BUILTIN_EDIT_DEFAULTS, InstructAny2PixPipeline
 from .model_card import OFFICIAL_RELEASE_REPO, make_model_card
 
 
@@ -74,22 +74,13 @@ OFFICIAL_IMAGEBIND_FILE = "imagebind_huge.pth"
 OFFICIAL_IP_ADAPTER_FILE = "sdxl/ip_adapter_global_local_2_view.bin"
 DEFAULT_DECODER = "stabilityai/stable-diffusion-xl-base-1.0"
 
-# The official demo app's settings (REFERENCE.md §4 "Defaults", demo column, and the hard-coded prior and LLM
-# settings of §2/§3), under the names of `InstructAny2PixPipeline.__call__`:
-# alpha → structure_preservation, h → embedding_weights, norm → embedding_norm, steps → num_inference_steps,
-# cfg → guidance_scale, scale → ip_adapter_scale.
+# The official demo app's settings (REFERENCE.md §4 "Defaults", demo column), under the names of
+# `InstructAny2PixPipeline.__call__`: the demo differs from the official `__call__` defaults only in alpha
+# (→ structure_preservation) and h (→ embedding_weights); refinement (0.3) has no counterpart in the pipeline.
 OFFICIAL_EDIT_DEFAULTS: dict[str, Any] = {
-    "structure_preservation": 1.0,
+    **BUILTIN_EDIT_DEFAULTS,
     "embedding_weights": [0.4, 0.6, 0.4],
-    "embedding_norm": 20.0,
-    "num_inference_steps": 25,
-    "guidance_scale": 10.0,
-    "ip_adapter_scale": 1.0,
-    "prior_guidance_scale": 10.0,
-    "prior_score": 6.5,
-    "llm_do_sample": True,
-    "llm_temperature": 0.3,
-    "llm_max_new_tokens": 100,
+    "structure_preservation": 1.0,
 }
 
 # The prior's frozen text encoder: the text tower of laion/CLIP-ViT-H-14-laion2B-s32B-b79K in transformers'

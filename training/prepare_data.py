@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from diffusers_any2pix.data import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, MMInstDataError, load_media_map, media_kind
 from diffusers_any2pix.models.imagebind import ImageBindModel
-from diffusers_any2pix.processing_imagebind import ImageBindProcessor, clip_tokenizer_from_bpe
+from diffusers_any2pix.processing_imagebind import ImageBindProcessor, load_clip_tokenizer
 from diffusers_any2pix.shapes.generate import FEATURE_KEY, media_key
 from diffusers_any2pix.training_utils import load_component
 
@@ -132,15 +132,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.text_media_map is not None and args.imagebind_tokenizer is None:
         raise ValueError("`--text_media_map` needs `--imagebind_tokenizer` (ImageBind's CLIP BPE vocabulary).")
     return args
-
-
-def load_tokenizer(path: str):
-    """A CLIP BPE tokenizer from a ``bpe_simple_vocab_16e6.txt.gz``-style file or a saved tokenizer folder."""
-    if os.path.isdir(path):
-        from transformers import CLIPTokenizer
-
-        return CLIPTokenizer.from_pretrained(path)
-    return clip_tokenizer_from_bpe(path)
 
 
 def _relative(path: str, data_dir: str) -> str:
@@ -305,7 +296,7 @@ def prepare_features(args: argparse.Namespace) -> PrepareDataSummary:
         summary.media_maps += list(captions_by_map)
     tokenizer = None
     if args.text_media_map is not None:
-        tokenizer = load_tokenizer(args.imagebind_tokenizer)
+        tokenizer = load_clip_tokenizer(args.imagebind_tokenizer)
         jobs += plan_text_jobs(args, captions_by_map)
         summary.media_maps.append(args.text_media_map)
     if not args.overwrite:
@@ -315,7 +306,7 @@ def prepare_features(args: argparse.Namespace) -> PrepareDataSummary:
     if jobs:
         model = load_component(args, "image_encoder", ImageBindModel.from_pretrained, dtype=DTYPES[args.dtype])
         model = model.to(args.device).eval()
-        processor = ImageBindProcessor(tokenizer=tokenizer, image_size=model.config.vision_image_size)
+        processor = ImageBindProcessor.for_model(model, tokenizer=tokenizer)
         encode_jobs(jobs, model, processor, args.batch_size, summary, progress=not args.no_progress)
     return summary
 

@@ -257,7 +257,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.token_ids = get_multimodal_token_ids(llm_tokenizer)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.imagebind_processor = ImageBindProcessor(image_size=image_encoder.config.vision_image_size)
+        self.imagebind_processor = ImageBindProcessor.for_model(image_encoder)
         # The adapter lives inside the UNet (diffusers' IP-Adapter processors); `_detached_ip_adapter` takes it out
         # for saving so the UNet folder stays a plain UNet and the adapter keeps its standard layout.
         self._ip_adapter_restore = ip_adapter.attach_to(unet) if ip_adapter is not None else None

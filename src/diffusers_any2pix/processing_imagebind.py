@@ -102,6 +102,17 @@ def clip_tokenizer_from_bpe(bpe_path: str | os.PathLike, num_merges: int = 49152
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
 
 
+def load_clip_tokenizer(path: str | os.PathLike):
+    """A CLIP BPE tokenizer from a saved tokenizer folder or a ``bpe_simple_vocab_16e6.txt.gz``-style merges file."""
+    if os.path.isdir(path):
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"ImageBind tokenizer {os.fspath(path)!r} is neither a tokenizer folder nor a merges file.")
+    return clip_tokenizer_from_bpe(path)
+
+
 class ImageBindProcessor:
     """
     Prepares images, audio and text for [`ImageBindModel`] exactly as Meta's ImageBind reference (`imagebind.data`)
@@ -206,6 +217,19 @@ class ImageBindProcessor:
         self.audio_std = float(audio_std)
         self.audio_channel = audio_channel
         self.context_length = int(context_length)
+
+    @classmethod
+    def for_model(cls, model, tokenizer: Any | None = None, **kwargs) -> "ImageBindProcessor":
+        """A processor producing the input sizes of ``model`` (an `ImageBindModel`): image size, mel bins, frames and
+        text context length come from its config; other settings keep Meta's defaults unless given."""
+        config = model.config
+        sizes = dict(
+            image_size=config.vision_image_size,
+            num_mel_bins=config.audio_num_mel_bins,
+            target_length=config.audio_target_length,
+            context_length=config.text_context_length,
+        )
+        return cls(tokenizer=tokenizer, **{**sizes, **kwargs})
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "tokenizer")

@@ -729,7 +729,7 @@ def parameters_digest(modules: dict[str, torch.nn.Module]) -> str:
                 continue
             tensor = param.detach().to("cpu").contiguous()
             digest.update(f"{module_name}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-d too
     return digest.hexdigest()
 
 

@@ -1,0 +1,663 @@
+"""Evaluate an InstructAny2Pix pipeline on a ShapesWorld split, with baselines.
+
+    python -m diffusers_any2pix.shapes.evaluate --model . --data data/shapes --split test --probe probe \\
+        --output results.json
+
+Every example of the split is run through the pipeline (its ``instruction`` with ``images=`` / ``audio=`` from its
+``media`` list), the output image is read by the attribute probe (`probe.py`), and the reading is compared with the
+example's known target scene. Reported per instruction type and overall:
+
+- **edit success**: the reading equals the target scene (background and every slot);
+- **attribute accuracy**: share of the four attributes (background, left, middle and right slot) read as in the
+  target; ``background_accuracy`` and ``slot_accuracy`` separately;
+- **preservation**: share of untouched objects — objects of the base image that the edit leaves as they are (same
+  slot, shape and colour in the target) — that the output still shows, compared with the probe's reading of the base
+  image itself (so probe errors on the input do not count against the edit; the unchanged base scores 100 %);
+- **base selection**: share of examples with several input images where the pipeline edited the right one;
+- **caption accuracy**: share of LLM answers whose caption is exactly the target scene's caption.
+
+Configurations: the model (the pipeline's own defaults or the knobs given) and three baselines:
+``unchanged_base`` (the right base image returned as is — an oracle for base selection and preservation),
+``no_prior`` (the LLM's embedding alone, ``embedding_weights=(0, 1, 0)``) and ``prior_only`` (the refined embedding
+alone, ``embedding_weights=(0, 0, 1)``), run through the same pipeline with the same noise.
+
+The probe is trained (`train_probe`, about a minute on 2 CPU cores) unless ``--probe DIR`` holds one; a trained probe
+is saved to ``--probe DIR``. Its accuracy on 1000 freshly rendered clean scenes is printed, and below
+`MIN_PROBE_ACCURACY` the evaluator refuses to report (exit status 1). ``--train`` retrains it; ``--train`` without
+``--model`` only trains, measures and saves the probe.
+
+Deterministic: every example gets its own generator seeded from ``(--seed, its index in the split)``, and the LLM
+decodes greedily unless ``--llm_do_sample`` is given, so results do not depend on ``--batch_size`` beyond
+floating-point batching effects, nor on ``--max_examples``.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from ..multimodal_llm import parse_answer
+from .instructions import INSTRUCTION_TYPES
+from .probe import ProbeAccuracy, SceneReading, ShapesProbe, probe_accuracy, train_probe
+from .world import SLOTS, Scene, caption
+
+
+MIN_PROBE_ACCURACY = 0.98
+MODEL = "model"
+UNCHANGED_BASE = "unchanged_base"
+# Extra pipeline arguments of each baseline; ``None``: no pipeline call, the base image is the output.
+BASELINES: dict[str, Optional[dict[str, Any]]] = {
+    UNCHANGED_BASE: None,
+    "no_prior": {"embedding_weights": (0.0, 1.0, 0.0)},
+    "prior_only": {"embedding_weights": (0.0, 0.0, 1.0)},
+}
+BASELINE_DESCRIPTIONS: dict[str, str] = {
+    UNCHANGED_BASE: "the base image returned unchanged (oracle base)",
+    "no_prior": "LLM embedding without the refinement prior, embedding_weights=(0, 1, 0)",
+    "prior_only": "refinement prior without the LLM's raw embedding, embedding_weights=(0, 0, 1)",
+}
+METRICS: tuple[str, ...] = (
+    "edit_success",
+    "attribute_accuracy",
+    "background_accuracy",
+    "slot_accuracy",
+    "preservation",
+    "base_selection_accuracy",
+    "caption_accuracy",
+)
+_RECORD_FIELDS = ("id", "type", "instruction", "media", "base_index", "target_scene")
+
+
+class ProbeAccuracyError(RuntimeError):
+    """The probe reads clean renders below `MIN_PROBE_ACCURACY`: its readings cannot be trusted as a metric."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvaluationExample:
+    """One example of a split, as the evaluator uses it.
+
+    Args:
+        index (`int`): position in the split (seeds its generator).
+        id (`str`), type (`str`), instruction (`str`): from ``instruction.json``.
+        image_paths (`tuple[str, ...]`): ``[image1]``, ``[image2]``, … as absolute paths.
+        audio_paths (`tuple[str, ...]`): ``[audio1]``, … as absolute paths.
+        base_index (`int`): index into ``image_paths`` of the image to edit.
+        base_scene ([`Scene`]): the scene of that image.
+        target_scene ([`Scene`]): the scene the edit must produce.
+    """
+
+    index: int
+    id: str
+    type: str
+    instruction: str
+    image_paths: tuple[str, ...]
+    audio_paths: tuple[str, ...]
+    base_index: int
+    base_scene: Scene
+    target_scene: Scene
+
+
+def load_examples(data_dir: str, split: str, max_examples: Optional[int] = None) -> list[EvaluationExample]:
+    """
+    Read and check ``<data_dir>/<split>/instruction.json`` (the generator's format) before any model runs.
+
+    Args:
+        data_dir (`str`): dataset root (media paths are relative to it).
+        split (`str`): ``"train"``, ``"val"`` or ``"test"`` (any subfolder with an ``instruction.json``).
+        max_examples (`int`, *optional*): keep the first N examples.
+
+    Returns:
+        `list[EvaluationExample]`.
+
+    Raises:
+        `ValueError`: a missing file, a malformed record (named by position and id) or a missing media file.
+    """
+    path = os.path.join(data_dir, split, "instruction.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"No split {split!r} in `--data` {data_dir!r}: {path!r} does not exist.")
+    bad_count = isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    if max_examples is not None and bad_count:
+        raise ValueError(f"`max_examples` must be a positive int, got {max_examples!r}.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}).") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a non-empty list of examples.")
+    examples = []
+    for index, record in enumerate(records[:max_examples]):
+        where = f"{path} (entry {index}, id {record.get('id') if isinstance(record, dict) else None!r})"
+        if not isinstance(record, dict) or any(name not in record for name in _RECORD_FIELDS):
+            missing = [n for n in _RECORD_FIELDS if not isinstance(record, dict) or n not in record]
+            raise ValueError(f"{where}: missing fields {missing}; not a ShapesWorld instruction record.")
+        if record["type"] not in INSTRUCTION_TYPES:
+            raise ValueError(f"{where}: unknown type {record['type']!r}; expected one of {list(INSTRUCTION_TYPES)}.")
+        images, audio = [], []
+        for item in record["media"]:
+            if not isinstance(item, dict) or item.get("kind") not in ("image", "audio") or "path" not in item:
+                raise ValueError(f"{where}: every media entry needs a kind ('image'/'audio') and a path, got {item!r}.")
+            full = os.path.join(data_dir, item["path"])
+            if not os.path.isfile(full):
+                raise ValueError(f"{where}: media file {full!r} does not exist.")
+            (images if item["kind"] == "image" else audio).append(full)
+        base_index = record["base_index"]
+        if isinstance(base_index, bool) or not isinstance(base_index, int) or not 0 <= base_index < len(images):
+            raise ValueError(
+                f"{where}: `base_index` {base_index!r} is not the index of one of its {len(images)} images."
+            )
+        try:
+            target = Scene.from_dict(record["target_scene"])
+            base = Scene.from_dict(record["media"][base_index]["scene"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{where}: bad target or base scene ({error}).") from None
+        examples.append(
+            EvaluationExample(
+                index=index,
+                id=str(record["id"]),
+                type=record["type"],
+                instruction=record["instruction"],
+                image_paths=tuple(images),
+                audio_paths=tuple(audio),
+                base_index=base_index,
+                base_scene=base,
+                target_scene=target,
+            )
+        )
+    return examples
+
+
+def _open_image(path: str) -> PIL.Image.Image:
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ExampleScore:
+    """The scores of one output.
+
+    Args:
+        type (`str`): instruction type.
+        success (`bool`): reading == target.
+        background_correct (`bool`), slots_correct (`int`): attributes read as in the target.
+        untouched (`int`), preserved (`int`): untouched objects of the base, and how many the output still shows.
+        base_correct (`bool`, *optional*): the right base was edited (``None``: a single image, or not applicable).
+        caption_correct (`bool`, *optional*): the LLM's caption is the target caption (``None``: no LLM).
+        reading ([`SceneReading`]): what the probe read.
+        chosen_base (`int`, *optional*), caption (`str`, *optional*), valid_answer (`bool`, *optional*): raw outputs.
+    """
+
+    type: str
+    success: bool
+    background_correct: bool
+    slots_correct: int
+    untouched: int
+    preserved: int
+    base_correct: Optional[bool]
+    caption_correct: Optional[bool]
+    reading: SceneReading
+    chosen_base: Optional[int] = None
+    caption: Optional[str] = None
+    valid_answer: Optional[bool] = None
+
+
+def score_example(
+    example: EvaluationExample,
+    reading: SceneReading,
+    base_reading: SceneReading,
+    chosen_base: Optional[int] = None,
+    llm_caption: Optional[str] = None,
+    valid_answer: Optional[bool] = None,
+) -> ExampleScore:
+    """
+    Score one output reading against the example's target.
+
+    Args:
+        example ([`EvaluationExample`]): the example.
+        reading ([`SceneReading`]): the probe's reading of the output.
+        base_reading ([`SceneReading`]): the probe's reading of the (true) base image, the reference for preservation.
+        chosen_base (`int`, *optional*): the image the pipeline edited (``None``: not a pipeline output).
+        llm_caption (`str`, *optional*): the caption of the LLM's answer.
+        valid_answer (`bool`, *optional*): whether the LLM's answer had a generation embedding.
+
+    Returns:
+        [`ExampleScore`].
+    """
+    target = SceneReading.from_scene(example.target_scene)
+    untouched = preserved = 0
+    for i, slot in enumerate(SLOTS):
+        kept = example.base_scene.object_at(slot)
+        if kept is not None and kept == example.target_scene.object_at(slot):
+            untouched += 1
+            preserved += reading.objects[i] == base_reading.objects[i]
+    base_correct = None
+    if chosen_base is not None and len(example.image_paths) > 1:
+        base_correct = chosen_base == example.base_index
+    caption_correct = None
+    if chosen_base is not None:
+        caption_correct = llm_caption is not None and llm_caption.strip() == caption(example.target_scene)
+    return ExampleScore(
+        type=example.type,
+        success=reading == target,
+        background_correct=reading.background == target.background,
+        slots_correct=sum(a == b for a, b in zip(reading.objects, target.objects)),
+        untouched=untouched,
+        preserved=preserved,
+        base_correct=base_correct,
+        caption_correct=caption_correct,
+        reading=reading,
+        chosen_base=chosen_base,
+        caption=llm_caption,
+        valid_answer=valid_answer,
+    )
+
+
+def _fraction(numerator: float, denominator: float) -> Optional[float]:
+    return numerator / denominator if denominator else None
+
+
+def aggregate(scores: Sequence[ExampleScore]) -> dict[str, Any]:
+    """
+    Aggregate example scores (micro averages; a metric with nothing to count is ``None``).
+
+    Args:
+        scores (`Sequence[ExampleScore]`): the scores.
+
+    Returns:
+        `dict` with ``num_examples`` and every name of `METRICS` (fractions in [0, 1] or ``None``), plus
+        ``num_untouched_objects``, ``num_multi_image`` and ``invalid_answers``.
+    """
+    n = len(scores)
+    num_slots = len(SLOTS)
+    based = [s.base_correct for s in scores if s.base_correct is not None]
+    captioned = [s.caption_correct for s in scores if s.caption_correct is not None]
+    untouched = sum(s.untouched for s in scores)
+    return {
+        "num_examples": n,
+        "edit_success": _fraction(sum(s.success for s in scores), n),
+        "attribute_accuracy": _fraction(
+            sum(s.background_correct + s.slots_correct for s in scores), n * (1 + num_slots)
+        ),
+        "background_accuracy": _fraction(sum(s.background_correct for s in scores), n),
+        "slot_accuracy": _fraction(sum(s.slots_correct for s in scores), n * num_slots),
+        "preservation": _fraction(sum(s.preserved for s in scores), untouched),
+        "base_selection_accuracy": _fraction(sum(based), len(based)),
+        "caption_accuracy": _fraction(sum(captioned), len(captioned)),
+        "num_untouched_objects": untouched,
+        "num_multi_image": len(based),
+        "invalid_answers": sum(s.valid_answer is False for s in scores),
+    }
+
+
+def summarize(scores: Sequence[ExampleScore]) -> dict[str, Any]:
+    """``{"overall": aggregate(all), "per_type": {type: aggregate(of that type)}}`` (types in `INSTRUCTION_TYPES`
+    order, only those present)."""
+    per_type = {}
+    for instruction_type in INSTRUCTION_TYPES:
+        chosen = [s for s in scores if s.type == instruction_type]
+        if chosen:
+            per_type[instruction_type] = aggregate(chosen)
+    return {"overall": aggregate(scores), "per_type": per_type}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationResult:
+    """Scores of every configuration.
+
+    Args:
+        scores (`dict[str, list[ExampleScore]]`): per configuration (``"model"`` and the baselines), in example order.
+        examples (`list[EvaluationExample]`): the examples.
+        seconds (`float`): wall time of the runs.
+        pipeline_kwargs (`dict`): the arguments every pipeline call got (before each configuration's own).
+    """
+
+    scores: dict[str, list[ExampleScore]]
+    examples: list[EvaluationExample]
+    seconds: float = 0.0
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def example_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of example ``index``: seeded from ``(seed, index)``, independent of batching."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def run_evaluation(
+    pipeline,
+    probe: ShapesProbe,
+    examples: Sequence[EvaluationExample],
+    configurations: Optional[dict[str, Optional[dict[str, Any]]]] = None,
+    pipeline_kwargs: Optional[dict[str, Any]] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    save_images: Optional[str] = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """
+    Run every example through every configuration and score the outputs.
+
+    Args:
+        pipeline ([`InstructAny2PixPipeline`]): the pipeline (on its device).
+        probe ([`ShapesProbe`]): the attribute probe.
+        examples (`Sequence[EvaluationExample]`): from `load_examples`.
+        configurations (`dict`, *optional*): name → extra pipeline arguments (``None``: return the base unchanged);
+            defaults to the model (no extra arguments) and `BASELINES`.
+        pipeline_kwargs (`dict`, *optional*): arguments of every pipeline call (``num_inference_steps``, …).
+        seed (`int`, defaults to 0): seeds each example's generator (`example_generator`).
+        batch_size (`int`, defaults to 8): instructions per pipeline call.
+        save_images (`str`, *optional*): write each output to ``<save_images>/<configuration>/<id>.png``.
+        progress (`bool`, defaults to `True`): show a progress bar.
+
+    Returns:
+        [`EvaluationResult`].
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    if not examples:
+        raise ValueError("`examples` is empty.")
+    configurations = {MODEL: {}, **BASELINES} if configurations is None else dict(configurations)
+    pipeline_kwargs = dict(pipeline_kwargs or {})
+    pipeline_kwargs.setdefault("llm_do_sample", False)
+    # A malformed answer is scored as a failed edit, not a crash.
+    pipeline_kwargs.setdefault("on_invalid_answer", "use_base")
+    pipeline.set_progress_bar_config(disable=True)
+    scores: dict[str, list[ExampleScore]] = {name: [] for name in configurations}
+    start = time.perf_counter()
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    for batch in tqdm(batches, desc="Evaluating", disable=not progress):
+        images = [[_open_image(path) for path in example.image_paths] for example in batch]
+        bases = [imgs[example.base_index] for imgs, example in zip(images, batch)]
+        base_readings = probe.read(bases)
+        for name, extra in configurations.items():
+            if extra is None:
+                outputs, chosen, captions, valid = bases, [None] * len(batch), [None] * len(batch), [None] * len(batch)
+            else:
+                out = pipeline(
+                    [example.instruction for example in batch],
+                    images=images,
+                    audio=[list(example.audio_paths) for example in batch],
+                    generator=[example_generator(seed, example.index) for example in batch],
+                    output_type="pil",
+                    **{**pipeline_kwargs, **extra},
+                )
+                outputs, chosen, captions = out.images, list(out.base_image_indices), list(out.captions)
+                valid = [parse_answer(answer).has_im_gen for answer in out.answers]
+            readings = probe.read(outputs)
+            for i, example in enumerate(batch):
+                scores[name].append(
+                    score_example(example, readings[i], base_readings[i], chosen[i], captions[i], valid[i])
+                )
+                if save_images is not None:
+                    folder = os.path.join(save_images, name)
+                    os.makedirs(folder, exist_ok=True)
+                    outputs[i].save(os.path.join(folder, f"{example.id}.png"))
+    return EvaluationResult(scores, list(examples), time.perf_counter() - start, pipeline_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Probe
+# --------------------------------------------------------------------------------------------------------------------
+def load_or_train_probe(
+    probe_dir: Optional[str] = None,
+    train: bool = False,
+    num_steps: int = 600,
+    seed: int = 0,
+    device: Optional[str] = None,
+    progress: bool = True,
+) -> tuple[ShapesProbe, bool]:
+    """
+    The probe saved in ``probe_dir`` or, when there is none (or ``train``), a newly trained one (saved to
+    ``probe_dir`` when given).
+
+    Returns:
+        ``(probe, trained)``.
+    """
+    if probe_dir is not None and not train and os.path.isfile(os.path.join(probe_dir, "config.json")):
+        probe = ShapesProbe.from_pretrained(probe_dir).eval()
+        probe.check_vocabulary()
+        return probe, False
+    probe = train_probe(num_steps=num_steps, seed=seed, device=device, progress=progress).cpu()
+    if probe_dir is not None:
+        probe.save_pretrained(probe_dir)
+    return probe, True
+
+
+def check_probe_accuracy(accuracy: ProbeAccuracy, minimum: float = MIN_PROBE_ACCURACY) -> None:
+    """Raise `ProbeAccuracyError` when the probe reads fewer than ``minimum`` of clean renders exactly."""
+    if accuracy.exact < minimum:
+        raise ProbeAccuracyError(
+            f"The attribute probe reads only {accuracy.exact:.1%} of {accuracy.num_scenes} clean renders exactly "
+            f"(background {accuracy.background:.1%}, slots {accuracy.slots:.1%}); at least {minimum:.0%} is needed "
+            "for its readings to be a metric. Not reporting. Retrain it with --train (and more --probe_steps)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------------
+def _percent(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def build_report(
+    result: EvaluationResult, accuracy: ProbeAccuracy, settings: Optional[dict[str, Any]] = None
+) -> dict[str, Any]:
+    """
+    The JSON report: ``overall`` and ``per_type`` of the model (``overall.edit_success`` is the headline), the same
+    under ``baselines.<name>``, the probe's accuracy, the settings and per-example readings.
+    """
+    summaries = {name: summarize(scores) for name, scores in result.scores.items()}
+    model = summaries.get(MODEL, {"overall": None, "per_type": None})
+    report: dict[str, Any] = {
+        **(settings or {}),
+        "num_examples": len(result.examples),
+        "seconds": round(result.seconds, 3),
+        "pipeline_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in result.pipeline_kwargs.items()},
+        "probe": {"clean_accuracy": dict(accuracy), "minimum": MIN_PROBE_ACCURACY},
+        "overall": model["overall"],
+        "per_type": model["per_type"],
+        "baselines": {
+            name: {"description": BASELINE_DESCRIPTIONS.get(name, ""), **summary}
+            for name, summary in summaries.items()
+            if name != MODEL
+        },
+        "examples": [],
+    }
+    for i, example in enumerate(result.examples):
+        entry: dict[str, Any] = {
+            "id": example.id,
+            "type": example.type,
+            "instruction": example.instruction,
+            "target": caption(example.target_scene),
+            "base_index": example.base_index,
+        }
+        for name, scores in result.scores.items():
+            score = scores[i]
+            scene = score.reading.to_scene()
+            entry[name] = {
+                "success": score.success,
+                "reading": caption(scene) if scene is not None else f"(no object) {score.reading.background}",
+                "chosen_base": score.chosen_base,
+                "llm_caption": score.caption,
+            }
+        report["examples"].append(entry)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Two tables: edit success per type and configuration, and every overall metric per configuration."""
+    names = [MODEL] + list(report["baselines"])
+    summaries = {MODEL: {"overall": report["overall"], "per_type": report["per_type"]}, **report["baselines"]}
+    width = max(len(n) for n in names) + 2
+    lines = [
+        f"ShapesWorld evaluation of {report.get('model', 'the pipeline')} on {report.get('split', '?')} "
+        f"({report['num_examples']} examples, seed {report.get('seed', '?')}, {report['seconds']:.0f} s)",
+        f"Attribute probe: {_percent(report['probe']['clean_accuracy']['exact'])} of "
+        f"{report['probe']['clean_accuracy']['num_scenes']} clean renders read exactly",
+        "",
+        "Edit success".ljust(24) + "".join(n.rjust(width) for n in names),
+    ]
+    for instruction_type, metrics in report["per_type"].items():
+        row = f"{instruction_type} (n={metrics['num_examples']})".ljust(24)
+        row += "".join(_percent(summaries[n]["per_type"][instruction_type]["edit_success"]).rjust(width) for n in names)
+        lines.append(row)
+    lines.append(
+        f"overall (n={report['num_examples']})".ljust(24)
+        + "".join(_percent(summaries[n]["overall"]["edit_success"]).rjust(width) for n in names)
+    )
+    lines += ["", "Overall".ljust(24) + "".join(n.rjust(width) for n in names)]
+    labels = {
+        "edit_success": "edit success",
+        "attribute_accuracy": "attribute accuracy",
+        "background_accuracy": "  background",
+        "slot_accuracy": "  slots",
+        "preservation": "preservation",
+        "base_selection_accuracy": "base selection",
+        "caption_accuracy": "LLM caption exact",
+    }
+    for metric in METRICS:
+        values = "".join(_percent(summaries[n]["overall"][metric]).rjust(width) for n in names)
+        lines.append(labels[metric].ljust(24) + values)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusers_any2pix.shapes.evaluate",
+        description="Evaluate an InstructAny2Pix pipeline on a ShapesWorld split (edits read by an attribute probe).",
+    )
+    parser.add_argument("--model", default=None, help="a saved InstructAny2PixPipeline folder")
+    parser.add_argument("--data", default=None, help="a ShapesWorld dataset root (python -m ...shapes.generate)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--probe", default=None, help="probe folder: loaded if it holds one, else trained and saved")
+    parser.add_argument("--train", action="store_true", help="(re)train the probe; without --model: train only")
+    parser.add_argument("--probe_steps", type=int, default=600, help="training steps of a new probe")
+    parser.add_argument("--max_examples", type=int, default=None, help="evaluate the first N examples")
+    parser.add_argument("--output", default=None, help="write the JSON report here")
+    parser.add_argument("--save_images", default=None, help="write every output to DIR/<configuration>/<id>.png")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=8, help="instructions per pipeline call")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    knobs = parser.add_argument_group("pipeline knobs (default: the pipeline's own defaults)")
+    knobs.add_argument("--num_inference_steps", type=int, default=None)
+    knobs.add_argument("--guidance_scale", type=float, default=None)
+    knobs.add_argument("--structure_preservation", type=float, default=None)
+    knobs.add_argument("--embedding_weights", type=float, nargs=3, default=None, metavar=("H0", "H1", "H2"))
+    knobs.add_argument("--embedding_norm", type=float, default=None)
+    knobs.add_argument("--prior_guidance_scale", type=float, default=None)
+    knobs.add_argument("--llm_do_sample", action="store_true", help="sample the LLM's answer (default: greedy)")
+    parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+_KNOBS = (
+    "num_inference_steps",
+    "guidance_scale",
+    "structure_preservation",
+    "embedding_weights",
+    "embedding_norm",
+    "prior_guidance_scale",
+)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point. Exit status: 0 reported, 1 the probe is not accurate enough, 2 bad arguments."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.model is None and not args.train:
+        parser.error("--model is required (or --train alone to train and save the probe).")
+    if args.model is not None and args.data is None:
+        parser.error("--data is required with --model.")
+    for name in ("max_examples", "batch_size", "probe_steps", "num_inference_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive integer, got {value}.")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        parser.error(f"--model {args.model!r} is not a saved pipeline folder (no model_index.json).")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    progress = not args.no_progress
+
+    examples = []
+    if args.model is not None:
+        try:
+            examples = load_examples(args.data, args.split, args.max_examples)
+        except ValueError as error:
+            parser.error(str(error))
+
+    try:
+        probe, trained = load_or_train_probe(
+            args.probe, args.train, args.probe_steps, args.seed, device=device, progress=progress
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    accuracy = probe_accuracy(probe)
+    origin = "trained" + (f", saved to {args.probe}" if args.probe else "") if trained else f"loaded from {args.probe}"
+    print(
+        f"Attribute probe ({origin}): {accuracy.exact:.1%} of {accuracy.num_scenes} clean renders read exactly "
+        f"(background {accuracy.background:.1%}, slots {accuracy.slots:.1%})."
+    )
+    try:
+        check_probe_accuracy(accuracy)
+    except ProbeAccuracyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.model is None:
+        return 0
+
+    from ..pipeline_instruct_any2pix import InstructAny2PixPipeline
+
+    dtype = getattr(torch, args.dtype)
+    pipeline = InstructAny2PixPipeline.from_pretrained(args.model, dtype=dtype).to(device)
+    pipeline_kwargs = {name: getattr(args, name) for name in _KNOBS if getattr(args, name) is not None}
+    if args.embedding_weights is not None:
+        pipeline_kwargs["embedding_weights"] = tuple(args.embedding_weights)
+    pipeline_kwargs["llm_do_sample"] = args.llm_do_sample
+    configurations = {MODEL: {}, **{name: BASELINES[name] for name in args.baselines}}
+    result = run_evaluation(
+        pipeline,
+        probe.to(device),
+        examples,
+        configurations,
+        pipeline_kwargs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        save_images=args.save_images,
+        progress=progress,
+    )
+    settings = {"model": args.model, "data": args.data, "split": args.split, "seed": args.seed, "device": device}
+    report = build_report(result, accuracy, settings)
+    print(format_report(report))
+    if args.output is not None:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        print(f"Report written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

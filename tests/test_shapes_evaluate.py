@@ -1,0 +1,351 @@
+"""The ShapesWorld attribute probe and the evaluator (tiny probe budgets and a tiny pipeline; CPU)."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_any2pix import InstructAny2PixPipeline
+from diffusers_any2pix.shapes import INSTRUCTION_TYPES, Scene, SceneObject, generate_dataset, render_scene
+from diffusers_any2pix.shapes import evaluate
+from diffusers_any2pix.shapes.evaluate import (
+    BASELINES,
+    METRICS,
+    MODEL,
+    UNCHANGED_BASE,
+    EvaluationExample,
+    ProbeAccuracyError,
+    aggregate,
+    check_probe_accuracy,
+    example_generator,
+    load_examples,
+    run_evaluation,
+    score_example,
+)
+from diffusers_any2pix.shapes.probe import (
+    ProbeAccuracy,
+    SceneReading,
+    ShapesProbe,
+    degrade,
+    probe_accuracy,
+    random_scenes,
+    render_batch,
+    train_probe,
+)
+from diffusers_any2pix.testing_utils import tiny_pipeline_components
+
+
+SCENE = Scene("striped", (SceneObject("circle", "red", "left"), SceneObject("star", "blue", "right")))
+
+
+@pytest.fixture(scope="module")
+def probe() -> ShapesProbe:
+    """A probe at 32x32 (a quarter of the compute) with a tiny budget: far from exact, well above chance."""
+    return train_probe(num_steps=40, batch_size=16, image_size=32, learning_rate=5e-3, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, probe) -> dict:
+    root = tmp_path_factory.mktemp("evaluate")
+    data = str(root / "data")
+    generate_dataset(data, 40, seed=0, sound_duration=1.0, progress=False)
+    model = str(root / "pipeline")
+    InstructAny2PixPipeline(**tiny_pipeline_components("imagebind")).save_pretrained(model)
+    probe_dir = str(root / "probe")
+    probe.save_pretrained(probe_dir)
+    return {"root": root, "data": data, "model": model, "probe": probe_dir}
+
+
+def _accuracy(exact: float) -> ProbeAccuracy:
+    return ProbeAccuracy(exact=exact, background=1.0, slots=exact, num_scenes=1000)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Probe
+# --------------------------------------------------------------------------------------------------------------------
+def test_scene_reading_round_trips():
+    reading = SceneReading.from_scene(SCENE)
+    assert reading == SceneReading("striped", (("circle", "red"), None, ("star", "blue")))
+    assert reading.to_scene() == SCENE
+    assert SceneReading("plain", (None, None, None)).to_scene() is None
+    with pytest.raises(TypeError, match="must be a Scene"):
+        SceneReading.from_scene("a red circle")
+
+
+def test_render_batch_targets():
+    pixels, background, shape, colour = render_batch([SCENE], image_size=32)
+    assert pixels.shape == (1, 3, 32, 32) and 0.0 <= pixels.min() and pixels.max() <= 1.0
+    assert torch.equal(pixels[0], torch.from_numpy(np.array(render_scene(SCENE, 32))).permute(2, 0, 1) / 255.0)
+    assert background.tolist() == [1]  # "striped"
+    assert shape.tolist() == [[1, 0, 4]]  # circle = 1 + 0, empty, star = 1 + 3
+    assert colour.tolist() == [[0, -100, 4]]  # red, ignored, blue
+
+
+def test_degrade_is_seeded_and_mild():
+    pixels = render_batch(random_scenes(np.random.default_rng(0), 8), 32)[0]
+    original = pixels.clone()
+    a = degrade(pixels, torch.Generator().manual_seed(1))
+    b = degrade(pixels, torch.Generator().manual_seed(1))
+    assert torch.equal(pixels, original)  # the input is not modified
+    assert torch.equal(a, b) and a.shape == pixels.shape
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    assert 0.0 < (a - pixels).abs().mean() < 0.15
+
+
+def test_probe_reads_above_chance_and_resizes(probe):
+    accuracy = probe_accuracy(probe, num_scenes=100)
+    # Chance is 1/4 for the background; slots need a larger budget (`train_probe`'s default reads them exactly).
+    assert accuracy.background > 0.6
+    # Inputs of any size and type are resized to the probe's 32x32.
+    scene = render_scene(SCENE, 64)
+    readings = probe.read([scene, np.array(scene), torch.from_numpy(np.array(scene)).permute(2, 0, 1)])
+    assert readings[0] == readings[1] == readings[2]
+    assert probe.preprocess(scene).shape == (1, 3, 32, 32)
+    assert probe.read_scene([scene])[0] == readings[0].to_scene()
+
+
+def test_train_probe_is_deterministic():
+    a = train_probe(num_steps=2, batch_size=4, image_size=16, seed=3, progress=False)
+    b = train_probe(num_steps=2, batch_size=4, image_size=16, seed=3, progress=False)
+    c = train_probe(num_steps=2, batch_size=4, image_size=16, seed=4, progress=False)
+    for (name, x), (_, y), (_, z) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert any(not torch.equal(x, z) for x, z in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_probe_save_load_is_exact(probe, tmp_path):
+    probe.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "diffusion_pytorch_model.safetensors")
+    loaded = ShapesProbe.from_pretrained(tmp_path).eval()
+    loaded.check_vocabulary()
+    pixels = render_batch(random_scenes(np.random.default_rng(1), 4), 32)[0]
+    with torch.no_grad():
+        assert torch.equal(probe(pixels).shape_logits, loaded(pixels).shape_logits)
+    assert loaded.config.shapes == list(probe.shapes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"image_size": 8}, "image_size"),
+        ({"channels": (8, 8)}, "channels"),
+        ({"hidden_dim": 0}, "hidden_dim"),
+        ({"shapes": ("circle", "circle")}, "shapes"),
+    ],
+)
+def test_probe_rejects_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ShapesProbe(**kwargs)
+
+
+def test_probe_rejects_bad_input(probe):
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, 32, 32\)"):
+        probe(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(TypeError, match="float tensor"):
+        probe(torch.zeros(1, 3, 32, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty list"):
+        probe.read([])
+    with pytest.raises(TypeError, match="images"):
+        probe.read([42])
+    with pytest.raises(ValueError, match="num_steps"):
+        train_probe(num_steps=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train_probe(learning_rate=-1.0)
+    with pytest.raises(ValueError, match="different vocabulary|retrain"):
+        ShapesProbe(colours=("red", "green")).check_vocabulary()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------------
+def _example(base: Scene, target: Scene, num_images: int = 1, base_index: int = 0) -> EvaluationExample:
+    return EvaluationExample(0, "x", "recolour", "make it blue", ("a.png",) * num_images, (), base_index, base, target)
+
+
+def test_score_example_counts_success_attributes_and_preservation():
+    target = SCENE.with_object_at("left", "circle", "blue")  # recolour the left circle; the star is untouched
+    example = _example(SCENE, target, num_images=2, base_index=1)
+    base_reading = SceneReading.from_scene(SCENE)
+    right = score_example(example, SceneReading.from_scene(target), base_reading, chosen_base=1, llm_caption=None)
+    assert right.success and right.background_correct and right.slots_correct == 3
+    assert (right.untouched, right.preserved) == (1, 1)
+    assert right.base_correct is True and right.caption_correct is False
+    # The star lost, wrong base: preservation and base selection both fail; the unchanged base is no success.
+    lost = SceneReading("striped", (("circle", "blue"), None, None))
+    wrong = score_example(example, lost, base_reading, chosen_base=0, llm_caption=" " + evaluate.caption(target))
+    assert not wrong.success and wrong.slots_correct == 2 and wrong.preserved == 0
+    assert wrong.base_correct is False and wrong.caption_correct is True
+    unchanged = score_example(example, base_reading, base_reading)
+    assert not unchanged.success and unchanged.preserved == 1
+    assert unchanged.base_correct is None and unchanged.caption_correct is None
+
+    summary = aggregate([right, wrong, unchanged])
+    assert summary["num_examples"] == 3
+    assert summary["edit_success"] == pytest.approx(1 / 3)
+    assert summary["attribute_accuracy"] == pytest.approx((4 + 3 + 3) / 12)
+    assert summary["preservation"] == pytest.approx(2 / 3)
+    assert summary["base_selection_accuracy"] == 0.5 and summary["caption_accuracy"] == 0.5
+    # A single image has no base to choose; with nothing untouched there is no preservation figure.
+    single = Scene("plain", (SceneObject("circle", "red", "left"),))
+    alone = _example(single, single.with_object_at("left", "circle", "blue"))
+    score = score_example(alone, SceneReading.from_scene(single), SceneReading.from_scene(single), chosen_base=0)
+    assert score.base_correct is None and score.untouched == 0
+    assert aggregate([score])["base_selection_accuracy"] is None and aggregate([score])["preservation"] is None
+
+
+def test_probe_accuracy_gate():
+    check_probe_accuracy(_accuracy(0.98))
+    with pytest.raises(ProbeAccuracyError, match=r"97\.9% .* at least 98%"):
+        check_probe_accuracy(_accuracy(0.979))
+
+
+def test_example_generator_depends_on_seed_and_index_only():
+    draw = lambda g: torch.randn(3, generator=g)  # noqa: E731
+    assert torch.equal(draw(example_generator(0, 5)), draw(example_generator(0, 5)))
+    assert not torch.equal(draw(example_generator(0, 5)), draw(example_generator(0, 6)))
+    assert not torch.equal(draw(example_generator(1, 5)), draw(example_generator(0, 5)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+def test_load_examples_reads_the_generator_format(workspace):
+    examples = load_examples(workspace["data"], "test", max_examples=3)
+    assert [e.index for e in examples] == [0, 1, 2]
+    records = json.load(open(os.path.join(workspace["data"], "test", "instruction.json")))
+    for example, record in zip(examples, records):
+        assert example.id == record["id"] and example.instruction == record["instruction"]
+        assert example.target_scene == Scene.from_dict(record["target_scene"])
+        assert len(example.image_paths) + len(example.audio_paths) == len(record["media"])
+        assert all(os.path.isfile(p) for p in example.image_paths + example.audio_paths)
+        assert example.base_scene == Scene.from_dict(record["base_scene"])
+
+
+def _write_split(tmp_path, workspace, edit) -> str:
+    records = json.load(open(os.path.join(workspace["data"], "test", "instruction.json")))
+    edit(records[1])
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    os.symlink(os.path.join(workspace["data"], "media"), data / "media")
+    (data / "test" / "instruction.json").write_text(json.dumps(records))
+    return str(data)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda r: r.pop("target_scene"), r"entry 1, id 'test-000001'\): missing fields \['target_scene'\]"),
+        (lambda r: r.update(type="paint"), "unknown type 'paint'"),
+        (lambda r: r.update(base_index=7), "base_index` 7"),
+        (lambda r: r["media"][0].update(path="media/scenes/nope.png"), "nope.png' does not exist"),
+        (lambda r: r["media"][0].update(kind="video"), "kind"),
+        (lambda r: r.update(target_scene={"background": "plain", "objects": []}), "bad target or base scene"),
+    ],
+)
+def test_load_examples_names_bad_records(tmp_path, workspace, edit, match):
+    data = _write_split(tmp_path, workspace, edit)
+    with pytest.raises(ValueError, match=match):
+        load_examples(data, "test")
+
+
+def test_load_examples_rejects_missing_split_and_bad_count(workspace):
+    with pytest.raises(ValueError, match="No split 'dev'"):
+        load_examples(workspace["data"], "dev")
+    with pytest.raises(ValueError, match="max_examples"):
+        load_examples(workspace["data"], "test", max_examples=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------------
+def test_run_evaluation_baseline_unchanged_base_preserves_everything(workspace, probe, tmp_path):
+    pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
+    examples = load_examples(workspace["data"], "test", max_examples=3)
+    result = run_evaluation(
+        pipeline, probe, examples, {MODEL: {}, UNCHANGED_BASE: None}, {"num_inference_steps": 1}, batch_size=2,
+        save_images=str(tmp_path / "outputs"), progress=False,
+    )  # fmt: skip
+    unchanged = aggregate(result.scores[UNCHANGED_BASE])
+    assert unchanged["num_untouched_objects"] > 0 and unchanged["preservation"] == 1.0
+    model = result.scores[MODEL]
+    assert all(s.chosen_base is not None for s in model)
+    # The tiny pipeline writes 32x32 images; the saved outputs are what the probe read.
+    saved = PIL.Image.open(tmp_path / "outputs" / MODEL / f"{examples[0].id}.png")
+    assert saved.size == (32, 32)
+    assert probe.read([saved])[0] == model[0].reading
+    assert result.pipeline_kwargs["llm_do_sample"] is False
+
+
+def test_cli_refuses_to_report_with_an_inaccurate_probe(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.9))
+    output = tmp_path / "report.json"
+    argv = ["--model", workspace["model"], "--data", workspace["data"], "--probe", workspace["probe"]]
+    status = evaluate.main(argv + ["--max_examples", "2", "--output", str(output), "--no_progress"])
+    assert status == 1
+    assert "Not reporting" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_cli_reports_model_and_baselines_deterministically(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
+    argv = [
+        "--model", workspace["model"], "--data", workspace["data"], "--split", "test", "--probe", workspace["probe"],
+        "--max_examples", "3", "--num_inference_steps", "1", "--batch_size", "2", "--seed", "1", "--no_progress",
+    ]  # fmt: skip
+    assert evaluate.main(argv + ["--output", str(tmp_path / "a.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "Edit success" in printed and "99.0% of 1000 clean renders" in printed
+    assert all(name in printed for name in BASELINES)
+    report = json.load(open(tmp_path / "a.json"))
+    assert 0.0 <= report["overall"]["edit_success"] <= 1.0
+    assert set(METRICS) <= set(report["overall"])
+    assert set(report["per_type"]) <= set(INSTRUCTION_TYPES) and report["num_examples"] == 3
+    assert set(report["baselines"]) == set(BASELINES)
+    for name, baseline in report["baselines"].items():
+        assert set(baseline) >= {"description", "overall", "per_type"}
+    assert report["baselines"][UNCHANGED_BASE]["overall"]["preservation"] == 1.0
+    assert report["baselines"]["no_prior"]["overall"]["num_examples"] == 3
+    assert report["probe"]["clean_accuracy"]["exact"] == 0.99
+    assert len(report["examples"]) == 3 and set(report["examples"][0]) >= {"id", "target", MODEL, UNCHANGED_BASE}
+
+    # Same seed: the same report (but for the timing).
+    assert evaluate.main(argv + ["--output", str(tmp_path / "b.json")]) == 0
+    again = json.load(open(tmp_path / "b.json"))
+    report.pop("seconds"), again.pop("seconds")
+    assert again == report
+
+
+def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.985))
+    calls = []
+
+    def tiny_train(**kwargs):
+        calls.append(kwargs)
+        return train_probe(num_steps=1, batch_size=2, image_size=16, progress=False)
+
+    monkeypatch.setattr(evaluate, "train_probe", tiny_train)
+    assert evaluate.main(["--train", "--probe", str(tmp_path / "probe"), "--probe_steps", "7", "--no_progress"]) == 0
+    assert calls[0]["num_steps"] == 7
+    assert "trained, saved to" in capsys.readouterr().out
+    assert ShapesProbe.from_pretrained(tmp_path / "probe").config.image_size == 16
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ([], "--model is required"),
+        (["--model", "MODEL"], "--data is required"),
+        (["--model", "MODEL", "--data", "DATA", "--max_examples", "0"], "--max_examples must be a positive"),
+        (["--model", "DATA", "--data", "DATA"], "not a saved pipeline folder"),
+        (["--model", "MODEL", "--data", "DATA", "--split", "dev"], "No split 'dev'"),
+    ],
+)
+def test_cli_rejects_bad_arguments(workspace, argv, match, capsys):
+    argv = [workspace["model"] if a == "MODEL" else workspace["data"] if a == "DATA" else a for a in argv]
+    with pytest.raises(SystemExit) as error:
+        evaluate.main(argv)
+    assert error.value.code == 2
+    assert match in capsys.readouterr().err

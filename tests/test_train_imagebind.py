@@ -1,0 +1,289 @@
+"""training/train_imagebind.py: the ShapesWorld tokenizer, ImageBind's contrastive loss, the data sources, a few
+training steps with saving, reloading, retrieval and exact resumption (tiny ImageBind, CPU)."""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.processing_imagebind import ImageBindProcessor
+from diffusers_any2pix.shapes import (
+    Scene,
+    caption,
+    generate_dataset,
+    parse_caption,
+    render_scene,
+    synthesize_sound,
+    write_sound,
+)
+from diffusers_any2pix.shapes.generate import HELDOUT_COMBINATIONS
+from diffusers_any2pix.shapes.probe import random_scenes
+from diffusers_any2pix.testing_utils import tiny_llm_tokenizer
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("train_imagebind", os.path.join(REPO, "training", "train_imagebind.py"))
+train_imagebind = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_imagebind)
+
+TINY_CONFIG = {
+    "out_embed_dim": 16,
+    "vision_embed_dim": 16,
+    "vision_num_blocks": 1,
+    "vision_num_heads": 2,
+    "vision_image_size": 32,
+    "vision_patch_size": 8,
+    "text_embed_dim": 16,
+    "text_num_blocks": 1,
+    "text_num_heads": 2,
+    "audio_embed_dim": 16,
+    "audio_num_blocks": 1,
+    "audio_num_heads": 2,
+    "audio_kernel_size": 16,
+    "audio_stride": 16,
+    "audio_drop_path": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_imagebind.shapes_world_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("config") / "config.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return str(path)
+
+
+def _argv(output_dir, config_file, *extra: str) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--image_encoder_config", config_file, "--report_to", "none", "--seed", "0",
+        "--train_batch_size", "6", "--num_train_pairs", "48", "--image_size", "32", "--sound_variants", "2",
+        "--num_eval_pairs", "8", "--eval_sound_variants", "1", "--checkpointing_steps", "2", *extra,
+    ]  # fmt: skip
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return ImageBindModel.from_pretrained(folder).state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_shapes_world_tokenizer_has_one_token_per_word_and_eot_last(tokenizer, tmp_path):
+    for word in train_imagebind.SHAPES_WORLD_WORDS:
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
+    assert tokenizer.eos_token_id == len(tokenizer) - 1 and tokenizer.bos_token_id == len(tokenizer) - 2
+    train_imagebind.check_tokenizer(tokenizer, len(tokenizer))
+    text = "a red circle on the left and an orange star in the middle, on a striped background"
+    ids = ImageBindProcessor(tokenizer=tokenizer).tokenize(text)[0]
+    # <|startoftext|>, 17 words, one comma, <|endoftext|>; ImageBind pools at the argmax: the end-of-text token.
+    assert int(ids.argmax()) == 19 and int(ids[19]) == tokenizer.eos_token_id and ids[20:].eq(0).all()
+    # Anything else still tokenizes (into byte-level pieces), nothing is unknown.
+    assert len(tokenizer("zebra", add_special_tokens=False)["input_ids"]) > 1
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert torch.equal(ImageBindProcessor(tokenizer=reloaded).tokenize(text)[0], ids)
+
+
+def test_tokenizer_checks(tokenizer):
+    with pytest.raises(ValueError, match="text_vocab_size` is 100"):
+        train_imagebind.check_tokenizer(tokenizer, 100)
+    with pytest.raises(ValueError, match="must be its largest id"):
+        train_imagebind.check_tokenizer(tiny_llm_tokenizer(), 10_000)
+    with pytest.raises(ValueError, match="lower-case alphabetic"):
+        train_imagebind.shapes_world_tokenizer(["Red"])
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def test_contrastive_loss_is_imagebinds_symmetric_infonce():
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    others = 10.0 * torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)  # scale = 1 / temperature
+    keys = ["a", "b", "c", "d"]
+    logits = images @ others.T
+    labels = torch.arange(4)
+    expected = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+    )
+    loss = train_imagebind.contrastive_loss(images, others, keys, keys)
+    assert torch.allclose(loss, expected)
+    # Symmetric in the two modalities; aligned pairs with a high scale cost almost nothing.
+    assert torch.allclose(loss, train_imagebind.contrastive_loss(others / 10.0, 10.0 * images, keys, keys))
+    assert train_imagebind.contrastive_loss(images, 100.0 * images, keys, keys) < 1e-3
+
+
+def test_contrastive_loss_counts_equal_inputs_as_positives():
+    images = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    others = 20.0 * images
+    # Pairs 0 and 1 are two recordings of one kind: each may match either.
+    loss = train_imagebind.contrastive_loss(images, others, ["red star", "red star", "blue cross"], ["s", "s", "c"])
+    logits = images @ others.T
+    targets = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    expected = torch.nn.functional.cross_entropy(logits, targets)
+    assert torch.allclose(loss, expected)
+    assert loss < math.log(2) + 1e-3  # only the (unavoidable) split between the two equal candidates remains
+    with pytest.raises(ValueError, match="same N pairs"):
+        train_imagebind.contrastive_loss(images, others[:2], ["a"] * 3, ["a"] * 3)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_shapes_world_pairs_are_seeded_and_exclude_heldout(tokenizer):
+    processor = ImageBindProcessor(tokenizer=tokenizer, image_size=32)
+    dataset = train_imagebind.ShapesWorldPairs(processor, 10, seed=3, image_size=32, sound_variants=range(1))
+    a, b = dataset[(1, 4)], dataset[(1, 4)]
+    assert a["text"]["other_key"] == b["text"]["other_key"] and torch.equal(a["audio"]["other"], b["audio"]["other"])
+    def keys(epoch: int) -> list:
+        return [(dataset[(epoch, i)]["text"]["other_key"], dataset[(epoch, i)]["audio"]["other_key"]) for i in range(5)]
+
+    assert keys(1) != keys(2)
+    assert a["text"]["pixel_values"].shape == (3, 32, 32) and a["text"]["other"].shape == (77,)
+    # 2-second recordings fill one clip: the three identical clips are kept once.
+    assert a["audio"]["other"].shape == (1, 1, 128, 204)
+    assert all((s, c) not in HELDOUT_COMBINATIONS for s, c in dataset.kinds) and len(dataset.kinds) == 26
+    for index in range(12):
+        text = dataset[(0, index)]["text"]["other_key"]
+        if not text.startswith("an image of"):
+            assert not parse_caption(text).combinations() & HELDOUT_COMBINATIONS
+    batch = train_imagebind.collate_pairs([a, {"audio": b["audio"]}])
+    assert batch["audio"]["other"].shape == (2, 1, 1, 128, 204) and batch["text"]["other"].shape == (1, 77)
+    assert batch["audio"]["image_keys"] == [a["audio"]["image_key"]] * 2
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> str:
+    """A few real-format pairs: scene images with captions, object sounds with object images."""
+    root = tmp_path_factory.mktemp("pairs")
+    (root / "img").mkdir()
+    (root / "wav").mkdir()
+    lines = []
+    for i, scene in enumerate(random_scenes(np.random.default_rng(0), 4)):
+        render_scene(scene, 32).save(root / "img" / f"{i}.png")
+        lines.append({"image": f"img/{i}.png", "text": caption(scene)})
+    for i, (shape, colour) in enumerate([("star", "red"), ("circle", "blue"), ("cross", "green"), ("square", "red")]):
+        render_scene(Scene.from_dict({"background": "plain", "objects": [
+            {"shape": shape, "colour": colour, "slot": "middle"}]}), 32).save(root / "img" / f"o{i}.png")  # fmt: skip
+        write_sound(str(root / "wav" / f"{i}.wav"), synthesize_sound(shape, colour, duration=0.5, rng=i))
+        lines.append({"image": f"img/o{i}.png", "audio": f"wav/{i}.wav"})
+    path = root / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("{not json", r"pairs\.jsonl:1: not valid JSON"),
+        ('{"text": "a"}', "an \"image\" path"),
+        ('{"image": "img/0.png", "text": "a", "audio": "wav/0.wav"}', "exactly one of"),
+        ('{"image": "img/none.png", "text": "a"}', "none.png' does not exist"),
+        ('{"image": "img/0.png", "audio": "wav/none.wav"}', "audio file .*none.wav' does not exist"),
+    ],
+)
+def test_read_pairs_file_names_the_bad_line(pairs_file, tmp_path, line, match):
+    bad = os.path.join(os.path.dirname(pairs_file), "bad_pairs.jsonl")
+    with open(bad, "w") as f:
+        f.write(line + "\n")
+    with pytest.raises(ValueError, match=match):
+        train_imagebind.read_pairs_file(bad)
+
+
+def test_shapes_folder_pairs(tmp_path):
+    generate_dataset(str(tmp_path), 12, seed=0, image_size=32, sound_duration=0.5, progress=False)
+    pairs = train_imagebind.shapes_folder_pairs(str(tmp_path), "train")
+    scenes = json.load(open(tmp_path / "train" / "scenes.json"))
+    texts = [p for p in pairs if p.modality == "text"]
+    assert [(p.image_key, p.other) for p in texts] == [(s["path"], s["caption"]) for s in scenes]
+    audio = [p for p in pairs if p.modality == "audio"]
+    assert audio and all(os.path.isfile(p.other) and p.image_key == p.other_key for p in audio)
+    with pytest.raises(ValueError, match="not a ShapesWorld dataset split"):
+        train_imagebind.shapes_folder_pairs(str(tmp_path), "dev")
+
+
+# ------------------------------------------------------------------------------------------------ the script
+
+
+def test_train_saves_reloads_reports_retrieval_and_resumes_exactly(tmp_path, config_file, capsys):
+    # Measuring retrieval along the way (step 2) does not change the run: it must still equal the resumed one below.
+    full = train_imagebind.main(
+        _argv(tmp_path / "full", config_file, "--max_train_steps", "4", "--retrieval_steps", "2")
+    )
+    assert full["global_step"] == 4
+    out = capsys.readouterr().out
+    assert "Step 2. Top-1 retrieval on held-out pairs (8 text, 26 audio pairs)" in out
+    assert "Step 4. Top-1 retrieval" in out
+    retrieval = json.load(open(tmp_path / "full" / train_imagebind.RETRIEVAL_FILE))
+    assert set(retrieval) == {"image_to_text", "text_to_image", "image_to_audio", "audio_to_image",
+                              "num_text_pairs", "num_audio_pairs"}  # fmt: skip
+    assert retrieval == full["retrieval"] and all(0.0 <= v <= 1.0 for k, v in retrieval.items() if "_to_" in k)
+
+    # The saved encoder and tokenizer load back and fit together.
+    model = ImageBindModel.from_pretrained(tmp_path / "full" / "image_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "full" / train_imagebind.TOKENIZER_FOLDER)
+    assert model.config.text_vocab_size == len(tokenizer) and model.config.out_embed_dim == 16
+    ids = ImageBindProcessor(tokenizer=tokenizer).tokenize(["an image of a red star"])
+    with torch.no_grad():
+        assert model.encode_text(ids).shape == (1, 16)
+    initial = ImageBindModel.from_config({**TINY_CONFIG, "text_vocab_size": len(tokenizer)})
+    assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), model.state_dict().values()))
+
+    # Two steps, then resumed to four: the same weights as four steps in one go.
+    train_imagebind.main(_argv(tmp_path / "split", config_file, "--max_train_steps", "2"))
+    resumed = train_imagebind.main(
+        _argv(tmp_path / "split", config_file, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    )
+    assert resumed["global_step"] == 4
+    for (name, a), b in zip(_weights(tmp_path / "full" / "image_encoder").items(),
+                            _weights(tmp_path / "split" / "image_encoder").values()):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+def test_bind_audio_only_on_jsonl_pairs_keeps_the_other_towers(tmp_path, pairs_file, config_file, tokenizer):
+    base = tmp_path / "base"
+    ImageBindModel.from_config({**TINY_CONFIG, "text_vocab_size": len(tokenizer)}).save_pretrained(base)
+    argv = _argv(tmp_path / "out", config_file, "--max_train_steps", "2", "--train_data", pairs_file)
+    argv = [a for a in argv if a not in ("--image_encoder_config", config_file)]
+    argv += ["--pretrained_image_encoder", str(base), "--trainable_modalities", "audio", "--num_eval_pairs", "2",
+             "--train_batch_size", "3", "--learning_rate", "1e-2"]  # fmt: skip
+    tokenizer.save_pretrained(tmp_path / "tok")
+    summary = train_imagebind.main(argv + ["--imagebind_tokenizer", str(tmp_path / "tok")])
+    assert summary["retrieval"]["num_audio_pairs"] == 2  # the last two pairs of the file are held out
+    before, after = _weights(base), _weights(tmp_path / "out" / "image_encoder")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("audio_") for name in changed)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--train_batch_size", "1"], "at least 2"),
+        (["--pretrained_image_encoder", "x"], "either `--image_encoder_config`"),
+        (["--object_text_fraction", "2"], "object_text_fraction"),
+        (["--train_data", "nowhere.jsonl"], "does not exist"),
+        (["--num_eval_pairs", "0"], "num_eval_pairs"),
+    ],
+)
+def test_bad_arguments(tmp_path, config_file, extra, match):
+    with pytest.raises(ValueError, match=match):
+        train_imagebind.parse_args(_argv(tmp_path, config_file, *extra))
+
+
+def test_fine_tuning_text_needs_the_tokenizer(tmp_path, tokenizer):
+    ImageBindModel.from_config({**TINY_CONFIG, "text_vocab_size": len(tokenizer)}).save_pretrained(tmp_path / "m")
+    args = train_imagebind.parse_args(
+        ["--output_dir", str(tmp_path / "o"), "--pretrained_image_encoder", str(tmp_path / "m"), "--report_to", "none"]
+    )
+    with pytest.raises(ValueError, match="needs the tokenizer it was trained with"):
+        train_imagebind.main(args)

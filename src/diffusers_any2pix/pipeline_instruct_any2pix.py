@@ -31,7 +31,7 @@ from .models.ip_adapter import ImageBindIPAdapter, temporary_ip_adapter_scale
 from .models.mm_adapter import MultimodalAdapter, rescale_to_norm
 from .models.prior import Any2PixPrior
 from .multimodal_llm import build_vicuna_prompt, generate_with_media, get_multimodal_token_ids, parse_answer
-from .processing_imagebind import ImageBindProcessor
+from .processing_imagebind import ImageBindProcessor, is_single_audio
 
 
 logger = logging.get_logger(__name__)
@@ -393,7 +393,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
     def _as_list(value: Any, name: str) -> list:
         if value is None:
             return []
-        if isinstance(value, (list, tuple)) and not (name == "audio" and _is_waveform_tuple(value)):
+        if isinstance(value, (list, tuple)) and not (name == "audio" and is_single_audio(value)):
             return list(value)
         return [value]
 
@@ -925,16 +925,6 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             refined_embeds=refined_embeds.cpu(),
             conditioning_embeds=conditioning_embeds.cpu(),
         )
-
-
-def _is_waveform_tuple(value: Any) -> bool:
-    """``(waveform, sample_rate)`` is one audio clip, not a list of two clips."""
-    return (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and isinstance(value[0], (np.ndarray, torch.Tensor))
-        and isinstance(value[1], (int, np.integer))
-    )
 
 
 def _realign_tensors(module: torch.nn.Module, alignment: int = 64) -> None:

@@ -352,7 +352,7 @@ class ImageBindProcessor:
         Returns:
             `torch.FloatTensor` of shape `(batch, clips_per_audio, 1, num_mel_bins, target_length)`.
         """
-        if _is_single_audio(audio):
+        if is_single_audio(audio):
             audio = [audio]
         elif not isinstance(audio, (list, tuple)):
             raise TypeError(
@@ -537,8 +537,8 @@ def _array_to_pil(array: np.ndarray, kind: str, layout: str, shape: tuple) -> PI
     return PIL.Image.fromarray(np.ascontiguousarray(quantised), mode=mode)
 
 
-def _is_single_audio(audio) -> bool:
-    # A 2-tuple holding an array or a number is one `(waveform, sample_rate)`; other tuples are batches.
+def is_single_audio(audio) -> bool:
+    """Whether ``audio`` is one clip: a path, or a 2-tuple ``(waveform, sample_rate)`` (other tuples are batches)."""
     return isinstance(audio, (str, os.PathLike)) or (
         isinstance(audio, tuple)
         and len(audio) == 2

@@ -18,8 +18,7 @@ from diffusers_any2pix.models.imagebind import (
 
 # Meta's constructor hard-codes 224-pixel images, a 77-token context and a 49408-id vocabulary; everything else
 # is chosen away from the defaults so that the config plumbing is exercised.
-REFERENCE_KWARGS = dict(
-    kernel_size=(2, 16, 16),
+SHARED_KWARGS = dict(
     out_embed_dim=16,
     vision_embed_dim=32,
     vision_num_blocks=2,
@@ -33,8 +32,13 @@ REFERENCE_KWARGS = dict(
     audio_kernel_size=8,
     audio_stride=6,
     audio_num_mel_bins=32,
-    audio_target_len=48,
     audio_drop_path=0.3,
+)
+# The two constructors name two settings differently; Meta's also builds the modalities we do not port.
+REFERENCE_KWARGS = dict(
+    SHARED_KWARGS,
+    kernel_size=(2, 16, 16),
+    audio_target_len=48,
     depth_embed_dim=16,
     depth_num_blocks=1,
     depth_num_heads=2,
@@ -45,24 +49,7 @@ REFERENCE_KWARGS = dict(
     imu_num_blocks=1,
     imu_num_heads=2,
 )
-OUR_KWARGS = dict(
-    vision_patch_size=16,
-    out_embed_dim=16,
-    vision_embed_dim=32,
-    vision_num_blocks=2,
-    vision_num_heads=2,
-    text_embed_dim=24,
-    text_num_blocks=2,
-    text_num_heads=3,
-    audio_embed_dim=32,
-    audio_num_blocks=2,
-    audio_num_heads=4,
-    audio_kernel_size=8,
-    audio_stride=6,
-    audio_num_mel_bins=32,
-    audio_target_length=48,
-    audio_drop_path=0.3,
-)
+OUR_KWARGS = dict(SHARED_KWARGS, vision_patch_size=16, audio_target_length=48)
 TINY_CONFIG = dict(
     out_embed_dim=16,
     vision_embed_dim=32,

@@ -322,6 +322,14 @@ class Any2PixPrior(ModelMixin, ConfigMixin):
         if condition_embeds.shape[0] == 0:
             raise ValueError(f"`{name}` must hold at least one vector.")
 
+    def _prepare_condition(self, embeds: torch.Tensor, name: str, input_norm: float | None) -> torch.Tensor:
+        """Validated condition vectors in float32 on the model's device, rescaled to ``input_norm`` when given."""
+        self._check_condition(embeds, name)
+        if input_norm is not None and not input_norm > 0:
+            raise ValueError(f"`input_norm` must be positive or None, got {input_norm}.")
+        condition = embeds.to(device=self.modality_embedding.weight.device, dtype=torch.float32)
+        return rescale_to_norm(condition, input_norm) if input_norm is not None else condition
+
     def _modality_ids(self, source_modality: int | torch.Tensor, batch_size: int) -> torch.Tensor:
         device = self.modality_embedding.weight.device
         if isinstance(source_modality, torch.Tensor):
@@ -540,16 +548,10 @@ class Any2PixPrior(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor` of shape `(batch_size, embed_dim)`: refined embeddings.
         """
-        self._check_condition(generation_embeds, "generation_embeds")
-        for name, norm in (("input_norm", input_norm), ("output_norm", output_norm)):
-            if norm is not None and not norm > 0:
-                raise ValueError(f"`{name}` must be positive or None, got {norm}.")
+        if output_norm is not None and not output_norm > 0:
+            raise ValueError(f"`output_norm` must be positive or None, got {output_norm}.")
+        condition = self._prepare_condition(generation_embeds, "generation_embeds", input_norm)
         batch_size = generation_embeds.shape[0]
-        device = self.modality_embedding.weight.device
-
-        condition = generation_embeds.to(device=device, dtype=torch.float32)
-        if input_norm is not None:
-            condition = rescale_to_norm(condition, input_norm)
         score_block = torch.cat([self.score_embedding(score, batch_size), self.unconditional_score_block(batch_size)])
         modality = self._modality_ids(source_modality, batch_size).repeat(2)
         if text_hidden_states is not None:
@@ -603,17 +605,11 @@ class Any2PixPrior(ModelMixin, ConfigMixin):
         Returns:
             [`PriorTrainingInputs`]
         """
-        self._check_condition(condition_embeds, "condition_embeds")
         if not 0.0 <= condition_dropout_prob <= 1.0:
             raise ValueError(f"`condition_dropout_prob` must lie in [0, 1], got {condition_dropout_prob}.")
-        if input_norm is not None and not input_norm > 0:
-            raise ValueError(f"`input_norm` must be positive or None, got {input_norm}.")
+        condition = self._prepare_condition(condition_embeds, "condition_embeds", input_norm)
         batch_size = condition_embeds.shape[0]
-        device = self.modality_embedding.weight.device
-
-        condition = condition_embeds.to(device=device, dtype=torch.float32)
-        if input_norm is not None:
-            condition = rescale_to_norm(condition, input_norm)
+        device = condition.device
         draw_device = generator.device if generator is not None else device
         dropped = (torch.rand(batch_size, generator=generator, device=draw_device) < condition_dropout_prob).to(device)
         condition = torch.where(dropped[:, None], torch.zeros_like(condition), condition)

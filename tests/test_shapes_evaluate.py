@@ -12,16 +12,27 @@ from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.shapes import INSTRUCTION_TYPES, Scene, SceneObject, generate_dataset, render_scene
 from diffusers_any2pix.shapes import evaluate
 from diffusers_any2pix.shapes.evaluate import (
+    ABLATIONS,
     BASELINES,
+    DESCRIPTIONS,
     METRICS,
     MODEL,
+    NO_PRIOR,
+    PRIOR_WITHOUT_LLM,
+    REFINED_ONLY,
     UNCHANGED_BASE,
     EvaluationExample,
+    EvaluationResult,
+    ExampleScore,
     ProbeAccuracyError,
     aggregate,
+    build_report,
     check_probe_accuracy,
+    evaluate_criteria,
     example_generator,
+    format_report,
     load_examples,
+    prior_without_llm,
     run_evaluation,
     score_example,
 )
@@ -169,7 +180,7 @@ def test_score_example_counts_success_attributes_and_preservation():
     target = SCENE.with_object_at("left", "circle", "blue")  # recolour the left circle; the star is untouched
     example = _example(SCENE, target, num_images=2, base_index=1)
     base_reading = SceneReading.from_scene(SCENE)
-    right = score_example(example, SceneReading.from_scene(target), base_reading, chosen_base=1, llm_caption=None)
+    right = score_example(example, SceneReading.from_scene(target), base_reading, chosen_base=1, llm_caption="a cat")
     assert right.success and right.background_correct and right.slots_correct == 3
     assert (right.untouched, right.preserved) == (1, 1)
     assert right.base_correct is True and right.caption_correct is False
@@ -181,6 +192,9 @@ def test_score_example_counts_success_attributes_and_preservation():
     unchanged = score_example(example, base_reading, base_reading)
     assert not unchanged.success and unchanged.preserved == 1
     assert unchanged.base_correct is None and unchanged.caption_correct is None
+    # A pipeline output without an LLM (``conditioning_embeds``): its base is scored, no caption.
+    no_llm = score_example(example, base_reading, base_reading, chosen_base=0)
+    assert no_llm.base_correct is False and no_llm.caption_correct is None
 
     summary = aggregate([right, wrong, unchanged])
     assert summary["num_examples"] == 3
@@ -207,6 +221,111 @@ def test_example_generator_depends_on_seed_and_index_only():
     assert torch.equal(draw(example_generator(0, 5)), draw(example_generator(0, 5)))
     assert not torch.equal(draw(example_generator(0, 5)), draw(example_generator(0, 6)))
     assert not torch.equal(draw(example_generator(1, 5)), draw(example_generator(0, 5)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Criteria and report
+# --------------------------------------------------------------------------------------------------------------------
+TYPES = ("recolour", "recolour", "remove", "remove", "background")
+
+
+def _scored(instruction_type: str, success: bool, base_correct=None) -> ExampleScore:
+    reading = SceneReading.from_scene(SCENE)
+    return ExampleScore(instruction_type, success, success, 3 * success, 1, 1, base_correct, None, reading)
+
+
+def _scores(model, unchanged, prior, ablation, model_bases=(True, True, None, None, False)) -> dict:
+    def run(successes, bases=(None,) * 5):
+        return [_scored(t, bool(x), b) for t, x, b in zip(TYPES, successes, bases)]
+
+    return {
+        MODEL: run(model, model_bases),
+        UNCHANGED_BASE: run(unchanged),
+        PRIOR_WITHOUT_LLM: run(prior),
+        NO_PRIOR: run(ablation),  # an ablation that beats the model must not count as a baseline
+    }
+
+
+def test_evaluate_criteria_compares_with_the_best_baseline_only():
+    scores = _scores(model=(1, 1, 1, 0, 0), unchanged=(0, 0, 0, 0, 0), prior=(1, 0, 0, 0, 0), ablation=(1,) * 5)
+    criteria = evaluate_criteria(scores)
+    assert criteria["per_type"] == {
+        # Exactly twice the best baseline passes.
+        "recolour": {
+            "model": 1.0, "best_baseline": 0.5, "best_baseline_name": PRIOR_WITHOUT_LLM, "ratio": 2.0, "passed": True
+        },
+        # Best baseline 0: passes iff the model ever succeeds (the first of equal baselines is named).
+        "remove": {
+            "model": 0.5, "best_baseline": 0.0, "best_baseline_name": UNCHANGED_BASE, "ratio": None, "passed": True
+        },
+        "background": {
+            "model": 0.0, "best_baseline": 0.0, "best_baseline_name": UNCHANGED_BASE, "ratio": None, "passed": False
+        },
+    }  # fmt: skip
+    assert criteria["every_type_at_least_2x_best_baseline"] is False
+    assert criteria["overall_edit_success"] == pytest.approx(0.6) and criteria["overall_passed"] is False
+    assert criteria["min_overall"] == 0.70 and criteria["min_base_selection"] == 0.90
+    assert criteria["base_selection_accuracy"] == pytest.approx(2 / 3) and criteria["base_selection_passed"] is False
+    assert criteria["passed"] is False
+    # The default baselines are those of BASELINES: passing `scores`' baselines explicitly changes nothing.
+    assert evaluate_criteria(scores, [UNCHANGED_BASE, PRIOR_WITHOUT_LLM]) == criteria
+
+    passing = _scores((1, 1, 1, 0, 1), (0,) * 5, (1, 0, 0, 0, 0), (1,) * 5, model_bases=(True,) * 5)
+    criteria = evaluate_criteria(passing)
+    assert criteria["overall_edit_success"] == pytest.approx(0.8) and criteria["overall_passed"] is True
+    assert criteria["every_type_at_least_2x_best_baseline"] is True
+    assert criteria["base_selection_accuracy"] == 1.0 and criteria["passed"] is True
+    # Less than twice the best baseline fails the type, and so the whole.
+    close = _scores((1, 1, 1, 0, 1), (0,) * 5, (1, 0, 1, 0, 0), (1,) * 5, model_bases=(True,) * 5)
+    criteria = evaluate_criteria(close)
+    assert criteria["per_type"]["remove"]["ratio"] == 1.0 and criteria["per_type"]["remove"]["passed"] is False
+    assert criteria["every_type_at_least_2x_best_baseline"] is False and criteria["passed"] is False
+    # Without baselines (or multi-image examples) a criterion cannot be shown: None, and not passed.
+    alone = evaluate_criteria({MODEL: passing[MODEL]}, [])
+    assert alone["per_type"]["recolour"]["best_baseline_name"] is None
+    assert alone["per_type"]["recolour"]["ratio"] is None and alone["per_type"]["recolour"]["passed"] is None
+    assert alone["every_type_at_least_2x_best_baseline"] is None and alone["passed"] is False
+    single = evaluate_criteria({**passing, MODEL: [_scored(t, True) for t in TYPES]})
+    assert single["base_selection_accuracy"] is None and single["base_selection_passed"] is None
+    assert single["passed"] is False
+
+
+def test_evaluate_criteria_rejects_bad_arguments():
+    scores = _scores((1,) * 5, (0,) * 5, (0,) * 5, (0,) * 5)
+    with pytest.raises(ValueError, match="no 'model' configuration"):
+        evaluate_criteria({UNCHANGED_BASE: scores[UNCHANGED_BASE]})
+    with pytest.raises(ValueError, match=r"`baselines` \['nope', 'model'\]"):
+        evaluate_criteria(scores, ["nope", MODEL])
+
+
+def test_build_report_separates_baselines_from_ablations():
+    scores = _scores(model=(1, 1, 1, 0, 0), unchanged=(0, 0, 0, 0, 0), prior=(1, 0, 0, 0, 0), ablation=(1,) * 5)
+    examples = [
+        EvaluationExample(i, f"x{i}", t, "edit [image1]", ("a.png",), (), 0, SCENE, SCENE) for i, t in enumerate(TYPES)
+    ]
+    report = build_report(EvaluationResult(scores, examples, 1.0, {}), _accuracy(0.99), {"split": "test"})
+    assert list(report["baselines"]) == [UNCHANGED_BASE, PRIOR_WITHOUT_LLM]
+    assert list(report["ablations"]) == [NO_PRIOR]
+    assert report["ablations"][NO_PRIOR]["description"] == DESCRIPTIONS[NO_PRIOR]
+    assert report["ablations"][NO_PRIOR]["overall"]["edit_success"] == 1.0
+    assert report["baselines"][PRIOR_WITHOUT_LLM]["per_type"]["recolour"]["edit_success"] == 0.5
+    assert report["overall"]["edit_success"] == pytest.approx(0.6)
+    assert report["criteria"] == evaluate_criteria(scores)
+    assert json.loads(json.dumps(report)) == report  # plain JSON (no infinite ratio)
+
+    printed = format_report(report)
+    assert "baselines" in printed and "ablations" in printed
+    header = printed.splitlines()[4]
+    assert header.split() == ["Edit", "success", MODEL, UNCHANGED_BASE, PRIOR_WITHOUT_LLM, NO_PRIOR]
+    # The group headers sit above their columns.
+    groups = printed.splitlines()[3]
+    assert groups.index("baselines") < header.index(PRIOR_WITHOUT_LLM) < groups.index("ablations")
+    assert groups.index("ablations") > header.index(PRIOR_WITHOUT_LLM) + len(PRIOR_WITHOUT_LLM)
+    assert "overall edit success 60.0% >= 70.0%: FAIL" in printed
+    assert "recolour: 100.0% vs 50.0% (prior_without_llm), 2.00x: PASS" in printed
+    assert "remove: 50.0% vs 0.0% (unchanged_base), best baseline 0: PASS" in printed
+    assert "background: 0.0% vs 0.0% (unchanged_base), best baseline 0: FAIL" in printed
+    assert "base selection 66.7% >= 90.0%: FAIL" in printed and printed.endswith("all criteria: FAIL")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -279,6 +398,69 @@ def test_run_evaluation_baseline_unchanged_base_preserves_everything(workspace, 
     assert result.pipeline_kwargs["llm_do_sample"] is False
 
 
+def _hand_prior_without_llm(pipeline, example, guidance_scale, score, norm) -> torch.Tensor:
+    """Mean of the unit-normalised ImageBind embeddings → media norm → prior → ``norm``, one example at a time."""
+    processor, encoder = pipeline.imagebind_processor, pipeline.image_encoder
+    embeds = [encoder.encode_image(processor.preprocess_image([processor.load_image(p) for p in example.image_paths]))]
+    if example.audio_paths:
+        clips = [processor.load_audio(p) for p in example.audio_paths]
+        embeds.append(encoder.encode_audio(processor.preprocess_audio(clips)))
+    embeds = torch.cat(embeds)
+    mean = (embeds / embeds.norm(dim=-1, keepdim=True)).mean(dim=0)
+    query = mean / mean.norm() * pipeline.mm_adapter.config.media_embed_norm
+    refined = pipeline.prior.refine(query[None], guidance_scale=guidance_scale, score=score)[0]
+    return refined / refined.norm() * norm
+
+
+def test_prior_without_llm_conditions_on_refined_imagebind_arithmetic(workspace, probe, monkeypatch):
+    pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
+    assert pipeline.prior_text_encoder is None  # the prior's stored empty prompt, as in the pipeline
+    examples = load_examples(workspace["data"], "test", max_examples=3)
+    # Example 0 has an audio clip, example 1 two images whose second is the base.
+    assert examples[0].audio_paths and len(examples[1].image_paths) == 2 and examples[1].base_index == 1
+    calls = []
+    original = InstructAny2PixPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InstructAny2PixPipeline, "__call__", recording_call)
+    knobs = {"num_inference_steps": 1, "embedding_norm": 7.0, "prior_guidance_scale": 3.0, "prior_score": 5.0}
+    result = run_evaluation(
+        pipeline, probe, examples, {PRIOR_WITHOUT_LLM: BASELINES[PRIOR_WITHOUT_LLM]}, knobs, batch_size=2,
+        progress=False,
+    )  # fmt: skip
+    assert len(calls) == 2 and all(call["embedding_norm"] == 7.0 for call in calls)
+    embeds = torch.cat([call["conditioning_embeds"] for call in calls])
+    assert embeds.shape == (3, pipeline.image_encoder.config.out_embed_dim)
+    with torch.no_grad():
+        expected = torch.stack([_hand_prior_without_llm(pipeline, e, 3.0, 5.0, 7.0) for e in examples])
+    torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=1e-5)
+    # The pipeline edited each instruction's first image (scored: example 1's base is its second) without an LLM.
+    scores = result.scores[PRIOR_WITHOUT_LLM]
+    assert [s.chosen_base for s in scores] == [0, 0, 0]
+    assert [s.base_correct for s in scores] == [None, False, None]
+    assert all(s.caption is None and s.caption_correct is None and s.valid_answer is None for s in scores)
+    assert aggregate(scores)["caption_accuracy"] is None
+
+
+def test_prior_without_llm_and_configurations_reject_bad_input(workspace, probe):
+    pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
+    image = PIL.Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="one list per instruction"):
+        prior_without_llm(pipeline, ["edit [image1]"], [[image], [image]], [[]])
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        prior_without_llm(pipeline, "edit [image1]", [[image]], [[]])
+    with pytest.raises(ValueError, match=r"instructions\[0\]"):
+        prior_without_llm(pipeline, ["edit [image2]"], [[image]], [[]])
+    examples = load_examples(workspace["data"], "test", max_examples=1)
+    with pytest.raises(TypeError, match="Configuration 'odd' must be None, a dict"):
+        run_evaluation(pipeline, probe, examples, {"odd": [1]}, progress=False)
+    with pytest.raises(TypeError, match="Configuration 'odd' must return a dict"):
+        run_evaluation(pipeline, probe, examples, {"odd": lambda *args: None}, progress=False)
+
+
 def test_cli_refuses_to_report_with_an_inaccurate_probe(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.9))
     output = tmp_path / "report.json"
@@ -289,25 +471,35 @@ def test_cli_refuses_to_report_with_an_inaccurate_probe(workspace, tmp_path, mon
     assert not output.exists()
 
 
-def test_cli_reports_model_and_baselines_deterministically(workspace, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
-    argv = [
+def _cli_argv(workspace) -> list[str]:
+    return [
         "--model", workspace["model"], "--data", workspace["data"], "--split", "test", "--probe", workspace["probe"],
-        "--max_examples", "3", "--num_inference_steps", "1", "--batch_size", "2", "--seed", "1", "--no_progress",
+        "--num_inference_steps", "1", "--batch_size", "2", "--seed", "1", "--no_progress",
     ]  # fmt: skip
+
+
+def test_cli_reports_model_baselines_and_ablations_deterministically(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
+    argv = _cli_argv(workspace) + ["--max_examples", "3"]
     assert evaluate.main(argv + ["--output", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
     assert "Edit success" in printed and "99.0% of 1000 clean renders" in printed
-    assert all(name in printed for name in BASELINES)
+    assert all(name in printed for name in [*BASELINES, *ABLATIONS]) and "all criteria:" in printed
     report = json.load(open(tmp_path / "a.json"))
     assert 0.0 <= report["overall"]["edit_success"] <= 1.0
     assert set(METRICS) <= set(report["overall"])
     assert set(report["per_type"]) <= set(INSTRUCTION_TYPES) and report["num_examples"] == 3
-    assert set(report["baselines"]) == set(BASELINES)
-    for name, baseline in report["baselines"].items():
-        assert set(baseline) >= {"description", "overall", "per_type"}
+    assert list(report["baselines"]) == [UNCHANGED_BASE, PRIOR_WITHOUT_LLM]
+    assert list(report["ablations"]) == [NO_PRIOR, REFINED_ONLY]
+    for configuration in [*report["baselines"].values(), *report["ablations"].values()]:
+        assert set(configuration) >= {"description", "overall", "per_type"}
     assert report["baselines"][UNCHANGED_BASE]["overall"]["preservation"] == 1.0
-    assert report["baselines"]["no_prior"]["overall"]["num_examples"] == 3
+    assert report["baselines"][PRIOR_WITHOUT_LLM]["overall"]["caption_accuracy"] is None
+    assert report["ablations"][NO_PRIOR]["overall"]["num_examples"] == 3
+    criteria = report["criteria"]
+    assert criteria["overall_edit_success"] == report["overall"]["edit_success"]
+    assert set(criteria["per_type"]) == set(report["per_type"])
+    assert {e["best_baseline_name"] for e in criteria["per_type"].values()} <= set(BASELINES)
     assert report["probe"]["clean_accuracy"]["exact"] == 0.99
     assert len(report["examples"]) == 3 and set(report["examples"][0]) >= {"id", "target", MODEL, UNCHANGED_BASE}
 
@@ -316,6 +508,28 @@ def test_cli_reports_model_and_baselines_deterministically(workspace, tmp_path, 
     again = json.load(open(tmp_path / "b.json"))
     report.pop("seconds"), again.pop("seconds")
     assert again == report
+
+
+@pytest.mark.parametrize(
+    "selection, baselines, ablations",
+    [
+        (["--baselines", "--ablations", NO_PRIOR], [], [NO_PRIOR]),
+        (["--baselines", PRIOR_WITHOUT_LLM, "--ablations"], [PRIOR_WITHOUT_LLM], []),
+    ],
+)
+def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, capsys, selection, baselines, ablations):
+    monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
+    output = tmp_path / "report.json"
+    argv = _cli_argv(workspace) + ["--max_examples", "2", "--output", str(output)]
+    assert evaluate.main(argv + selection) == 0
+    report = json.load(open(output))
+    assert list(report["baselines"]) == baselines and list(report["ablations"]) == ablations
+    assert set(report["examples"][0]) >= {MODEL, *baselines, *ablations}
+    printed = capsys.readouterr().out
+    assert ("- baselines -" in printed) == bool(baselines) and ("- ablations -" in printed) == bool(ablations)
+    if not baselines:  # nothing to compare with: the criterion is not shown
+        assert report["criteria"]["every_type_at_least_2x_best_baseline"] is None
+        assert report["criteria"]["passed"] is False and "no baseline run: n/a (FAIL)" in printed
 
 
 def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
@@ -341,6 +555,8 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
         (["--model", "MODEL", "--data", "DATA", "--max_examples", "0"], "--max_examples must be a positive"),
         (["--model", "DATA", "--data", "DATA"], "not a saved pipeline folder"),
         (["--model", "MODEL", "--data", "DATA", "--split", "dev"], "No split 'dev'"),
+        (["--model", "MODEL", "--data", "DATA", "--baselines", "prior_only"], "invalid choice: 'prior_only'"),
+        (["--model", "MODEL", "--data", "DATA", "--ablations", UNCHANGED_BASE], "invalid choice: 'unchanged_base'"),
     ],
 )
 def test_cli_rejects_bad_arguments(workspace, argv, match, capsys):

@@ -401,6 +401,9 @@ def test_train_decoder_imagebind_unet_from_scratch_and_vae(workspace, tmp_path):
     )  # fmt: skip
     train_decoder.main(argv)
     assert _summary(out)["global_step"] == 2
+    # ... with the inference scheduler of its training noise schedule.
+    scheduler = train_decoder.DDIMScheduler.from_pretrained(out / "scheduler")
+    assert (scheduler.config.beta_schedule, scheduler.config.clip_sample) == ("scaled_linear", False)
     vae_out = tmp_path / "vae"
     argv = _common(
         vae_out,
@@ -409,6 +412,11 @@ def test_train_decoder_imagebind_unet_from_scratch_and_vae(workspace, tmp_path):
     )  # fmt: skip
     train_decoder.main(argv)
     assert _summary(vae_out)["final_logs"]["kl_loss"] > 0
+    # A VAE trained anew gets the scaling factor that makes its latents unit-variance (the config's value is replaced).
+    trained_vae = train_decoder.AutoencoderKL.from_pretrained(vae_out / "vae")
+    with open(os.path.join(source, "vae", "config.json")) as f:
+        assert trained_vae.config.scaling_factor != json.load(f)["scaling_factor"]
+    assert 0 < trained_vae.config.scaling_factor < 100
     pipeline = InstructAny2PixPipeline.from_pretrained(
         source,
         unet=train_decoder.UNet2DConditionModel.from_pretrained(out / "unet"),
@@ -446,3 +454,87 @@ def test_bf16_mixed_precision_runs(workspace, tmp_path, fresh_accelerate_state):
     assert summary["global_step"] == 1 and summary["final_logs"]["embedding_loss"] > 0
     argv = _common(tmp_path / "vae", "--mode", "vae", "--pipeline", source, "--resolution", "32", *common)
     assert train_decoder.main(argv)["final_logs"]["kl_loss"] > 0
+
+
+def test_latent_scaling_factor_is_one_over_the_latent_std():
+    from diffusers_any2pix.testing_utils import tiny_vae
+
+    vae = tiny_vae().eval()
+    generator = torch.Generator().manual_seed(0)
+    dataset = [{"pixel_values": torch.rand(3, 32, 32, generator=generator) * 2 - 1} for _ in range(5)]
+    with torch.no_grad():
+        means = vae.encode(torch.stack([item["pixel_values"] for item in dataset[:4]])).latent_dist.mean
+    factor = train_decoder.latent_scaling_factor(vae, dataset, num_images=4, batch_size=3)
+    assert factor == pytest.approx(1.0 / means.std().item(), rel=1e-5)
+
+
+def test_train_llm_from_scratch_with_a_word_level_tokenizer(workspace, tmp_path):
+    config = tmp_path / "llm_config.json"
+    config.write_text(
+        json.dumps(
+            {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
+        )
+    )  # fmt: skip
+    out = tmp_path / "llm"
+    argv = _common(
+        out, "--llm_config", str(config), "--embed_dim", "16", "--data_dir", workspace["data"],
+        "--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-3",
+    )  # fmt: skip
+    summary = train_llm.main(argv)
+    assert summary["global_step"] == 2 and summary["final_logs"]["embedding_loss"] > 0
+    llm = AutoModelForCausalLM.from_pretrained(out / "llm")
+    tokenizer = train_llm.AutoTokenizer.from_pretrained(out / "llm_tokenizer")
+    assert llm.config.hidden_size == 32 and llm.get_input_embeddings().num_embeddings == len(tokenizer)
+    with open(os.path.join(workspace["data"], "train", "instruction.json")) as f:
+        answer = json.load(f)[0]["conversations"][1]["value"]
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == answer
+    # The new components swap into a pipeline of the same embedding size and edit.
+    pipeline = InstructAny2PixPipeline.from_pretrained(
+        workspace["pipelines"]["imagebind"],
+        llm=llm,
+        llm_tokenizer=tokenizer,
+        mm_adapter=train_llm.MultimodalAdapter.from_pretrained(out / "mm_adapter"),
+    )
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--pretrained_llm", "x"], "exclude each other"),
+        (["--lora"], "trains fully"),
+    ],
+)
+def test_train_llm_from_scratch_bad_arguments(workspace, tmp_path, extra, match):
+    argv = _common(tmp_path / "x", "--llm_config", "cfg.json", "--data_dir", workspace["data"], *extra)
+    with pytest.raises(ValueError, match=match):
+        train_llm.parse_args(argv)
+
+
+def test_train_llm_config_without_model_type_is_named(workspace, tmp_path):
+    config = tmp_path / "llm_config.json"
+    config.write_text(json.dumps({"hidden_size": 32}))
+    argv = _common(tmp_path / "x", "--llm_config", str(config), "--data_dir", workspace["data"], "--max_train_steps", "1")
+    with pytest.raises(ValueError, match="no `model_type`"):
+        train_llm.main(argv)
+
+
+def test_shuffle_channels_permutes_whole_images_and_leaves_the_input_alone(tmp_path):
+    pixels = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    original = pixels.clone()
+    torch.manual_seed(0)
+    shuffled = train_decoder.shuffle_channels(pixels, 1.0)
+    assert torch.equal(pixels, original)
+    changed = 0
+    for i in range(4):
+        # Each output channel is one whole input channel, each used once.
+        sources = [next(c for c in range(3) if torch.equal(shuffled[i, k], pixels[i, c])) for k in range(3)]
+        assert sorted(sources) == [0, 1, 2]
+        changed += sources != [0, 1, 2]
+    assert changed > 0
+    assert torch.equal(train_decoder.shuffle_channels(pixels, 0.0), pixels)
+    with pytest.raises(ValueError, match="channel_shuffle_prob"):
+        train_decoder.parse_args(["--mode", "vae", "--output_dir", "x", "--resolution", "8", "--data_dir", str(tmp_path),
+                                  "--channel_shuffle_prob", "1.5"])  # fmt: skip

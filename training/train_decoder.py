@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from accelerate.logging import get_logger
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import BaseOutput
@@ -48,6 +49,8 @@ from diffusers_any2pix.pipeline_instruct_any2pix import (
 from diffusers_any2pix import training_utils
 
 MODES = ("ip_adapter", "imagebind_unet", "vae")
+
+logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,14 +81,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     objective.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended).")
     objective.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"])
     objective.add_argument("--kl_weight", type=float, default=1e-6, help="vae mode: weight of the KL term.")
+    objective.add_argument(
+        "--channel_shuffle_prob",
+        type=float,
+        default=0.0,
+        help="vae mode: share of images whose RGB channels are randomly permuted (colour augmentation: the autoencoder\n"
+        "learns shapes apart from their colours, so it also reconstructs shape/colour pairs it never saw).",
+    )
+    objective.add_argument(
+        "--scaling_latents_images",
+        type=int,
+        default=512,
+        help="vae mode: set the VAE's `scaling_factor` to 1/std of the latents of this many training images\n"
+        "(unit-variance latents for the diffusion model, the Stable Diffusion recipe); 0 keeps the config's value.",
+    )
     objective.add_argument("--use_ema", action="store_true", help="Keep (and save) an EMA of the trained weights.")
     objective.add_argument("--ema_decay", type=float, default=0.9999)
     training_utils.add_common_training_args(parser, learning_rate=1e-4, train_batch_size=8)
     args = training_utils.check_common_args(parser.parse_args(argv))
-    training_utils.resolve_data_paths(args)
-    for name in ("image_drop_prob", "text_drop_prob"):
+    for name in ("image_drop_prob", "text_drop_prob", "channel_shuffle_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"`--{name}` must lie in [0, 1], got {getattr(args, name)}.")
+    training_utils.resolve_data_paths(args)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"`--snr_gamma` must be positive, got {args.snr_gamma}.")
     if args.unet_config is not None and args.mode != "imagebind_unet":
@@ -274,6 +291,16 @@ def build_models(args: argparse.Namespace, accelerator, embed_dim: int) -> dict:
 # ------------------------------------------------------------------------------------------------ objective
 
 
+def shuffle_channels(pixel_values: torch.Tensor, probability: float) -> torch.Tensor:
+    """A copy of ``pixel_values`` (``(B, C, H, W)``) where each image, with ``probability``, has its channels in a
+    random order (drawn from the global torch RNG, which the training loop seeds per step)."""
+    shuffled = pixel_values.clone()
+    chosen = torch.rand(pixel_values.shape[0]) < probability
+    for i in torch.nonzero(chosen).flatten().tolist():
+        shuffled[i] = pixel_values[i, torch.randperm(pixel_values.shape[1])]
+    return shuffled
+
+
 def _drop(values: torch.Tensor, probability: float) -> torch.Tensor:
     """Boolean mask of the samples whose condition is dropped."""
     return torch.rand(values.shape[0], device=values.device) < probability
@@ -322,6 +349,20 @@ def diffusion_loss(
     return loss.mean(), {}
 
 
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, dataset, num_images: int, batch_size: int = 64) -> float:
+    """``1 / std`` of the posterior means of the first ``num_images`` images of ``dataset`` (deterministic)."""
+    latents = []
+    for start in range(0, min(num_images, len(dataset)), batch_size):
+        indices = range(start, min(start + batch_size, num_images, len(dataset)))
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in indices]).to(vae.device, vae.dtype)
+        latents.append(vae.encode(pixels).latent_dist.mean.float())
+    std = torch.cat(latents).std().item()
+    if not std > 0:
+        raise ValueError(f"The VAE's latents have standard deviation {std}; cannot set `scaling_factor`.")
+    return 1.0 / std
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -357,7 +398,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
     def compute_loss(batch):
         if name == "vae":
-            output = setup.model(batch["pixel_values"])
+            pixel_values = batch["pixel_values"]
+            if args.channel_shuffle_prob > 0:
+                pixel_values = shuffle_channels(pixel_values, args.channel_shuffle_prob)
+            output = setup.model(pixel_values)
             return output.loss, {
                 "reconstruction_loss": output.reconstruction_loss.item(),
                 "kl_loss": output.kl_loss.item(),
@@ -365,6 +409,13 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         return diffusion_loss(args, models, setup.model, batch, accelerator)
 
     def components() -> dict:
+        if name == "unet" and args.unet_config is not None:
+            # A UNet trained anew ships with an inference scheduler of its training noise schedule (DDIM, no
+            # clipping: latents are not bounded to [-1, 1]).
+            scheduler = DDIMScheduler.from_config(
+                models["noise_scheduler"].config, clip_sample=False, set_alpha_to_one=False
+            )
+            return {name: trainable, "scheduler": scheduler}
         return {name: trainable}
 
     validate = training_utils.validate_every(accelerator, args, components)
@@ -384,6 +435,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     result = training_utils.run_training_loop(accelerator, args, setup, compute_loss, on_step_end)
     if ema is not None:
         ema.copy_to(params)
+    if name == "vae" and args.scaling_latents_images > 0:
+        trainable.eval()
+        trainable.register_to_config(
+            scaling_factor=latent_scaling_factor(trainable, dataset, args.scaling_latents_images)
+        )
+        logger.info(f"VAE scaling_factor set to {trainable.config.scaling_factor:.5f} (1 / latent std).")
     training_utils.save_trained_components(args, accelerator, **components())
     return training_utils.finish_training(accelerator, args, result, {name: setup.model}, components)
 

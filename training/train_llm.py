@@ -21,6 +21,7 @@ Example::
 
 import argparse
 import copy
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -29,11 +30,24 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from diffusers.utils import BaseOutput
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from diffusers_any2pix.data import FeatureStore, MMInstLLMDataset, collate_llm_batch, load_instructions
+from diffusers_any2pix.data import (
+    FeatureStore,
+    MMInstExample,
+    MMInstLLMDataset,
+    collate_llm_batch,
+    conversation_texts,
+    load_instructions,
+)
 from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
-from diffusers_any2pix.multimodal_llm import MultimodalTokenIds, add_multimodal_tokens, inject_media_embeds
+from diffusers_any2pix.multimodal_llm import (
+    MULTIMODAL_SPECIAL_TOKENS,
+    MultimodalTokenIds,
+    add_multimodal_tokens,
+    inject_media_embeds,
+)
+from diffusers_any2pix.word_tokenizer import build_word_level_tokenizer
 from diffusers_any2pix import training_utils
 
 
@@ -51,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="Its tokenizer (default: the LLM folder, or its `tokenizer` subfolder as in the official release).",
+    )
+    model.add_argument(
+        "--llm_config",
+        type=str,
+        default=None,
+        help="A transformers config.json (with `model_type`, e.g. a small Llama): train a new LLM from scratch, with a\n"
+        "word-level tokenizer built from the training conversations unless --pretrained_llm_tokenizer is given.",
     )
     model.add_argument("--pretrained_mm_adapter", type=str, default=None, help="A MultimodalAdapter folder.")
     model.add_argument("--embed_dim", type=int, default=1024, help="ImageBind size, for a new adapter.")
@@ -76,8 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training_utils.add_common_training_args(parser, learning_rate=2e-5, train_batch_size=4)
     args = training_utils.check_common_args(parser.parse_args(argv))
     training_utils.resolve_data_paths(args)
-    if args.pretrained_llm is None and args.pipeline is None:
-        raise ValueError("Pass `--pretrained_llm` (a causal LM) or `--pipeline` (a converted pipeline).")
+    if args.pretrained_llm is None and args.pipeline is None and args.llm_config is None:
+        raise ValueError(
+            "Pass `--pretrained_llm` (a causal LM), `--pipeline` (a converted pipeline) or `--llm_config` (a new LLM)."
+        )
+    if args.llm_config is not None and args.pretrained_llm is not None:
+        raise ValueError("`--llm_config` (a new LLM) and `--pretrained_llm` exclude each other.")
+    if args.llm_config is not None and (args.lora or args.freeze_llm):
+        raise ValueError("A new LLM from `--llm_config` trains fully; drop `--lora` / `--freeze_llm`.")
     if args.lora and args.freeze_llm:
         raise ValueError("`--lora` and `--freeze_llm` exclude each other.")
     return args
@@ -158,15 +185,46 @@ def load_llm_tokenizer(args: argparse.Namespace):
     return AutoTokenizer.from_pretrained(path, **({"subfolder": subfolder} if subfolder else {}))
 
 
-def build_model(args: argparse.Namespace, accelerator) -> tuple[MultimodalLLMForTraining, object, MultimodalTokenIds]:
+def new_llm(args: argparse.Namespace, examples: list[MMInstExample]):
+    """A randomly initialised LLM of ``--llm_config`` and its tokenizer: ``--pretrained_llm_tokenizer``, else a
+    word-level tokenizer of the training conversations (the multimodal tokens are added afterwards)."""
+    with open(args.llm_config) as f:
+        config_dict = json.load(f)
+    if "model_type" not in config_dict:
+        raise ValueError(f"`--llm_config` {args.llm_config} has no `model_type` (e.g. \"llama\").")
+    if args.pretrained_llm_tokenizer is not None:
+        tokenizer = AutoTokenizer.from_pretrained(args.pretrained_llm_tokenizer)
+    else:
+        tokenizer = build_word_level_tokenizer(
+            conversation_texts(examples), special_tokens=MULTIMODAL_SPECIAL_TOKENS, model_max_length=args.max_length
+        )
+    config_dict.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.unk_token_id,
+    )
+    config = AutoConfig.for_model(**config_dict)
+    torch.manual_seed(args.seed)  # the initial weights follow --seed
+    return AutoModelForCausalLM.from_config(config), tokenizer
+
+
+def build_model(
+    args: argparse.Namespace, accelerator, examples: list[MMInstExample]
+) -> tuple[MultimodalLLMForTraining, object, MultimodalTokenIds]:
     """The training module, the tokenizer (multimodal tokens added when missing) and the token ids."""
     # Frozen base weights may be half precision; trained weights stay float32 (mixed precision autocasts).
     frozen = args.lora or args.freeze_llm
     dtype = training_utils.weight_dtype_for(accelerator) if frozen else torch.float32
-    llm = training_utils.load_component(args, "llm", AutoModelForCausalLM.from_pretrained, dtype=dtype)
-    tokenizer = load_llm_tokenizer(args)
+    if args.llm_config is not None:
+        llm, tokenizer = new_llm(args, examples)
+    else:
+        llm = training_utils.load_component(args, "llm", AutoModelForCausalLM.from_pretrained, dtype=dtype)
+        tokenizer = load_llm_tokenizer(args)
     token_ids = add_multimodal_tokens(tokenizer, llm)
-    adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)
+    adapter = None
+    if args.llm_config is None:  # a new LLM gets a new adapter
+        adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)
     if adapter is None:
         embed_dim = args.embed_dim
         if args.pipeline is not None:
@@ -234,10 +292,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         args = parse_args(args)
     # Batches whose media are all given as text leave the projector unused.
     accelerator = training_utils.make_accelerator(args, find_unused_parameters=True)
-    model, tokenizer, token_ids = build_model(args, accelerator)
-    features = FeatureStore.from_file(args.media_map, args.data_dir, model.mm_adapter.config.embed_dim)
+    features = FeatureStore.from_file(args.media_map, args.data_dir)
+    examples = load_instructions(args.instruction_file, features, args.skip_missing_features)
+    model, tokenizer, token_ids = build_model(args, accelerator, examples)
+    features.embed_dim = model.mm_adapter.config.embed_dim  # every feature file is checked against it
     dataset = MMInstLLMDataset(
-        load_instructions(args.instruction_file, features, args.skip_missing_features),
+        examples,
         features,
         tokenizer,
         token_ids,

@@ -606,6 +606,21 @@ def build_llm_sample(
     return LLMSampleText(instruction=instruction, answer=answer, input_captions=inputs, targets=targets)
 
 
+def conversation_texts(examples: list[MMInstExample]) -> list[str]:
+    """Every text `MMInstLLMDataset` can tokenise for ``examples`` — the vicuna conversation with media as bracketed
+    captions and as plain caption text, and the ``additions:`` lists — the corpus of a word-level tokenizer for an
+    LLM trained from scratch (see `word_tokenizer.build_word_level_tokenizer`)."""
+    texts = []
+    for example in examples:
+        additions = "".join(f"{name}:{VIDEO_TOKEN}." for name in example.added.values())
+        conversation = build_vicuna_prompt(
+            example.instruction, example.answer + VIDEO_TOKEN + ("additions:" + additions if additions else "")
+        )
+        texts.append(conversation)
+        texts.append(CAPTION_PATTERN.sub(lambda match: match.group(0)[1:-1], conversation))
+    return texts
+
+
 def _epoch_and_index(item: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(item, tuple):
         return int(item[0]), int(item[1])

@@ -9,7 +9,6 @@ import copy
 import functools
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -33,6 +32,7 @@ from .multimodal_llm import (
     build_vicuna_prompt,
     inject_media_embeds,
 )
+from .word_tokenizer import build_word_level_tokenizer
 
 
 TINY_EMBED_DIM = 16
@@ -69,15 +69,7 @@ def tiny_imagebind(embed_dim: int = TINY_EMBED_DIM, seed: int = 0, image_size: i
 
 def tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer covering the vicuna prompt and a small editing vocabulary, with Llama's control tokens."""
-    splitter = pre_tokenizers.Whitespace()
-    words = sorted({piece for piece, _ in splitter.pre_tokenize_str(_TINY_WORDS)})
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>"] + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = splitter
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins word pieces with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", model_max_length=512
-    )
+    return build_word_level_tokenizer([_TINY_WORDS])
 
 
 def tiny_llm(

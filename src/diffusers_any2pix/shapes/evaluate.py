@@ -1,4 +1,4 @@
-"""Evaluate an InstructAny2Pix pipeline on a ShapesWorld split, with baselines.
+"""Evaluate an InstructAny2Pix pipeline on a ShapesWorld split, with baselines and ablations.
 
     python -m diffusers_any2pix.shapes.evaluate --model . --data data/shapes --split test --probe probe \\
         --output results.json
@@ -16,10 +16,21 @@ example's known target scene. Reported per instruction type and overall:
 - **base selection**: share of examples with several input images where the pipeline edited the right one;
 - **caption accuracy**: share of LLM answers whose caption is exactly the target scene's caption.
 
-Configurations: the model (the pipeline's own defaults or the knobs given) and three baselines:
-``unchanged_base`` (the right base image returned as is — an oracle for base selection and preservation),
-``no_prior`` (the LLM's embedding alone, ``embedding_weights=(0, 1, 0)``) and ``prior_only`` (the refined embedding
-alone, ``embedding_weights=(0, 0, 1)``), run through the same pipeline with the same noise.
+Configurations, all run through the same pipeline with the same noise:
+
+- the **model**: the pipeline's own defaults or the knobs given;
+- **baselines** (`BASELINES`: methods without the trained LLM's understanding; the success criterion compares the
+  model with the best of them): ``unchanged_base`` (the right base image returned as is — an oracle for base selection
+  and preservation) and ``prior_without_llm`` (ImageBind embedding arithmetic refined by the prior, no LLM: the mean
+  of the unit-normalised ImageBind embeddings of every input, refined and passed as ``conditioning_embeds``, see
+  `prior_without_llm`);
+- **ablations** (`ABLATIONS`: reported, not baselines): ``no_prior`` (the LLM's embedding without the refinement
+  prior, ``embedding_weights=(0, 1, 0)``) and ``refined_only`` (the refined embedding alone,
+  ``embedding_weights=(0, 0, 1)``).
+
+``--baselines NAME ...`` and ``--ablations NAME ...`` choose which run (default: all; the flag alone: none).
+The report ends with the criteria of issue 6 (`evaluate_criteria`): overall edit success ≥ 70 %, every instruction
+type's success at least twice the best baseline's, and base-selection accuracy ≥ 90 %.
 
 The probe is trained (`train_probe`, about a minute on 2 CPU cores) unless ``--probe DIR`` holds one; a trained probe
 is saved to ``--probe DIR``. Its accuracy on 1000 freshly rendered clean scenes is printed, and below
@@ -37,13 +48,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..instruction import parse_instruction
+from ..models.mm_adapter import rescale_to_norm
 from ..multimodal_llm import parse_answer
 from .instructions import INSTRUCTION_TYPES
 from .probe import ProbeAccuracy, SceneReading, ShapesProbe, probe_accuracy, train_probe
@@ -51,19 +64,19 @@ from .world import SLOTS, Scene, caption
 
 
 MIN_PROBE_ACCURACY = 0.98
+# Issue 6: what the model must show on the held-out test split.
+MIN_OVERALL_EDIT_SUCCESS = 0.70
+MIN_BASE_SELECTION_ACCURACY = 0.90
+BASELINE_FACTOR = 2
 MODEL = "model"
 UNCHANGED_BASE = "unchanged_base"
-# Extra pipeline arguments of each baseline; ``None``: no pipeline call, the base image is the output.
-BASELINES: dict[str, Optional[dict[str, Any]]] = {
-    UNCHANGED_BASE: None,
-    "no_prior": {"embedding_weights": (0.0, 1.0, 0.0)},
-    "prior_only": {"embedding_weights": (0.0, 0.0, 1.0)},
-}
-BASELINE_DESCRIPTIONS: dict[str, str] = {
-    UNCHANGED_BASE: "the base image returned unchanged (oracle base)",
-    "no_prior": "LLM embedding without the refinement prior, embedding_weights=(0, 1, 0)",
-    "prior_only": "refinement prior without the LLM's raw embedding, embedding_weights=(0, 0, 1)",
-}
+PRIOR_WITHOUT_LLM = "prior_without_llm"
+NO_PRIOR = "no_prior"
+REFINED_ONLY = "refined_only"
+# A configuration: ``None`` (no pipeline call, the true base image is the output), a dict of extra pipeline arguments,
+# or a callable ``(pipeline, instructions, images, audio, settings) -> dict`` of extra pipeline arguments (see
+# `run_evaluation`).
+Configuration = Union[None, dict[str, Any], Callable[..., dict[str, Any]]]
 METRICS: tuple[str, ...] = (
     "edit_success",
     "attribute_accuracy",
@@ -231,7 +244,7 @@ def score_example(
         reading ([`SceneReading`]): the probe's reading of the output.
         base_reading ([`SceneReading`]): the probe's reading of the (true) base image, the reference for preservation.
         chosen_base (`int`, *optional*): the image the pipeline edited (``None``: not a pipeline output).
-        llm_caption (`str`, *optional*): the caption of the LLM's answer.
+        llm_caption (`str`, *optional*): the caption of the LLM's answer (``None``: no LLM ran; not scored).
         valid_answer (`bool`, *optional*): whether the LLM's answer had a generation embedding.
 
     Returns:
@@ -247,9 +260,7 @@ def score_example(
     base_correct = None
     if chosen_base is not None and len(example.image_paths) > 1:
         base_correct = chosen_base == example.base_index
-    caption_correct = None
-    if chosen_base is not None:
-        caption_correct = llm_caption is not None and llm_caption.strip() == caption(example.target_scene)
+    caption_correct = None if llm_caption is None else llm_caption.strip() == caption(example.target_scene)
     return ExampleScore(
         type=example.type,
         success=reading == target,
@@ -315,6 +326,93 @@ def summarize(scores: Sequence[ExampleScore]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def prior_without_llm(
+    pipeline,
+    instructions: Sequence[str],
+    images: Sequence[Sequence[Any]],
+    audio: Sequence[Sequence[Any]],
+    settings: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """
+    The ``prior_without_llm`` baseline: ImageBind embedding arithmetic refined by the prior, no LLM.
+
+    For each instruction, the ImageBind embeddings of all its inputs (every image and audio clip; an instruction
+    references each input exactly once) are rescaled to unit norm and averaged; the mean is rescaled to the adapter's
+    ``media_embed_norm``, refined by the prior as the pipeline refines the LLM's generation embedding, and rescaled to
+    ``embedding_norm``. Passed as ``conditioning_embeds``, it makes the pipeline skip the LLM and the prior and edit
+    the instruction's first image.
+
+    Args:
+        pipeline ([`InstructAny2PixPipeline`]): the pipeline (its ImageBind, adapter config and prior are used).
+        instructions (`Sequence[str]`): the instructions of the batch.
+        images (`Sequence[Sequence]`): per instruction, its images (anything ``imagebind_processor.load_image`` reads).
+        audio (`Sequence[Sequence]`): per instruction, its audio clips (anything ``load_audio`` reads).
+        settings (`dict`, *optional*): resolved edit settings (``prior_guidance_scale``, ``prior_score``,
+            ``embedding_norm``); defaults to ``pipeline.resolve_edit_settings()``.
+
+    Returns:
+        `dict`: ``{"conditioning_embeds": torch.Tensor of shape (batch, embed_dim)}`` (float32, on the CPU).
+    """
+    if isinstance(instructions, str) or not instructions:
+        raise ValueError(f"`instructions` must be a non-empty list of strings, got {instructions!r}.")
+    if len(images) != len(instructions) or len(audio) != len(instructions):
+        raise ValueError(
+            f"`images` and `audio` must hold one list per instruction ({len(instructions)}), "
+            f"got {len(images)} and {len(audio)}."
+        )
+    settings = pipeline.resolve_edit_settings() if settings is None else settings
+    parsed = [
+        parse_instruction(text, len(imgs), len(clips), argument_name=f"instructions[{i}]")
+        for i, (text, imgs, clips) in enumerate(zip(instructions, images, audio))
+    ]
+    processor = pipeline.imagebind_processor
+    per_images = [[processor.load_image(image) for image in imgs] for imgs in images]
+    per_audio = [[processor.load_audio(clip) for clip in clips] for clips in audio]
+    device = pipeline._execution_device
+    media = pipeline.encode_media(parsed, per_images, per_audio, device)
+    mean = torch.stack([rescale_to_norm(rows, 1.0).mean(dim=0) for rows in media])
+    query = rescale_to_norm(mean, pipeline.mm_adapter.config.media_embed_norm)
+    refined = pipeline.prior.refine(
+        query.to(pipeline.prior.dtype),
+        guidance_scale=settings["prior_guidance_scale"],
+        score=settings["prior_score"],
+        text_hidden_states=_prior_text_states(pipeline, len(instructions), device),
+    ).float()
+    return {"conditioning_embeds": rescale_to_norm(refined, settings["embedding_norm"]).cpu()}
+
+
+def _prior_text_states(pipeline, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
+    # The prior's prompt states exactly as the pipeline computes them (the empty prompt; `None`: the stored ones).
+    if pipeline.prior_text_encoder is None:
+        return None
+    ids = pipeline.prior_tokenizer([""] * batch_size, return_tensors="pt").input_ids.to(device)
+    return pipeline.prior_text_encoder(ids).last_hidden_state
+
+
+# Methods without the trained LLM's understanding: the model must beat the best of them (`evaluate_criteria`).
+BASELINES: dict[str, Configuration] = {
+    UNCHANGED_BASE: None,
+    PRIOR_WITHOUT_LLM: prior_without_llm,
+}
+# Parts of the model switched off: reported, never a baseline of the criteria.
+ABLATIONS: dict[str, Configuration] = {
+    NO_PRIOR: {"embedding_weights": (0.0, 1.0, 0.0)},
+    REFINED_ONLY: {"embedding_weights": (0.0, 0.0, 1.0)},
+}
+DESCRIPTIONS: dict[str, str] = {
+    MODEL: "the pipeline with its defaults (or the knobs given)",
+    UNCHANGED_BASE: "the base image returned unchanged (oracle base)",
+    PRIOR_WITHOUT_LLM: "no LLM: mean of the unit-normalised ImageBind embeddings of all inputs, refined by the prior, "
+    "as conditioning_embeds (edits the first image)",
+    NO_PRIOR: "LLM embedding without the refinement prior, embedding_weights=(0, 1, 0)",
+    REFINED_ONLY: "the prior's refinement of the LLM embedding alone, embedding_weights=(0, 0, 1)",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -322,7 +420,8 @@ class EvaluationResult:
     """Scores of every configuration.
 
     Args:
-        scores (`dict[str, list[ExampleScore]]`): per configuration (``"model"`` and the baselines), in example order.
+        scores (`dict[str, list[ExampleScore]]`): per configuration (``"model"``, baselines, ablations), in example
+            order.
         examples (`list[EvaluationExample]`): the examples.
         seconds (`float`): wall time of the runs.
         pipeline_kwargs (`dict`): the arguments every pipeline call got (before each configuration's own).
@@ -343,7 +442,7 @@ def run_evaluation(
     pipeline,
     probe: ShapesProbe,
     examples: Sequence[EvaluationExample],
-    configurations: Optional[dict[str, Optional[dict[str, Any]]]] = None,
+    configurations: Optional[dict[str, Configuration]] = None,
     pipeline_kwargs: Optional[dict[str, Any]] = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -357,8 +456,17 @@ def run_evaluation(
         pipeline ([`InstructAny2PixPipeline`]): the pipeline (on its device).
         probe ([`ShapesProbe`]): the attribute probe.
         examples (`Sequence[EvaluationExample]`): from `load_examples`.
-        configurations (`dict`, *optional*): name → extra pipeline arguments (``None``: return the base unchanged);
-            defaults to the model (no extra arguments) and `BASELINES`.
+        configurations (`dict`, *optional*): name → configuration, defaults to the model (``{}``), `BASELINES` and
+            `ABLATIONS`. A configuration is one of:
+
+            - ``None``: no pipeline call; the output is the example's true base image, unchanged;
+            - a `dict`: extra pipeline arguments, over ``pipeline_kwargs``;
+            - a callable ``(pipeline, instructions, images, audio, settings) -> dict`` called once per batch with the
+              batch's instructions, per-instruction lists of PIL images and of audio paths, and the resolved edit
+              settings (``pipeline.resolve_edit_settings(**pipeline_kwargs)``); it returns extra pipeline arguments
+              for that batch (e.g. `prior_without_llm`).
+
+            When the extra arguments hold ``conditioning_embeds`` the pipeline skips the LLM: no caption is scored.
         pipeline_kwargs (`dict`, *optional*): arguments of every pipeline call (``num_inference_steps``, …).
         seed (`int`, defaults to 0): seeds each example's generator (`example_generator`).
         batch_size (`int`, defaults to 8): instructions per pipeline call.
@@ -372,33 +480,55 @@ def run_evaluation(
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
     if not examples:
         raise ValueError("`examples` is empty.")
-    configurations = {MODEL: {}, **BASELINES} if configurations is None else dict(configurations)
+    configurations = {MODEL: {}, **BASELINES, **ABLATIONS} if configurations is None else dict(configurations)
+    for name, configuration in configurations.items():
+        if configuration is not None and not isinstance(configuration, dict) and not callable(configuration):
+            raise TypeError(
+                f"Configuration {name!r} must be None, a dict of pipeline arguments or a callable, "
+                f"got {type(configuration).__name__}."
+            )
     pipeline_kwargs = dict(pipeline_kwargs or {})
     pipeline_kwargs.setdefault("llm_do_sample", False)
     # A malformed answer is scored as a failed edit, not a crash.
     pipeline_kwargs.setdefault("on_invalid_answer", "use_base")
+    settings = pipeline.resolve_edit_settings(**pipeline_kwargs)
     pipeline.set_progress_bar_config(disable=True)
     scores: dict[str, list[ExampleScore]] = {name: [] for name in configurations}
     start = time.perf_counter()
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     for batch in tqdm(batches, desc="Evaluating", disable=not progress):
+        instructions = [example.instruction for example in batch]
         images = [[_open_image(path) for path in example.image_paths] for example in batch]
+        audio = [list(example.audio_paths) for example in batch]
         bases = [imgs[example.base_index] for imgs, example in zip(images, batch)]
         base_readings = probe.read(bases)
-        for name, extra in configurations.items():
-            if extra is None:
-                outputs, chosen, captions, valid = bases, [None] * len(batch), [None] * len(batch), [None] * len(batch)
+        nothing = [None] * len(batch)
+        for name, configuration in configurations.items():
+            if configuration is None:
+                outputs, chosen, captions, valid = bases, nothing, nothing, nothing
             else:
+                extra = configuration
+                if callable(configuration):
+                    extra = configuration(pipeline, instructions, images, audio, settings)
+                    if not isinstance(extra, dict):
+                        raise TypeError(
+                            f"Configuration {name!r} must return a dict of pipeline arguments, "
+                            f"got {type(extra).__name__}."
+                        )
                 out = pipeline(
-                    [example.instruction for example in batch],
+                    instructions,
                     images=images,
-                    audio=[list(example.audio_paths) for example in batch],
+                    audio=audio,
                     generator=[example_generator(seed, example.index) for example in batch],
                     output_type="pil",
                     **{**pipeline_kwargs, **extra},
                 )
-                outputs, chosen, captions = out.images, list(out.base_image_indices), list(out.captions)
-                valid = [parse_answer(answer).has_im_gen for answer in out.answers]
+                outputs, chosen = out.images, list(out.base_image_indices)
+                if "conditioning_embeds" in extra:  # the LLM did not run: no answer, no caption
+                    captions, valid = nothing, nothing
+                else:
+                    captions = list(out.captions)
+                    valid = [parse_answer(answer).has_im_gen for answer in out.answers]
             readings = probe.read(outputs)
             for i, example in enumerate(batch):
                 scores[name].append(
@@ -456,15 +586,90 @@ def _percent(value: Optional[float]) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+def evaluate_criteria(
+    scores: dict[str, Sequence[ExampleScore]], baselines: Optional[Sequence[str]] = None
+) -> dict[str, Any]:
+    """
+    The criteria of issue 6 for the model's scores.
+
+    - overall edit success ≥ `MIN_OVERALL_EDIT_SUCCESS`;
+    - for every instruction type, the model's edit success at least `BASELINE_FACTOR` times the best baseline's (a
+      type where the best baseline never succeeds passes iff the model succeeds at least once) — compared as success
+      counts, exactly, since every configuration scores the same examples;
+    - base-selection accuracy ≥ `MIN_BASE_SELECTION_ACCURACY`.
+
+    A criterion that cannot be measured (no baseline run, no multi-image example) is ``None`` and fails ``passed``.
+
+    Args:
+        scores (`dict[str, Sequence[ExampleScore]]`): per configuration, in example order; must hold ``"model"``.
+        baselines (`Sequence[str]`, *optional*): the configurations to compare with; defaults to those of ``scores``
+            named in `BASELINES` (ablations never count).
+
+    Returns:
+        `dict` with ``overall_edit_success``, ``min_overall``, ``overall_passed``, ``per_type`` (type →
+        ``{model, best_baseline, best_baseline_name, ratio, passed}``; ``ratio`` is ``None`` when the best baseline is
+        0), ``every_type_at_least_2x_best_baseline``, ``base_selection_accuracy``, ``min_base_selection``,
+        ``base_selection_passed`` and ``passed`` (all three).
+    """
+    if MODEL not in scores:
+        raise ValueError(f"`scores` has no {MODEL!r} configuration, got {list(scores)}.")
+    baselines = [name for name in scores if name in BASELINES] if baselines is None else list(baselines)
+    unknown = [name for name in baselines if name not in scores or name == MODEL]
+    if unknown:
+        raise ValueError(f"`baselines` {unknown} are not baseline configurations of `scores` ({list(scores)}).")
+    model = aggregate(scores[MODEL])
+    per_type: dict[str, Any] = {}
+    for instruction_type in INSTRUCTION_TYPES:
+        # Success counts of the examples of this type (every configuration scores the same examples).
+        counts = {
+            name: sum(s.success for s in scores[name] if s.type == instruction_type) for name in [MODEL, *baselines]
+        }
+        num = sum(s.type == instruction_type for s in scores[MODEL])
+        if not num:
+            continue
+        entry: dict[str, Any] = {
+            "model": counts[MODEL] / num,
+            "best_baseline": None,
+            "best_baseline_name": None,
+            "ratio": None,
+            "passed": None,
+        }
+        if baselines:
+            best = max(baselines, key=lambda name: counts[name])  # the first of equals
+            entry.update(best_baseline=counts[best] / num, best_baseline_name=best)
+            entry["ratio"] = counts[MODEL] / counts[best] if counts[best] else None
+            entry["passed"] = counts[MODEL] > 0 and counts[MODEL] >= BASELINE_FACTOR * counts[best]
+        per_type[instruction_type] = entry
+    every_type = None if not baselines else all(entry["passed"] for entry in per_type.values())
+    base_selection = model["base_selection_accuracy"]
+    overall_passed = model["edit_success"] >= MIN_OVERALL_EDIT_SUCCESS
+    base_passed = None if base_selection is None else base_selection >= MIN_BASE_SELECTION_ACCURACY
+    return {
+        "overall_edit_success": model["edit_success"],
+        "min_overall": MIN_OVERALL_EDIT_SUCCESS,
+        "overall_passed": overall_passed,
+        "per_type": per_type,
+        "every_type_at_least_2x_best_baseline": every_type,
+        "base_selection_accuracy": base_selection,
+        "min_base_selection": MIN_BASE_SELECTION_ACCURACY,
+        "base_selection_passed": base_passed,
+        "passed": overall_passed and every_type is True and base_passed is True,
+    }
+
+
 def build_report(
     result: EvaluationResult, accuracy: ProbeAccuracy, settings: Optional[dict[str, Any]] = None
 ) -> dict[str, Any]:
     """
     The JSON report: ``overall`` and ``per_type`` of the model (``overall.edit_success`` is the headline), the same
-    under ``baselines.<name>``, the probe's accuracy, the settings and per-example readings.
+    with a description under ``baselines.<name>`` and ``ablations.<name>`` (configurations named in `ABLATIONS` are
+    ablations, every other one a baseline), ``criteria`` (`evaluate_criteria`; ``None`` without the model), the
+    probe's accuracy, the settings and per-example readings.
     """
     summaries = {name: summarize(scores) for name, scores in result.scores.items()}
     model = summaries.get(MODEL, {"overall": None, "per_type": None})
+    baselines = [name for name in result.scores if name != MODEL and name not in ABLATIONS]
+    ablations = [name for name in result.scores if name in ABLATIONS]
     report: dict[str, Any] = {
         **(settings or {}),
         "num_examples": len(result.examples),
@@ -473,11 +678,9 @@ def build_report(
         "probe": {"clean_accuracy": dict(accuracy), "minimum": MIN_PROBE_ACCURACY},
         "overall": model["overall"],
         "per_type": model["per_type"],
-        "baselines": {
-            name: {"description": BASELINE_DESCRIPTIONS.get(name, ""), **summary}
-            for name, summary in summaries.items()
-            if name != MODEL
-        },
+        "baselines": {name: {"description": DESCRIPTIONS.get(name, ""), **summaries[name]} for name in baselines},
+        "ablations": {name: {"description": DESCRIPTIONS.get(name, ""), **summaries[name]} for name in ablations},
+        "criteria": evaluate_criteria(result.scores, baselines) if MODEL in result.scores else None,
         "examples": [],
     }
     for i, example in enumerate(result.examples):
@@ -501,17 +704,58 @@ def build_report(
     return report
 
 
+def _verdict(passed: Optional[bool]) -> str:
+    return "n/a (FAIL)" if passed is None else "PASS" if passed else "FAIL"
+
+
+def format_criteria(criteria: dict[str, Any]) -> list[str]:
+    """The criteria of `evaluate_criteria` as report lines, PASS/FAIL each."""
+    lines = [
+        "Criteria (issue 6; the model against the best baseline, ablations excluded)",
+        f"  overall edit success {_percent(criteria['overall_edit_success'])} >= "
+        f"{_percent(criteria['min_overall'])}: {_verdict(criteria['overall_passed'])}",
+        f"  every type >= {BASELINE_FACTOR}x the best baseline: "
+        f"{_verdict(criteria['every_type_at_least_2x_best_baseline'])}",
+    ]
+    for instruction_type, entry in criteria["per_type"].items():
+        if entry["best_baseline_name"] is None:
+            versus = "no baseline run"
+        else:
+            ratio = "best baseline 0" if entry["ratio"] is None else f"{entry['ratio']:.2f}x"
+            versus = f"{_percent(entry['best_baseline'])} ({entry['best_baseline_name']}), {ratio}"
+        lines.append(
+            f"    {instruction_type}: {_percent(entry['model'])} vs {versus}: {_verdict(entry['passed'])}"
+        )
+    lines += [
+        f"  base selection {_percent(criteria['base_selection_accuracy'])} >= "
+        f"{_percent(criteria['min_base_selection'])}: {_verdict(criteria['base_selection_passed'])}",
+        f"  all criteria: {_verdict(criteria['passed'])}",
+    ]
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """Two tables: edit success per type and configuration, and every overall metric per configuration."""
-    names = [MODEL] + list(report["baselines"])
-    summaries = {MODEL: {"overall": report["overall"], "per_type": report["per_type"]}, **report["baselines"]}
-    width = max(len(n) for n in names) + 2
+    """Two tables (edit success per type, every overall metric), each with the model, the baselines and the ablations
+    as columns under group headers, then the criteria."""
+    baselines, ablations = list(report["baselines"]), list(report["ablations"])
+    names = [MODEL] + baselines + ablations
+    summaries = {
+        MODEL: {"overall": report["overall"], "per_type": report["per_type"]},
+        **report["baselines"],
+        **report["ablations"],
+    }
+    width = max(15, max(len(n) for n in names) + 2)  # 15: room for a group header over one column
+    groups = "".ljust(24) + "".rjust(width)
+    for label, members in (("baselines", baselines), ("ablations", ablations)):
+        if members:
+            groups += f" {label} ".center(width * len(members) - 2, "-").rjust(width * len(members))
     lines = [
         f"ShapesWorld evaluation of {report.get('model', 'the pipeline')} on {report.get('split', '?')} "
         f"({report['num_examples']} examples, seed {report.get('seed', '?')}, {report['seconds']:.0f} s)",
         f"Attribute probe: {_percent(report['probe']['clean_accuracy']['exact'])} of "
         f"{report['probe']['clean_accuracy']['num_scenes']} clean renders read exactly",
         "",
+        groups.rstrip(),
         "Edit success".ljust(24) + "".join(n.rjust(width) for n in names),
     ]
     for instruction_type, metrics in report["per_type"].items():
@@ -522,7 +766,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"overall (n={report['num_examples']})".ljust(24)
         + "".join(_percent(summaries[n]["overall"]["edit_success"]).rjust(width) for n in names)
     )
-    lines += ["", "Overall".ljust(24) + "".join(n.rjust(width) for n in names)]
+    lines += ["", groups.rstrip(), "Overall".ljust(24) + "".join(n.rjust(width) for n in names)]
     labels = {
         "edit_success": "edit success",
         "attribute_accuracy": "attribute accuracy",
@@ -535,6 +779,8 @@ def format_report(report: dict[str, Any]) -> str:
     for metric in METRICS:
         values = "".join(_percent(summaries[n]["overall"][metric]).rjust(width) for n in names)
         lines.append(labels[metric].ljust(24) + values)
+    if report.get("criteria") is not None:
+        lines += [""] + format_criteria(report["criteria"])
     return "\n".join(lines)
 
 
@@ -557,7 +803,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_images", default=None, help="write every output to DIR/<configuration>/<id>.png")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=8, help="instructions per pipeline call")
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(BASELINES),
+        choices=list(BASELINES),
+        help="baselines to run (default: all; none: --baselines alone); the criteria compare the model with them",
+    )
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=list(ABLATIONS),
+        choices=list(ABLATIONS),
+        help="ablations to run and report (default: all; none: --ablations alone); not part of the criteria",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     knobs = parser.add_argument_group("pipeline knobs (default: the pipeline's own defaults)")
@@ -634,7 +893,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.embedding_weights is not None:
         pipeline_kwargs["embedding_weights"] = tuple(args.embedding_weights)
     pipeline_kwargs["llm_do_sample"] = args.llm_do_sample
-    configurations = {MODEL: {}, **{name: BASELINES[name] for name in args.baselines}}
+    configurations = {
+        MODEL: {},
+        **{name: BASELINES[name] for name in args.baselines},
+        **{name: ABLATIONS[name] for name in args.ablations},
+    }
     result = run_evaluation(
         pipeline,
         probe.to(device),

@@ -1,0 +1,121 @@
+"""`training/build_shapesworld.py` rebuilds a complete pipeline from nothing with the repository's scripts: here with
+tiny configurations and two steps per stage (the full build is what made the root pipeline; see README)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from diffusers_any2pix import InstructAny2PixPipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("build_shapesworld", os.path.join(REPO, "training", "build_shapesworld.py"))
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+
+EMBED = 16
+TINY = {
+    "imagebind.json": {
+        "out_embed_dim": EMBED, "vision_embed_dim": 16, "vision_num_blocks": 1, "vision_num_heads": 2,
+        "vision_image_size": 32, "vision_patch_size": 8, "text_embed_dim": 16, "text_num_blocks": 1,
+        "text_num_heads": 2, "audio_embed_dim": 16, "audio_num_blocks": 1, "audio_num_heads": 2,
+        "audio_kernel_size": 16, "audio_stride": 16, "audio_drop_path": 0.0,
+    },
+    "vae.json": {
+        "_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "sample_size": 32,
+    },
+    "unet.json": {
+        "_class_name": "UNet2DConditionModel", "sample_size": 16, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "attention_head_dim": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 16, "encoder_hid_dim": EMBED, "encoder_hid_dim_type": "image_proj",
+        "addition_embed_type": "image",
+    },
+    "llm.json": {
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512,
+    },
+    "prior.json": {
+        "_class_name": "Any2PixPrior", "embed_dim": EMBED, "text_hidden_dim": 8, "score_embed_dim": 8,
+        "hidden_size": EMBED, "num_layers": 1, "num_attention_heads": 2, "max_positions": 32, "vocab_size": 8,
+    },
+    "edit_defaults.json": {"num_inference_steps": 2, "guidance_scale": 2.0, "llm_max_new_tokens": 8},
+}  # fmt: skip
+
+
+def _config_dir(root) -> str:
+    folder = root / "configs"
+    folder.mkdir()
+    for name, config in TINY.items():
+        (folder / name).write_text(json.dumps(config))
+    steps = {"max_train_steps": 2, "train_batch_size": 2, "resume_from_checkpoint": "latest"}
+    settings = {
+        "data": {"num_examples": 20, "image_size": 32, "sound_duration": 1.0},
+        "imagebind": {
+            **steps, "image_encoder_config": str(folder / "imagebind.json"), "num_train_pairs": 16,
+            "image_size": 32, "sound_variants": 2, "num_eval_pairs": 4, "eval_sound_variants": 1,
+        },
+        "vae": {**steps, "resolution": 32, "channel_shuffle_prob": 0.5},
+        "unet": {**steps, "use_ema": True},
+        "llm": {**steps, "embed_dim": EMBED},
+        "prior": {**steps, "corrupted_image_pairs": True},
+        "evaluate": {"max_examples": 2, "probe_steps": 1},
+    }  # fmt: skip
+    (folder / "build.json").write_text(json.dumps(settings))
+    return str(folder)
+
+
+def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
+    config_dir = _config_dir(tmp_path)
+    work, out = tmp_path / "work", tmp_path / "pipeline"
+    stages = [s for s in build.STAGES if s != "evaluate"]  # a 1-step probe is (rightly) refused by the evaluator
+    argv = ["--output_dir", str(out), "--work_dir", str(work), "--config_dir", config_dir, "--stages", *stages]
+    assert build.main(argv) == 0
+    log = json.loads((work / "build_log.json").read_text())
+    assert set(stages) <= set(log) and log["total_seconds"] == pytest.approx(sum(log[s]["seconds"] for s in stages), abs=0.2)
+    # The lanes ran side by side on one thread each; the other stages alone.
+    assert log["vae"]["threads"] == log["llm"]["threads"] == 1 and log["data"]["threads"] is None
+
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
+    assert pipeline.config.edit_defaults == TINY["edit_defaults.json"]
+    assert pipeline.scheduler.config.clip_sample is False
+    assert all(f.endswith((".json", ".safetensors", ".txt")) for _, _, fs in os.walk(out) for f in fs)
+    scene = next(p for p in sorted((work / "data" / "media" / "scenes").iterdir()))
+    result = pipeline(
+        "add a red circle to [image1]", images=[str(scene)], on_invalid_answer="use_base",
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert result.images[0].size == (32, 32)
+
+    # A second run finds every stage done and runs nothing; --force redoes a stage and what depends on it.
+    before = {s: log[s]["seconds"] for s in stages}
+    assert build.main(argv) == 0
+    assert {s: json.loads((work / "build_log.json").read_text())[s]["seconds"] for s in stages} == before
+    assert build.main(argv + ["--force", "prior", "--dry_run"]) == 0
+
+
+def test_force_selects_the_dependent_stages():
+    assert build._dependents(["prior"]) == {"prior", "pipeline", "evaluate"}
+    assert build._dependents(["features"]) == {"features", "vae", "unet", "llm", "prior", "pipeline", "evaluate"}
+
+
+def test_dry_run_prints_the_commands(tmp_path, capsys):
+    config_dir = _config_dir(tmp_path)
+    argv = ["--output_dir", str(tmp_path / "o"), "--work_dir", str(tmp_path / "w"), "--config_dir", config_dir]
+    assert build.main(argv + ["--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{stage}: " in printed for stage in build.STAGES)
+    assert "--channel_shuffle_prob 0.5" in printed and "--corrupted_image_pairs" in printed
+    assert not (tmp_path / "w" / "build_log.json").exists()
+
+
+def test_missing_config_is_named(tmp_path, capsys):
+    config_dir = _config_dir(tmp_path)
+    os.remove(os.path.join(config_dir, "unet.json"))
+    with pytest.raises(SystemExit):
+        build.parse_args(["--output_dir", "o", "--config_dir", config_dir])
+    assert "has no unet.json" in capsys.readouterr().err

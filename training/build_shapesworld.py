@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Rebuild the embedded ShapesWorld InstructAny2Pix from scratch with the repository's own scripts.
+
+One command runs the whole chain (shared/DESIGN.md §6) and writes a complete `InstructAny2PixPipeline` to
+``--output_dir`` (the repository root for the embedded default)::
+
+    python training/build_shapesworld.py --output_dir . --work_dir build/shapesworld
+
+Stages, each a plain command of this repository (logged with its wall time to ``<work_dir>/build_log.json``):
+
+1. ``data``: ``python -m diffusers_any2pix.shapes.generate`` — scenes, sounds and instructions (train/val/test).
+2. ``imagebind``: ``training/train_imagebind.py`` — a small ImageBind bound by InfoNCE (text and audio to images).
+3. ``features``: ``training/prepare_data.py`` — ImageBind vectors of every medium and caption.
+4. ``vae`` then ``unet``: ``training/train_decoder.py --mode vae`` / ``--mode imagebind_unet`` — the decoder.
+5. ``llm`` then ``prior``: ``training/train_llm.py --llm_config`` (a small Llama and a word-level tokenizer, from
+   scratch) / ``training/train_prior.py --prior_config``.
+6. ``pipeline``: the components assembled into one pipeline with the ShapesWorld edit settings, saved as safetensors.
+7. ``evaluate``: ``python -m diffusers_any2pix.shapes.evaluate`` on the held-out test split (with baselines).
+
+The decoder lane (4) and the language lane (5) are independent and run side by side, one CPU thread each, when
+``--parallel`` is on (the default): on a 2-core machine that is faster than two threads each one after the other,
+because these small models do not scale across threads. A finished stage is skipped when the command is run again
+(its output exists), so an interrupted build continues; ``--force STAGE ...`` redoes stages (and everything after them
+that depends on them).
+
+Model sizes and step counts live in ``training/configs/shapesworld/`` (one JSON per component, and ``build.json``
+with the steps, batch sizes and learning rates); pass ``--config_dir`` to build a variant.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG_DIR = os.path.join(REPO, "training", "configs", "shapesworld")
+
+# stage → the stages whose outputs it reads
+DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "imagebind": (),
+    "features": ("data", "imagebind"),
+    "vae": ("features",),
+    "unet": ("vae",),
+    "llm": ("features",),
+    "prior": ("features",),
+    "pipeline": ("imagebind", "unet", "llm", "prior"),
+    "evaluate": ("pipeline",),
+}
+STAGES = tuple(DEPENDENCIES)
+DECODER_LANE = ("vae", "unet")
+LANGUAGE_LANE = ("llm", "prior")
+
+
+@dataclass
+class Stage:
+    """One step of the build: a command and the path whose existence says it is done."""
+
+    name: str
+    command: list[str]
+    done_marker: str
+    threads: Optional[int] = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", required=True, help="where the finished pipeline is saved (e.g. '.')")
+    parser.add_argument("--work_dir", default="build/shapesworld", help="data, stage outputs and logs")
+    parser.add_argument("--config_dir", default=DEFAULT_CONFIG_DIR, help="component configs and build.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="run only these")
+    parser.add_argument("--force", nargs="*", default=[], choices=STAGES, help="redo these and their dependents")
+    parser.add_argument("--no_parallel", dest="parallel", action="store_false", help="one stage at a time")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of a stage running alone")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    for name in ("build.json", "vae.json", "unet.json", "llm.json", "prior.json", "edit_defaults.json"):
+        if not os.path.isfile(os.path.join(args.config_dir, name)):
+            parser.error(f"--config_dir {args.config_dir} has no {name}.")
+    return args
+
+
+def _load_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _script(name: str) -> str:
+    return os.path.join(REPO, "training", name)
+
+
+def _options(settings: dict) -> list[str]:
+    """``{"max_train_steps": 10, "use_ema": true}`` → ``["--max_train_steps", "10", "--use_ema"]``."""
+    argv = []
+    for key, value in settings.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return argv
+
+
+def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
+    """The command of every stage, from ``--config_dir``."""
+    settings = _load_json(os.path.join(args.config_dir, "build.json"))
+    work, cfg, py = os.path.abspath(args.work_dir), args.config_dir, sys.executable
+    data, imagebind = os.path.join(work, "data"), os.path.join(work, "imagebind")
+    common = ["--seed", str(args.seed), "--report_to", "none"]
+    maps = [os.path.join(data, split, "media.json") for split in ("train", "val", "test")]
+    text_map = os.path.join(data, "train", "text_media.json")
+    out = {name: os.path.join(work, name) for name in STAGES}
+    stages = [
+        Stage(
+            "data",
+            [py, "-m", "diffusers_any2pix.shapes.generate", "--out", data, "--seed", str(args.seed), "--no_progress"]
+            + _options(settings["data"]),
+            os.path.join(data, "dataset_info.json"),
+        ),
+        Stage(
+            "imagebind",
+            [py, _script("train_imagebind.py"), "--output_dir", imagebind, *common] + _options(settings["imagebind"]),
+            os.path.join(imagebind, "image_encoder", "config.json"),
+        ),
+        Stage(
+            "features",
+            [
+                py, _script("prepare_data.py"), "--pretrained_image_encoder", os.path.join(imagebind, "image_encoder"),
+                "--data_dir", data, "--media_map", *maps, "--text_media_map", text_map,
+                "--imagebind_tokenizer", os.path.join(imagebind, "imagebind_tokenizer"), "--no_progress",
+            ],  # fmt: skip
+            text_map,
+        ),
+        Stage(
+            "vae",
+            [
+                py, _script("train_decoder.py"), "--mode", "vae", "--vae_config", os.path.join(cfg, "vae.json"),
+                "--data_dir", data, "--output_dir", out["vae"], *common,
+            ]  # fmt: skip
+            + _options(settings["vae"]),
+            os.path.join(out["vae"], "vae", "config.json"),
+        ),
+        Stage(
+            "unet",
+            [
+                py, _script("train_decoder.py"), "--mode", "imagebind_unet", "--unet_config",
+                os.path.join(cfg, "unet.json"), "--pretrained_vae", os.path.join(out["vae"], "vae"),
+                "--data_dir", data, "--output_dir", out["unet"], *common,
+            ]  # fmt: skip
+            + _options(settings["unet"]),
+            os.path.join(out["unet"], "unet", "config.json"),
+        ),
+        Stage(
+            "llm",
+            [
+                py, _script("train_llm.py"), "--llm_config", os.path.join(cfg, "llm.json"), "--data_dir", data,
+                "--output_dir", out["llm"], *common,
+            ]  # fmt: skip
+            + _options(settings["llm"]),
+            os.path.join(out["llm"], "llm", "config.json"),
+        ),
+        Stage(
+            "prior",
+            [
+                py, _script("train_prior.py"), "--prior_config", os.path.join(cfg, "prior.json"), "--data_dir", data,
+                "--text_media_map", text_map, "--output_dir", out["prior"], *common,
+            ]  # fmt: skip
+            + _options(settings["prior"]),
+            os.path.join(out["prior"], "prior", "config.json"),
+        ),
+        Stage(
+            "pipeline",
+            [py, os.path.abspath(__file__), "--assemble", work, os.path.join(cfg, "edit_defaults.json"), args.output_dir],
+            os.path.join(work, "pipeline.done"),
+        ),
+        Stage(
+            "evaluate",
+            [
+                py, "-m", "diffusers_any2pix.shapes.evaluate", "--model", args.output_dir, "--data", data,
+                "--split", "test", "--probe", os.path.join(work, "probe"), "--seed", str(args.seed), "--no_progress",
+                "--output", os.path.join(work, "evaluation_test.json"),
+            ]  # fmt: skip
+            + _options(settings.get("evaluate", {})),
+            os.path.join(work, "evaluation_test.json"),
+        ),
+    ]
+    return {stage.name: stage for stage in stages}
+
+
+def assemble(work_dir: str, edit_defaults_file: str, output_dir: str) -> None:
+    """Loads the trained components of ``work_dir`` into one pipeline and saves it to ``output_dir``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffusers_any2pix import InstructAny2PixPipeline
+    from diffusers_any2pix.models.imagebind import ImageBindModel
+    from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
+    from diffusers_any2pix.models.prior import Any2PixPrior
+
+    def path(stage: str, component: str) -> str:
+        return os.path.join(work_dir, stage, component)
+
+    pipeline = InstructAny2PixPipeline(
+        image_encoder=ImageBindModel.from_pretrained(path("imagebind", "image_encoder")),
+        llm=AutoModelForCausalLM.from_pretrained(path("llm", "llm")),
+        llm_tokenizer=AutoTokenizer.from_pretrained(path("llm", "llm_tokenizer")),
+        mm_adapter=MultimodalAdapter.from_pretrained(path("llm", "mm_adapter")),
+        prior=Any2PixPrior.from_pretrained(path("prior", "prior")),
+        vae=AutoencoderKL.from_pretrained(path("vae", "vae")),
+        unet=UNet2DConditionModel.from_pretrained(path("unet", "unet")),
+        scheduler=DDIMScheduler.from_pretrained(path("unet", "scheduler")),
+        edit_defaults=_load_json(edit_defaults_file),
+    )
+    # Only the pipeline's own folders are replaced; the rest of --output_dir (e.g. the repository) is left alone.
+    for name in list(pipeline.components) + ["model_index.json"]:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    size = sum(
+        os.path.getsize(os.path.join(root, f))
+        for name in pipeline.components
+        for root, _, files in os.walk(os.path.join(output_dir, name))
+        for f in files
+    )
+    print(f"Saved the ShapesWorld pipeline to {output_dir} ({size / 2**20:.1f} MiB).")
+    with open(os.path.join(work_dir, "pipeline.done"), "w") as f:
+        f.write(f"{size}\n")
+
+
+class BuildLog:
+    """``<work_dir>/build_log.json``: command, wall time and threads of every stage run."""
+
+    def __init__(self, work_dir: str):
+        self.path = os.path.join(work_dir, "build_log.json")
+        self.lock = threading.Lock()
+
+    def record(self, stage: Stage, seconds: float) -> None:
+        with self.lock:
+            # Re-read: another build process (e.g. one re-running a single stage) may have written meanwhile.
+            entries = _load_json(self.path) if os.path.isfile(self.path) else {}
+            entries[stage.name] = {"seconds": round(seconds, 1), "threads": stage.threads, "command": stage.command}
+            entries["total_seconds"] = round(sum(v["seconds"] for k, v in entries.items() if k in DEPENDENCIES), 1)
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(entries, f, indent=1)
+
+
+def run_stage(stage: Stage, log: BuildLog, logs_dir: str) -> None:
+    env = dict(os.environ, **stage.env)
+    if stage.threads is not None:
+        env.update(OMP_NUM_THREADS=str(stage.threads), MKL_NUM_THREADS=str(stage.threads))
+    log_file = os.path.join(logs_dir, f"{stage.name}.log")
+    print(f"[build] {stage.name}: started ({' '.join(stage.command)}) → {log_file}", flush=True)
+    start = time.perf_counter()
+    with open(log_file, "w") as f:
+        status = subprocess.run(stage.command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    seconds = time.perf_counter() - start
+    if status != 0 or not os.path.exists(stage.done_marker):
+        raise RuntimeError(f"Stage {stage.name!r} failed (exit status {status}); see {log_file}.")
+    log.record(stage, seconds)
+    print(f"[build] {stage.name}: done in {seconds / 60:.1f} min", flush=True)
+
+
+def _dependents(names: list[str]) -> set[str]:
+    redo = set(names)
+    for stage in STAGES:  # STAGES is in dependency order
+        if any(dep in redo for dep in DEPENDENCIES[stage]):
+            redo.add(stage)
+    return redo
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--assemble"]:
+        assemble(*argv[1:4])
+        return 0
+    args = parse_args(argv)
+    stages = build_stages(args)
+    os.makedirs(args.work_dir, exist_ok=True)
+    logs_dir = os.path.join(args.work_dir, "logs")
+    os.makedirs(logs_dir, exist_ok=True)
+    for name in _dependents(args.force):
+        if os.path.exists(stages[name].done_marker) and not args.dry_run:
+            os.remove(stages[name].done_marker)
+    todo = [n for n in STAGES if n in args.stages and not os.path.exists(stages[n].done_marker)]
+    if args.dry_run:
+        for name in todo:
+            print(f"{name}: {' '.join(stages[name].command)}")
+        return 0
+    log = BuildLog(args.work_dir)
+    first_lane, last_lane = STAGES.index(DECODER_LANE[0]), STAGES.index(LANGUAGE_LANE[-1])
+    before = [n for n in todo if STAGES.index(n) < first_lane]
+    after = [n for n in todo if STAGES.index(n) > last_lane]
+    lanes = [[n for n in lane if n in todo] for lane in (DECODER_LANE, LANGUAGE_LANE)]
+    parallel = args.parallel and all(lanes)
+    for name in todo:
+        stages[name].threads = 1 if parallel and name not in before + after else args.threads
+    start = time.perf_counter()
+    for name in before:
+        run_stage(stages[name], log, logs_dir)
+    if parallel:
+        errors = []
+
+        def run_lane(lane: list[str]) -> None:
+            try:
+                for stage_name in lane:
+                    run_stage(stages[stage_name], log, logs_dir)
+            except Exception as error:  # re-raised once both lanes have stopped
+                errors.append(error)
+
+        threads = [threading.Thread(target=run_lane, args=(lane,)) for lane in lanes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+    else:
+        for name in lanes[0] + lanes[1]:
+            run_stage(stages[name], log, logs_dir)
+    for name in after:
+        run_stage(stages[name], log, logs_dir)
+    print(f"[build] finished in {(time.perf_counter() - start) / 60:.1f} min; stage times in {log.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

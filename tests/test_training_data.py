@@ -313,7 +313,7 @@ def test_llm_dataset_tokenises_with_the_inference_prompt_and_read_out_rule(sourc
         assert ids[0] == token_ids.bos and ids[-1] == token_ids.eos
         assert item["labels"][:prompt_length].eq(IGNORE_INDEX).all()
         assert item["labels"][prompt_length:].tolist() == ids[prompt_length:]
-        assert tokenizer.decode(ids[1:prompt_length]).endswith("ASSISTANT :")
+        assert tokenizer.decode(ids[1:prompt_length]).endswith("ASSISTANT:")
         positions = find_embedding_positions(ids, token_ids, start=prompt_length)
         answer_videos = [p for p in range(prompt_length, len(ids)) if ids[p] == token_ids.video]
         assert item["target_positions"].tolist() == [p - 1 for p in answer_videos]

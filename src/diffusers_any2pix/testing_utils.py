@@ -69,7 +69,7 @@ def tiny_imagebind(embed_dim: int = TINY_EMBED_DIM, seed: int = 0, image_size: i
 
 def tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer covering the vicuna prompt and a small editing vocabulary, with Llama's control tokens."""
-    return build_word_level_tokenizer([_TINY_WORDS])
+    return build_word_level_tokenizer([_TINY_WORDS, TINY_ANSWER])
 
 
 def tiny_llm(

@@ -63,6 +63,7 @@ def _config_dir(root) -> str:
         "unet": {**steps, "use_ema": True},
         "llm": {**steps, "embed_dim": EMBED},
         "prior": {**steps, "corrupted_image_pairs": True},
+        "pipeline": {"save_dtype": "float16"},
         "evaluate": {"max_examples": 2, "probe_steps": 1},
     }  # fmt: skip
     (folder / "build.json").write_text(json.dumps(settings))
@@ -83,6 +84,11 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.config.edit_defaults == TINY["edit_defaults.json"]
     assert pipeline.scheduler.config.clip_sample is False
+    # Stored in float16 (half the size), computed in float32.
+    assert pipeline.unet.dtype == torch.float32
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")).values()} == {torch.float16}
     assert all(f.endswith((".json", ".safetensors", ".txt")) for _, _, fs in os.walk(out) for f in fs)
     scene = next(p for p in sorted((work / "data" / "media" / "scenes").iterdir()))
     result = pipeline(

@@ -312,6 +312,20 @@ def test_save_load_round_trip_is_exact(family, tmp_path):
     assert np.array_equal(run(pipe, output_type="np").images, expected)
 
 
+def test_weights_stored_in_float16_load_and_run_in_float32(tmp_path):
+    pipe = make_pipe("imagebind")
+    expected = run(pipe, output_type="np").images
+    pipe.to(torch.float16).save_pretrained(tmp_path)
+    pipe.to(torch.float32)
+    loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    dtypes = {n: c.dtype for n, c in loaded.components.items() if isinstance(c, torch.nn.Module)}
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    # Only the float16 rounding of the weights differs.
+    assert np.abs(run(loaded, output_type="np").images - expected).max() < 0.05
+    assert InstructAny2PixPipeline.from_pretrained(tmp_path, dtype=torch.float16).llm.dtype == torch.float16
+
+
 def test_custom_pipeline_and_hub_cache_loading(tmp_path, monkeypatch):
     pipe = make_pipe("imagebind")
     expected = run(pipe, output_type="np").images

@@ -176,7 +176,11 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
         ),
         Stage(
             "pipeline",
-            [py, os.path.abspath(__file__), "--assemble", work, os.path.join(cfg, "edit_defaults.json"), args.output_dir],
+            [
+                py, os.path.abspath(__file__), "assemble", "--work_dir", work, "--output_dir", args.output_dir,
+                "--edit_defaults", os.path.join(cfg, "edit_defaults.json"),
+            ]  # fmt: skip
+            + _options(settings.get("pipeline", {})),
             os.path.join(work, "pipeline.done"),
         ),
         Stage(
@@ -193,8 +197,11 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     return {stage.name: stage for stage in stages}
 
 
-def assemble(work_dir: str, edit_defaults_file: str, output_dir: str) -> None:
-    """Loads the trained components of ``work_dir`` into one pipeline and saves it to ``output_dir``."""
+def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype: str = "float32") -> None:
+    """Loads the trained components of ``work_dir`` into one pipeline and saves it to ``output_dir``, its weights in
+    ``save_dtype`` (``float16`` halves the size; `InstructAny2PixPipeline.from_pretrained` loads in float32)."""
+    import torch
+
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -222,7 +229,7 @@ def assemble(work_dir: str, edit_defaults_file: str, output_dir: str) -> None:
         target = os.path.join(output_dir, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    pipeline.to(getattr(torch, save_dtype)).save_pretrained(output_dir, safe_serialization=True)
     size = sum(
         os.path.getsize(os.path.join(root, f))
         for name in pipeline.components
@@ -277,8 +284,14 @@ def _dependents(names: list[str]) -> set[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--assemble"]:
-        assemble(*argv[1:4])
+    if argv[:1] == ["assemble"]:  # the `pipeline` stage
+        parser = argparse.ArgumentParser(prog="build_shapesworld.py assemble", description=assemble.__doc__)
+        parser.add_argument("--work_dir", required=True)
+        parser.add_argument("--edit_defaults", required=True, help="JSON of the pipeline's edit_defaults")
+        parser.add_argument("--output_dir", required=True)
+        parser.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        options = parser.parse_args(argv[1:])
+        assemble(options.work_dir, options.edit_defaults, options.output_dir, options.save_dtype)
         return 0
     args = parse_args(argv)
     stages = build_stages(args)

@@ -345,7 +345,13 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         diffusers' download step refuses components from libraries it does not know (ours), so a Hub id is fetched
         with `huggingface_hub.snapshot_download` (honouring `HF_HUB_OFFLINE`, `cache_dir`, `revision`, `token`)
         and the local snapshot is loaded.
+
+        Without ``dtype`` / ``torch_dtype`` every component loads in float32, whatever precision its weights are
+        stored in (diffusers' convention; transformers would otherwise keep the LLM in its stored dtype), so a
+        pipeline saved in float16 to halve its size computes in float32.
         """
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = torch.float32
         path = Path(str(pretrained_model_name_or_path))
         if not path.is_dir():
             from huggingface_hub import snapshot_download

@@ -2,8 +2,8 @@
 """Edit an image with a multimodal instruction from the command line.
 
 Example:
-    python examples/edit.py --model . --instruction "add [audio1] to [image1]" \\
-        --image examples/assets/scene.png --audio examples/assets/sound.wav --output edited.png --seed 0
+    python examples/edit.py --model . --instruction "add [audio1] to [image1] on the right" \\
+        --image examples/assets/scene.png --audio examples/assets/yellow_star.wav --output edited.png --seed 0
 """
 
 import argparse

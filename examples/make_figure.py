@@ -39,7 +39,7 @@ import torch
 from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.multimodal_llm import parse_answer
 from diffusers_any2pix.shapes import INSTRUCTION_TYPES, caption, render_scene
-from diffusers_any2pix.shapes.evaluate import EvaluationExample, example_generator, load_examples
+from diffusers_any2pix.shapes.evaluate import EvaluationExample, example_generator, load_examples, open_image
 
 
 MARGIN = 8
@@ -110,11 +110,6 @@ def select_examples(
     return [example for name in types for example in [e for e in examples if e.type == name][:per_type]]
 
 
-def _open_image(path: str) -> PIL.Image.Image:
-    with PIL.Image.open(path) as image:
-        return image.convert("RGB")
-
-
 @torch.no_grad()
 def run_examples(
     pipeline: InstructAny2PixPipeline, examples: Sequence[EvaluationExample], seed: int = 0
@@ -134,7 +129,7 @@ def run_examples(
     for example in examples:
         out = pipeline(
             example.instruction,
-            images=[_open_image(path) for path in example.image_paths],
+            images=[open_image(path) for path in example.image_paths],
             audio=list(example.audio_paths),
             generator=example_generator(seed, example.index),
             llm_do_sample=False,
@@ -243,7 +238,7 @@ def compose_figure(rows: Sequence[FigureRow], cell: int = 96) -> PIL.Image.Image
         label_y = y + cell + 1
         x = column_x[0]
         for k, path in enumerate(example.image_paths):
-            figure.paste(_open_image(path).resize((cell, cell), PIL.Image.NEAREST), (x, y))
+            figure.paste(open_image(path).resize((cell, cell), PIL.Image.NEAREST), (x, y))
             label = f"[image{k + 1}]" + (" edited" if k == row.edited_index else "")
             _draw_lines(draw, _wrap(draw, label, font, cell, 1), x, label_y, font)
             x += cell + GAP

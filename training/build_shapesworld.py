@@ -116,6 +116,12 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     maps = [os.path.join(data, split, "media.json") for split in ("train", "val", "test")]
     text_map = os.path.join(data, "train", "text_media.json")
     out = {name: os.path.join(work, name) for name in STAGES}
+
+    def training_stage(name: str, script: str, component: str, model_args: list[str]) -> Stage:
+        """A training script on the generated data, saving ``component`` in ``<work_dir>/<name>``."""
+        command = [py, _script(script), *model_args, "--data_dir", data, "--output_dir", out[name], *common]
+        return Stage(name, command + _options(settings[name]), os.path.join(out[name], component, "config.json"))
+
     stages = [
         Stage(
             "data",
@@ -137,42 +143,17 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             ],  # fmt: skip
             text_map,
         ),
-        Stage(
-            "vae",
-            [
-                py, _script("train_decoder.py"), "--mode", "vae", "--vae_config", os.path.join(cfg, "vae.json"),
-                "--data_dir", data, "--output_dir", out["vae"], *common,
-            ]  # fmt: skip
-            + _options(settings["vae"]),
-            os.path.join(out["vae"], "vae", "config.json"),
-        ),
-        Stage(
+        training_stage("vae", "train_decoder.py", "vae", ["--mode", "vae", "--vae_config", os.path.join(cfg, "vae.json")]),
+        training_stage(
             "unet",
-            [
-                py, _script("train_decoder.py"), "--mode", "imagebind_unet", "--unet_config",
-                os.path.join(cfg, "unet.json"), "--pretrained_vae", os.path.join(out["vae"], "vae"),
-                "--data_dir", data, "--output_dir", out["unet"], *common,
-            ]  # fmt: skip
-            + _options(settings["unet"]),
-            os.path.join(out["unet"], "unet", "config.json"),
-        ),
-        Stage(
-            "llm",
-            [
-                py, _script("train_llm.py"), "--llm_config", os.path.join(cfg, "llm.json"), "--data_dir", data,
-                "--output_dir", out["llm"], *common,
-            ]  # fmt: skip
-            + _options(settings["llm"]),
-            os.path.join(out["llm"], "llm", "config.json"),
-        ),
-        Stage(
-            "prior",
-            [
-                py, _script("train_prior.py"), "--prior_config", os.path.join(cfg, "prior.json"), "--data_dir", data,
-                "--text_media_map", text_map, "--output_dir", out["prior"], *common,
-            ]  # fmt: skip
-            + _options(settings["prior"]),
-            os.path.join(out["prior"], "prior", "config.json"),
+            "train_decoder.py",
+            "unet",
+            ["--mode", "imagebind_unet", "--unet_config", os.path.join(cfg, "unet.json"),
+             "--pretrained_vae", os.path.join(out["vae"], "vae")],
+        ),  # fmt: skip
+        training_stage("llm", "train_llm.py", "llm", ["--llm_config", os.path.join(cfg, "llm.json")]),
+        training_stage(
+            "prior", "train_prior.py", "prior", ["--prior_config", os.path.join(cfg, "prior.json"), "--text_media_map", text_map]
         ),
         Stage(
             "pipeline",

@@ -539,6 +539,14 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             prompts, device, self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2
         )
 
+    def encode_prior_prompt(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """The prior's text hidden states for its (always empty) prompt: from ``prior_text_encoder`` when the pipeline
+        keeps one, else ``None`` (the prior then uses the states stored in its weights)."""
+        if self.prior_text_encoder is None:
+            return None
+        ids = self.prior_tokenizer([""] * batch_size, return_tensors="pt").input_ids.to(device)
+        return self.prior_text_encoder(ids).last_hidden_state
+
     def _decoder_conditioning(
         self,
         captions: list[str],
@@ -845,15 +853,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             generation_embeds = torch.stack(generation_rows)
 
             # 5. Refine with the prior (once for the whole batch, both guidance branches in one pass).
-            prior_text_states = None
-            if self.prior_text_encoder is not None:
-                ids = self.prior_tokenizer([""] * batch_size, return_tensors="pt").input_ids.to(device)
-                prior_text_states = self.prior_text_encoder(ids).last_hidden_state
             refined_embeds = self.prior.refine(
                 generation_embeds.to(self.prior.dtype),
                 guidance_scale=prior_guidance_scale,
                 score=prior_score,
-                text_hidden_states=prior_text_states,
+                text_hidden_states=self.encode_prior_prompt(batch_size, device),
             ).float()
 
             # 6. Mix: z = h0·e_base + h1·e_gen + h2·e_refined, rescaled to `embedding_norm`.

@@ -191,7 +191,8 @@ def load_examples(data_dir: str, split: str, max_examples: Optional[int] = None)
     return examples
 
 
-def _open_image(path: str) -> PIL.Image.Image:
+def open_image(path: str) -> PIL.Image.Image:
+    """An image file as RGB, read fully (the file is closed)."""
     with PIL.Image.open(path) as image:
         return image.convert("RGB")
 
@@ -379,17 +380,9 @@ def prior_without_llm(
         query.to(pipeline.prior.dtype),
         guidance_scale=settings["prior_guidance_scale"],
         score=settings["prior_score"],
-        text_hidden_states=_prior_text_states(pipeline, len(instructions), device),
+        text_hidden_states=pipeline.encode_prior_prompt(len(instructions), device),
     ).float()
     return {"conditioning_embeds": rescale_to_norm(refined, settings["embedding_norm"]).cpu()}
-
-
-def _prior_text_states(pipeline, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
-    # The prior's prompt states exactly as the pipeline computes them (the empty prompt; `None`: the stored ones).
-    if pipeline.prior_text_encoder is None:
-        return None
-    ids = pipeline.prior_tokenizer([""] * batch_size, return_tensors="pt").input_ids.to(device)
-    return pipeline.prior_text_encoder(ids).last_hidden_state
 
 
 # Methods without the trained LLM's understanding: the model must beat the best of them (`evaluate_criteria`).
@@ -498,7 +491,7 @@ def run_evaluation(
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     for batch in tqdm(batches, desc="Evaluating", disable=not progress):
         instructions = [example.instruction for example in batch]
-        images = [[_open_image(path) for path in example.image_paths] for example in batch]
+        images = [[open_image(path) for path in example.image_paths] for example in batch]
         audio = [list(example.audio_paths) for example in batch]
         bases = [imgs[example.base_index] for imgs, example in zip(images, batch)]
         base_readings = probe.read(bases)

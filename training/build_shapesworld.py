@@ -17,11 +17,11 @@ Stages, each a plain command of this repository (logged with its wall time to ``
 6. ``pipeline``: the components assembled into one pipeline with the ShapesWorld edit settings, saved as safetensors.
 7. ``evaluate``: ``python -m diffusers_any2pix.shapes.evaluate`` on the held-out test split (with baselines).
 
-The decoder lane (4) and the language lane (5) are independent and run side by side, one CPU thread each, when
-``--parallel`` is on (the default): on a 2-core machine that is faster than two threads each one after the other,
-because these small models do not scale across threads. A finished stage is skipped when the command is run again
-(its output exists), so an interrupted build continues; ``--force STAGE ...`` redoes stages (and everything after them
-that depends on them).
+The decoder lane (4) and the language lane (5) are independent and run side by side, one CPU thread each (unless
+``--no_parallel``): on a 2-core machine that is faster than two threads each one after the other, because these
+small models do not scale across threads. A finished stage is skipped when the command is run again (its output
+exists) and training stages resume from their last checkpoint, so an interrupted build continues; ``--force STAGE ...``
+redoes stages and everything that depends on them. Stage 6 is this script's ``assemble`` sub-command.
 
 Model sizes and step counts live in ``training/configs/shapesworld/`` (one JSON per component, and ``build.json``
 with the steps, batch sizes and learning rates); pass ``--config_dir`` to build a variant.
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,6 @@ class Stage:
     command: list[str]
     done_marker: str
     threads: Optional[int] = None
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -110,7 +109,9 @@ def _options(settings: dict) -> list[str]:
 def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     """The command of every stage, from ``--config_dir``."""
     settings = _load_json(os.path.join(args.config_dir, "build.json"))
-    work, cfg, py = os.path.abspath(args.work_dir), args.config_dir, sys.executable
+    # Absolute paths: the stages run with the repository as their working directory.
+    work, cfg, py = os.path.abspath(args.work_dir), os.path.abspath(args.config_dir), sys.executable
+    output_dir = os.path.abspath(args.output_dir)
     data, imagebind = os.path.join(work, "data"), os.path.join(work, "imagebind")
     common = ["--seed", str(args.seed), "--report_to", "none"]
     maps = [os.path.join(data, split, "media.json") for split in ("train", "val", "test")]
@@ -158,7 +159,7 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
         Stage(
             "pipeline",
             [
-                py, os.path.abspath(__file__), "assemble", "--work_dir", work, "--output_dir", args.output_dir,
+                py, os.path.abspath(__file__), "assemble", "--work_dir", work, "--output_dir", output_dir,
                 "--edit_defaults", os.path.join(cfg, "edit_defaults.json"),
             ]  # fmt: skip
             + _options(settings.get("pipeline", {})),
@@ -167,7 +168,7 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
         Stage(
             "evaluate",
             [
-                py, "-m", "diffusers_any2pix.shapes.evaluate", "--model", args.output_dir, "--data", data,
+                py, "-m", "diffusers_any2pix.shapes.evaluate", "--model", output_dir, "--data", data,
                 "--split", "test", "--probe", os.path.join(work, "probe"), "--seed", str(args.seed), "--no_progress",
                 "--output", os.path.join(work, "evaluation_test.json"),
             ]  # fmt: skip
@@ -240,7 +241,7 @@ class BuildLog:
 
 
 def run_stage(stage: Stage, log: BuildLog, logs_dir: str) -> None:
-    env = dict(os.environ, **stage.env)
+    env = dict(os.environ)
     if stage.threads is not None:
         env.update(OMP_NUM_THREADS=str(stage.threads), MKL_NUM_THREADS=str(stage.threads))
     log_file = os.path.join(logs_dir, f"{stage.name}.log")

@@ -486,6 +486,7 @@ def test_train_llm_from_scratch_with_a_word_level_tokenizer(workspace, tmp_path)
     llm = AutoModelForCausalLM.from_pretrained(out / "llm")
     tokenizer = train_llm.AutoTokenizer.from_pretrained(out / "llm_tokenizer")
     assert llm.config.hidden_size == 32 and llm.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert llm.config.pad_token_id == tokenizer.pad_token_id is not None
     with open(os.path.join(workspace["data"], "train", "instruction.json")) as f:
         answer = json.load(f)[0]["conversations"][1]["value"]
     ids = tokenizer(answer, add_special_tokens=False).input_ids

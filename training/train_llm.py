@@ -202,7 +202,6 @@ def new_llm(args: argparse.Namespace, examples: list[MMInstExample]):
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.unk_token_id,
     )
     config = AutoConfig.for_model(**config_dict)
     torch.manual_seed(args.seed)  # the initial weights follow --seed
@@ -222,6 +221,8 @@ def build_model(
         llm = training_utils.load_component(args, "llm", AutoModelForCausalLM.from_pretrained, dtype=dtype)
         tokenizer = load_llm_tokenizer(args)
     token_ids = add_multimodal_tokens(tokenizer, llm)
+    if args.llm_config is not None:  # the pad token is only settled once the multimodal tokens are in
+        llm.config.pad_token_id = tokenizer.pad_token_id
     adapter = None
     if args.llm_config is None:  # a new LLM gets a new adapter
         adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)

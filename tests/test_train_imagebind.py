@@ -144,22 +144,57 @@ def test_shapes_world_pairs_are_seeded_and_exclude_heldout(tokenizer):
     processor = ImageBindProcessor(tokenizer=tokenizer, image_size=32)
     dataset = train_imagebind.ShapesWorldPairs(processor, 10, seed=3, image_size=32, sound_variants=range(1))
     a, b = dataset[(1, 4)], dataset[(1, 4)]
-    assert a["text"]["other_key"] == b["text"]["other_key"] and torch.equal(a["audio"]["other"], b["audio"]["other"])
+    # Without hard negatives a sample holds one text pair.
+    assert len(a["text"]) == 1 and a["text"][0]["other_key"] == b["text"][0]["other_key"]
+    assert torch.equal(a["audio"]["other"], b["audio"]["other"])
+
     def keys(epoch: int) -> list:
-        return [(dataset[(epoch, i)]["text"]["other_key"], dataset[(epoch, i)]["audio"]["other_key"]) for i in range(5)]
+        return [(dataset[(epoch, i)]["text"][0]["other_key"], dataset[(epoch, i)]["audio"]["other_key"]) for i in range(5)]
 
     assert keys(1) != keys(2)
-    assert a["text"]["pixel_values"].shape == (3, 32, 32) and a["text"]["other"].shape == (77,)
+    assert a["text"][0]["pixel_values"].shape == (3, 32, 32) and a["text"][0]["other"].shape == (77,)
     # 2-second recordings fill one clip: the three identical clips are kept once.
     assert a["audio"]["other"].shape == (1, 1, 128, 204)
     assert all((s, c) not in HELDOUT_COMBINATIONS for s, c in dataset.kinds) and len(dataset.kinds) == 26
     for index in range(12):
-        text = dataset[(0, index)]["text"]["other_key"]
+        text = dataset[(0, index)]["text"][0]["other_key"]
         if not text.startswith("an image of"):
             assert not parse_caption(text).combinations() & HELDOUT_COMBINATIONS
     batch = train_imagebind.collate_pairs([a, {"audio": b["audio"]}])
     assert batch["audio"]["other"].shape == (2, 1, 1, 128, 204) and batch["text"]["other"].shape == (1, 77)
     assert batch["audio"]["image_keys"] == [a["audio"]["image_key"]] * 2
+
+
+def test_hard_negatives_differ_in_exactly_one_attribute_and_share_the_batch(tokenizer):
+    processor = ImageBindProcessor(tokenizer=tokenizer, image_size=32)
+    dataset = train_imagebind.ShapesWorldPairs(
+        processor, 10, seed=0, image_size=32, sound_variants=range(1), object_text_fraction=0.0,
+        hard_negative_fraction=1.0,
+    )  # fmt: skip
+    samples = [dataset[(0, i)] for i in range(40)]
+    for sample in samples:
+        assert len(sample["text"]) == 2
+        first, twin = (parse_caption(pair["other_key"]) for pair in sample["text"])
+        assert not twin.combinations() & HELDOUT_COMBINATIONS
+        changes = int(first.background != twin.background)
+        assert [o.slot for o in first.objects] == [o.slot for o in twin.objects]
+        changes += sum((a.shape != b.shape) + (a.colour != b.colour) for a, b in zip(first.objects, twin.objects))
+        assert changes == 1
+        # The twin's image is its own render, not a copy of the first one.
+        assert not torch.equal(sample["text"][0]["pixel_values"], sample["text"][1]["pixel_values"])
+    batch = train_imagebind.collate_pairs(samples[:3])
+    assert batch["text"]["other"].shape == (6, 77)
+    assert batch["text"]["other_keys"][:2] == [pair["other_key"] for pair in samples[0]["text"]]
+    # Every single change of a lone green circle on plain, less those making a held-out pair (circle on checkered,
+    # purple circle, green triangle): 2 backgrounds + 3 shapes + 4 colours.
+    lone = Scene.from_dict({"background": "plain", "objects": [{"shape": "circle", "colour": "green", "slot": "left"}]})
+    edits = {caption(dataset.minimal_edit(lone, np.random.default_rng(i))) for i in range(200)}
+    assert "a purple circle on the left, on a plain background" not in edits  # held out
+    assert "a green circle on the left, on a checkered background" not in edits  # held out
+    assert "a green square on the left, on a plain background" in edits and len(edits) == 2 + 3 + 4
+    # Evaluation pairs never carry twins, whatever the training fraction.
+    eval_samples = train_imagebind.shapes_eval_pairs(dataset, 4, [1], seed=0)
+    assert all(not isinstance(s.get("text", {}), list) for s in eval_samples)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +306,7 @@ def test_bind_audio_only_on_jsonl_pairs_keeps_the_other_towers(tmp_path, pairs_f
         (["--train_batch_size", "1"], "at least 2"),
         (["--pretrained_image_encoder", "x"], "either `--image_encoder_config`"),
         (["--object_text_fraction", "2"], "object_text_fraction"),
+        (["--hard_negative_fraction", "-0.1"], "hard_negative_fraction"),
         (["--train_data", "nowhere.jsonl"], "does not exist"),
         (["--num_eval_pairs", "0"], "num_eval_pairs"),
     ],

@@ -48,7 +48,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -72,7 +72,7 @@ from diffusers_any2pix.shapes import (
 )
 from diffusers_any2pix.shapes.generate import HELDOUT_COMBINATIONS
 from diffusers_any2pix.shapes.probe import random_scenes
-from diffusers_any2pix.shapes.world import SLOT_PHRASES
+from diffusers_any2pix.shapes.world import SLOT_PHRASES, Scene
 
 
 logger = get_logger(__name__)
@@ -280,10 +280,11 @@ def _item(processor: ImageBindProcessor, pair: BindingPair) -> dict[str, Any]:
 
 
 def collate_pairs(samples: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Stacks each modality's pairs of a batch: ``{modality: {pixel_values, other, image_keys, other_keys}}``."""
+    """Stacks each modality's pairs of a batch: ``{modality: {pixel_values, other, image_keys, other_keys}}``. A sample
+    holds one pair per modality, or a list of pairs (kept next to each other)."""
     batch = {}
     for name in BOUND_MODALITIES:
-        items = [sample[name] for sample in samples if name in sample]
+        items = [item for s in samples if name in s for item in (s[name] if isinstance(s[name], list) else [s[name]])]
         if items:
             batch[name] = {
                 "pixel_values": torch.stack([item["pixel_values"] for item in items]),
@@ -310,6 +311,10 @@ class ShapesWorldPairs(Dataset):
             kind is the same clip everywhere (seeded by ``(sound_seed, shape, colour, v)``).
         sound_seed (`int`, defaults to 0): seed of the recordings.
         object_text_fraction (`float`, defaults to 0.25): share of text pairs showing a single object.
+        hard_negative_fraction (`float`, defaults to 0.0): share of scene pairs that come with a second scene pair
+            differing from the first in exactly one attribute (one object's shape or colour, or the background). The
+            two land in the same batch, so the contrastive loss has to tell them apart: every attribute must be
+            encoded, not just the ones that are enough to tell random scenes apart.
         exclude_heldout (`bool`, defaults to `True`): never draw the generator's held-out combinations.
         sample_rate (`int`, defaults to 16000), sound_duration (`float`, defaults to 2.0): the recordings.
     """
@@ -323,6 +328,7 @@ class ShapesWorldPairs(Dataset):
         sound_variants: Sequence[int] = range(8),
         sound_seed: int = 0,
         object_text_fraction: float = 0.25,
+        hard_negative_fraction: float = 0.0,
         exclude_heldout: bool = True,
         sample_rate: int = 16000,
         sound_duration: float = 2.0,
@@ -336,6 +342,7 @@ class ShapesWorldPairs(Dataset):
         self.sound_variants = tuple(sound_variants)
         self.sound_seed = sound_seed
         self.object_text_fraction = object_text_fraction
+        self.hard_negative_fraction = hard_negative_fraction
         self.sample_rate = sample_rate
         self.sound_duration = sound_duration
         excluded = HELDOUT_COMBINATIONS if exclude_heldout else frozenset()
@@ -368,19 +375,39 @@ class ShapesWorldPairs(Dataset):
             self._sounds[key] = features
         return self._sounds[key]
 
-    def text_pair(self, rng: np.random.Generator) -> dict[str, Any]:
+    def scene_pair(self, scene: Scene) -> dict[str, Any]:
+        text = caption(scene)
+        pixels = self.processor.preprocess_image(render_scene(scene, self.image_size))[0]
+        return {"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}
+
+    def minimal_edit(self, scene: Scene, rng: np.random.Generator) -> Scene | None:
+        """``scene`` with one attribute changed (an object's shape or colour, or the background), drawn among the
+        changes that stay out of the excluded combinations; `None` when there is none."""
+        edits = [replace(scene, background=b) for b in BACKGROUNDS if b != scene.background]
+        for obj in scene.objects:
+            others = [o for o in scene.objects if o is not obj]
+            edits += [replace(scene, objects=others + [replace(obj, shape=s)]) for s in SHAPES if s != obj.shape]
+            edits += [replace(scene, objects=others + [replace(obj, colour=c)]) for c in COLOURS if c != obj.colour]
+        edits = [edit for edit in edits if not edit.combinations() & self.excluded]
+        return edits[int(rng.integers(len(edits)))] if edits else None
+
+    def text_pairs(self, rng: np.random.Generator, twins: bool = True) -> list[dict[str, Any]]:
+        """One text pair, or (``twins`` on, with ``hard_negative_fraction``) a scene pair and its minimally edited twin."""
         if rng.random() < self.object_text_fraction:
             shape, colour = self.kinds[int(rng.integers(len(self.kinds)))]
             text = object_image_caption(shape, colour)
             pixels = self.object_pixels(shape, colour)
-        else:
-            while True:  # rejection keeps the distribution of the generator's train split
-                scene = random_scenes(rng, 1)[0]
-                if not scene.combinations() & self.excluded:
-                    break
-            text = caption(scene)
-            pixels = self.processor.preprocess_image(render_scene(scene, self.image_size))[0]
-        return {"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}
+            return [{"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}]
+        while True:  # rejection keeps the distribution of the generator's train split
+            scene = random_scenes(rng, 1)[0]
+            if not scene.combinations() & self.excluded:
+                break
+        pairs = [self.scene_pair(scene)]
+        if twins and self.hard_negative_fraction and rng.random() < self.hard_negative_fraction:
+            twin = self.minimal_edit(scene, rng)
+            if twin is not None:
+                pairs.append(self.scene_pair(twin))
+        return pairs
 
     def audio_pair(self, shape: str, colour: str, variant: int) -> dict[str, Any]:
         kind = f"{colour} {shape}"
@@ -396,7 +423,7 @@ class ShapesWorldPairs(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         shape, colour = self.kinds[int(rng.integers(len(self.kinds)))]
         variant = self.sound_variants[int(rng.integers(len(self.sound_variants)))]
-        return {"text": self.text_pair(rng), "audio": self.audio_pair(shape, colour, variant)}
+        return {"text": self.text_pairs(rng), "audio": self.audio_pair(shape, colour, variant)}
 
 
 class PairsDataset(Dataset):
@@ -497,8 +524,7 @@ def shapes_eval_pairs(dataset: ShapesWorldPairs, num_scenes: int, variants: Sequ
     rng = np.random.default_rng([seed, 0x5EED, 1, 0])  # 4 words: disjoint from the (seed, epoch, index) streams
     samples = []
     for _ in range(num_scenes):
-        text = dataset.text_pair(rng)
-        samples.append({"text": text})
+        samples.append({"text": dataset.text_pairs(rng, twins=False)[0]})
     for shape, colour in dataset.kinds:
         for variant in variants:
             samples.append({"audio": dataset.audio_pair(shape, colour, variant)})
@@ -606,6 +632,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--sound_variants", type=int, default=8, help="Training recordings per object kind (on the fly).")
     data.add_argument("--eval_sound_variants", type=int, default=2, help="Held-out recordings per object kind.")
     data.add_argument("--object_text_fraction", type=float, default=0.25, help="Object image ↔ text share.")
+    data.add_argument(
+        "--hard_negative_fraction",
+        type=float,
+        default=0.0,
+        help="Share of on-the-fly scene pairs joined by a twin that differs in one attribute (a hard negative).",
+    )
     data.add_argument("--include_heldout", action="store_true", help="Also draw the generator's held-out combinations.")
     data.add_argument("--image_size", type=int, default=64, help="Render size of on-the-fly ShapesWorld images.")
     data.add_argument(
@@ -623,6 +655,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
     if not 0.0 <= args.object_text_fraction <= 1.0:
         raise ValueError(f"`--object_text_fraction` must lie in [0, 1], got {args.object_text_fraction}.")
+    if not 0.0 <= args.hard_negative_fraction <= 1.0:
+        raise ValueError(f"`--hard_negative_fraction` must lie in [0, 1], got {args.hard_negative_fraction}.")
     if args.train_batch_size < 2:
         raise ValueError("`--train_batch_size` must be at least 2: contrastive learning needs negatives.")
     for name in ("train_data", "eval_data"):
@@ -677,6 +711,7 @@ def build_datasets(
         sound_variants=range(args.sound_variants),
         sound_seed=args.seed,
         object_text_fraction=args.object_text_fraction,
+        hard_negative_fraction=args.hard_negative_fraction,
         exclude_heldout=not args.include_heldout,
     )
     if eval_pairs is not None:

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""How well a ShapesWorld ImageBind carries scenes it never saw: held-out combinations against in-distribution ones.
+
+    python benchmarks/imagebind_compositionality.py --image_encoder build/shapesworld/imagebind/image_encoder \\
+        --tokenizer build/shapesworld/imagebind/imagebind_tokenizer --data build/shapesworld/data
+
+Every scene image of the dataset's splits is encoded by the image tower. Two measurements per split:
+
+- **retrieval** (zero-shot, no training): the share of scenes whose nearest caption, among the captions of every
+  scene of the dataset, is their own. The text tower embeds each caption from its words, so this says whether the
+  joint space places an unseen combination where its description lands.
+- **reader**: a small MLP trained on the ``train`` scenes' embeddings to read the background and each slot's shape and
+  colour (what the LLM and the decoder must do with an embedding), then applied to the other splits; the share of
+  scenes read exactly, and the accuracy per field.
+
+On ``test`` every scene holds a combination held out of training (see `diffusers_any2pix.shapes.generate`), so the
+gap between ``val`` and ``test`` is the cost of unseen combinations. Prints a table; ``--output`` writes JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPTokenizer
+
+from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.processing_imagebind import ImageBindProcessor
+from diffusers_any2pix.shapes.evaluate import open_image
+from diffusers_any2pix.shapes.world import BACKGROUNDS, COLOURS, SHAPES, SLOTS, Scene
+
+
+FIELDS = ("background",) + tuple(f"{slot}_{what}" for slot in SLOTS for what in ("shape", "colour"))
+# Classes per field: a slot's shape and colour include "empty" (class 0).
+FIELD_CLASSES = (len(BACKGROUNDS),) + (len(SHAPES) + 1, len(COLOURS) + 1) * len(SLOTS)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image_encoder", required=True, help="an ImageBindModel folder")
+    parser.add_argument("--tokenizer", required=True, help="the CLIP tokenizer folder it was trained with")
+    parser.add_argument("--data", required=True, help="a ShapesWorld dataset root")
+    parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    parser.add_argument("--reader_steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    if "train" not in args.splits:
+        parser.error("--splits must include train (the reader is trained on it).")
+    if args.reader_steps < 1 or args.batch_size < 1:
+        parser.error("--reader_steps and --batch_size must be positive.")
+    for split in args.splits:
+        if not os.path.isfile(os.path.join(args.data, split, "scenes.json")):
+            parser.error(f"--data {args.data!r} has no {split}/scenes.json (generate it with shapes.generate).")
+    return args
+
+
+def scene_labels(scene: Scene) -> list[int]:
+    """One class index per entry of `FIELDS`."""
+    labels = [BACKGROUNDS.index(scene.background)]
+    for slot in SLOTS:
+        obj = scene.object_at(slot)
+        labels += [0, 0] if obj is None else [1 + SHAPES.index(obj.shape), 1 + COLOURS.index(obj.colour)]
+    return labels
+
+
+@torch.no_grad()
+def encode_scene_images(
+    model: ImageBindModel, processor: ImageBindProcessor, paths: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    """L2-normalised image embeddings of the image files ``paths``."""
+    embeds = []
+    for start in range(0, len(paths), batch_size):
+        pixels = processor.preprocess_image([open_image(path) for path in paths[start : start + batch_size]])
+        embeds.append(model.encode_image(pixels))
+    return F.normalize(torch.cat(embeds).float(), dim=-1)
+
+
+@torch.no_grad()
+def encode_captions(
+    model: ImageBindModel, processor: ImageBindProcessor, captions: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    """L2-normalised text embeddings (the logit scale removed)."""
+    embeds = [model.encode_text(processor.tokenize(list(captions[i : i + batch_size]))) for i in range(0, len(captions), batch_size)]
+    return F.normalize(torch.cat(embeds).float(), dim=-1)
+
+
+def retrieval_accuracy(image_embeds: torch.Tensor, own: torch.Tensor, caption_embeds: torch.Tensor) -> float:
+    """Share of images whose most similar caption is the one at index ``own``."""
+    return (image_embeds @ caption_embeds.T).argmax(dim=-1).eq(own).float().mean().item()
+
+
+class SceneReader(torch.nn.Module):
+    """An MLP from an embedding to one set of logits per entry of `FIELDS`."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int = 512):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(embed_dim, hidden_dim), torch.nn.GELU(), torch.nn.Linear(hidden_dim, sum(FIELD_CLASSES))
+        )
+
+    def forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(self.net(embeds), FIELD_CLASSES, dim=-1)
+
+
+def train_reader(embeds: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, seed: int) -> SceneReader:
+    """Fits a `SceneReader` on ``(embeds, labels)``; deterministic for a seed (the global RNG is left untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        reader = SceneReader(embeds.shape[1])
+    optimizer = torch.optim.AdamW(reader.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(steps):
+        index = torch.randint(0, len(embeds), (batch_size,), generator=generator)
+        logits = reader(embeds[index])
+        loss = sum(F.cross_entropy(field, labels[index, k]) for k, field in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return reader.eval()
+
+
+@torch.no_grad()
+def reader_accuracy(reader: SceneReader, embeds: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Scene-exact share and per-field accuracy."""
+    correct = torch.stack([field.argmax(dim=-1) for field in reader(embeds)], dim=-1).eq(labels)
+    return {"exact": correct.all(dim=-1).float().mean().item(), **dict(zip(FIELDS, correct.float().mean(0).tolist()))}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = ImageBindModel.from_pretrained(args.image_encoder).eval()
+    processor = ImageBindProcessor.for_model(model, tokenizer=CLIPTokenizer.from_pretrained(args.tokenizer))
+    splits = {}
+    for split in args.splits:
+        with open(os.path.join(args.data, split, "scenes.json"), encoding="utf-8") as f:
+            entries = json.load(f)
+        paths = [os.path.join(args.data, entry["path"]) for entry in entries]
+        labels = torch.tensor([scene_labels(Scene.from_dict(entry["scene"])) for entry in entries])
+        splits[split] = (encode_scene_images(model, processor, paths, args.batch_size), labels, [e["caption"] for e in entries])
+    captions = sorted({c for _, _, split_captions in splits.values() for c in split_captions})
+    caption_embeds = encode_captions(model, processor, captions, args.batch_size)
+    position = {c: i for i, c in enumerate(captions)}
+    # The reader sees unit vectors scaled up, as the pipeline conditions on norm-20 embeddings.
+    reader = train_reader(splits["train"][0] * 20.0, splits["train"][1], args.reader_steps, args.batch_size, args.seed)
+    report = {"image_encoder": args.image_encoder, "data": args.data, "num_captions": len(captions), "splits": {}}
+    for split, (embeds, labels, split_captions) in splits.items():
+        own = torch.tensor([position[c] for c in split_captions])
+        report["splits"][split] = {
+            "num_scenes": len(embeds),
+            "retrieval": retrieval_accuracy(embeds, own, caption_embeds),
+            "reader": reader_accuracy(reader, embeds * 20.0, labels),
+        }
+    print(f"ImageBind compositionality ({args.image_encoder}); retrieval among {len(captions)} captions")
+    print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  " + " ".join(f"{f:>13s}" for f in FIELDS))
+    for split, r in report["splits"].items():
+        fields = " ".join(f"{100 * r['reader'][f]:13.1f}" for f in FIELDS)
+        print(f"{split:6s} {r['num_scenes']:6d} {100 * r['retrieval']:9.1f} {100 * r['reader']['exact']:7.1f}  {fields}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,100 @@
+"""benchmarks/imagebind_compositionality.py: zero-shot retrieval and a trained reader of ImageBind scene embeddings."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.shapes import Scene, generate_dataset
+from diffusers_any2pix.testing_utils import TINY_IMAGEBIND_CONFIG
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("imagebind_compositionality", "benchmarks/imagebind_compositionality.py")
+train_imagebind = _load("train_imagebind", "training/train_imagebind.py")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compositionality")
+    generate_dataset(str(root / "data"), 40, seed=0, image_size=32, sound_duration=1.0, progress=False)
+    tokenizer = train_imagebind.shapes_world_tokenizer()
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    torch.manual_seed(0)
+    config = {**TINY_IMAGEBIND_CONFIG, "vision_image_size": 32, "vision_patch_size": 8, "text_vocab_size": len(tokenizer)}
+    ImageBindModel(**config).save_pretrained(str(root / "image_encoder"))
+    return root
+
+
+def test_scene_labels_follow_fields():
+    scene = Scene.from_dict({"background": "dotted", "objects": [{"shape": "star", "colour": "blue", "slot": "right"}]})
+    labels = bench.scene_labels(scene)
+    assert len(labels) == len(bench.FIELDS) == len(bench.FIELD_CLASSES) == 7
+    # dotted = 2; left and middle empty (0, 0); star = 1 + 3, blue = 1 + 4.
+    assert labels == [2, 0, 0, 0, 0, 4, 5]
+    assert all(0 <= label < n for label, n in zip(labels, bench.FIELD_CLASSES))
+
+
+def test_retrieval_accuracy_counts_the_own_caption_as_nearest():
+    captions = torch.eye(3)
+    images = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.2, 1.0], [0.0, 0.0, 1.0]])
+    # Nearest captions: 0, 2, 2 — the second image's own caption is 1.
+    assert bench.retrieval_accuracy(images, torch.tensor([0, 1, 2]), captions) == pytest.approx(2 / 3)
+
+
+def test_reader_learns_a_linear_code_and_is_seeded():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.stack([torch.randint(0, n, (200,), generator=generator) for n in bench.FIELD_CLASSES], dim=-1)
+    # One-hot codes of every field side by side: a readable embedding.
+    embeds = torch.cat([torch.nn.functional.one_hot(labels[:, k], n) for k, n in enumerate(bench.FIELD_CLASSES)], -1)
+    reader = bench.train_reader(embeds.float(), labels, steps=300, batch_size=64, seed=0)
+    accuracy = bench.reader_accuracy(reader, embeds.float(), labels)
+    assert accuracy["exact"] == 1.0 and set(accuracy) == {"exact", *bench.FIELDS}
+    again = bench.train_reader(embeds.float(), labels, steps=300, batch_size=64, seed=0)
+    for a, b in zip(reader.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_main_reports_every_split_and_writes_json(setup, tmp_path, capsys):
+    argv = [
+        "--image_encoder", str(setup / "image_encoder"), "--tokenizer", str(setup / "tokenizer"),
+        "--data", str(setup / "data"), "--reader_steps", "5", "--batch_size", "16", "--output", str(tmp_path / "r.json"),
+    ]  # fmt: skip
+    report = bench.main(argv)
+    assert set(report["splits"]) == {"train", "val", "test"}
+    for split, result in report["splits"].items():
+        scenes = json.load(open(setup / "data" / split / "scenes.json"))
+        assert result["num_scenes"] == len(scenes)
+        assert 0.0 <= result["retrieval"] <= 1.0 and 0.0 <= result["reader"]["exact"] <= 1.0
+    assert report["num_captions"] == len({s["caption"] for sp in ("train", "val", "test")
+                                          for s in json.load(open(setup / "data" / sp / "scenes.json"))})  # fmt: skip
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    assert "retrieval among" in capsys.readouterr().out
+    # The same inputs give the same figures.
+    assert bench.main(argv[:-2]) == {**report}
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--splits", "val", "test"], "must include train"),
+        (["--reader_steps", "0"], "must be positive"),
+        (["--splits", "train", "nosuch"], "no nosuch/scenes.json"),
+    ],
+)
+def test_bad_arguments(setup, extra, match, capsys):
+    argv = ["--image_encoder", "x", "--tokenizer", "y", "--data", str(setup / "data"), *extra]
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert match in capsys.readouterr().err

@@ -4,9 +4,10 @@
     python benchmarks/decoder_oracle.py --model . --data build/shapesworld/data --split test --max_examples 128
 
 For each example the target scene is rendered, encoded by the pipeline's own ImageBind, rescaled to the conditioning
-norm and passed as ``conditioning_embeds`` (the LLM and the prior do not run; the instruction's first image is the one
-inverted), with the pipeline's edit settings. The attribute probe then reads the output. What this measures is the
-decoder alone: if it cannot render a target from the target's own embedding, no LLM can make the edit succeed.
+norm and passed as ``conditioning_embeds``, with the target's caption as ``captions`` (read by text-to-image decoders).
+The LLM and the prior do not run; the instruction's first image is the one inverted; the pipeline's edit settings
+apply. The attribute probe then reads the output. What this measures is the decoder alone: if it cannot render a
+target from the target's own embedding (and caption), no LLM can make the edit succeed.
 Prints the probe-exact share per ``--structure_preservation`` value and writes JSON with ``--output``.
 """
 
@@ -20,7 +21,7 @@ import torch
 from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.models.mm_adapter import rescale_to_norm
 from diffusers_any2pix.shapes.evaluate import example_generator, load_examples, load_or_train_probe, open_image
-from diffusers_any2pix.shapes.world import render_scene
+from diffusers_any2pix.shapes.world import caption, render_scene
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,6 +68,7 @@ def main(argv=None) -> dict:
                 images=[[open_image(path) for path in example.image_paths] for example in batch],
                 audio=[list(example.audio_paths) for example in batch],
                 conditioning_embeds=target_embeddings(pipeline, [e.target_scene for e in batch], norm),
+                captions=[caption(e.target_scene) for e in batch],
                 structure_preservation=preservation,
                 generator=[example_generator(args.seed, example.index) for example in batch],
             )

@@ -47,10 +47,24 @@ TINY = {
 }  # fmt: skip
 
 
-def _config_dir(root) -> str:
+# The text-to-image decoder variant: an SD 1.x-style UNet and a CLIP text encoder over the ImageBind tokenizer.
+TINY_TEXT_DECODER = {
+    "unet.json": {
+        **{k: v for k, v in TINY["unet.json"].items() if k not in ("encoder_hid_dim", "encoder_hid_dim_type",
+                                                                   "addition_embed_type")},
+    },
+    "text_encoder.json": {
+        "vocab_size": 619, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 77,
+    },
+    "edit_defaults.json": {**TINY["edit_defaults.json"], "negative_prompt": ""},
+}  # fmt: skip
+
+
+def _config_dir(root, text_decoder: bool = False) -> str:
     folder = root / "configs"
     folder.mkdir()
-    for name, config in TINY.items():
+    for name, config in {**TINY, **(TINY_TEXT_DECODER if text_decoder else {})}.items():
         (folder / name).write_text(json.dumps(config))
     steps = {"max_train_steps": 2, "train_batch_size": 2, "resume_from_checkpoint": "latest"}
     settings = {
@@ -104,6 +118,28 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
     assert build.main(argv + ["--force", "prior", "--dry_run"]) == 0
 
 
+def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
+    config_dir = _config_dir(tmp_path, text_decoder=True)
+    work, out = tmp_path / "work", tmp_path / "pipeline"
+    stages = [s for s in build.STAGES if s != "evaluate"]
+    argv = ["--output_dir", str(out), "--work_dir", str(work), "--config_dir", config_dir, "--stages", *stages]
+    assert build.main(argv + ["--dry_run"]) == 0
+    assert "--mode text_unet" in capsys.readouterr().out
+    assert build.main(argv) == 0
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
+    assert pipeline.decoder_family == "sd" and pipeline.ip_adapter is not None
+    # The decoder reads captions with the ImageBind tokenizer (one token per ShapesWorld word).
+    assert pipeline.tokenizer.tokenize("a green triangle on the left") == ["a</w>", "green</w>", "triangle</w>", "on</w>",
+                                                                          "the</w>", "left</w>"]  # fmt: skip
+    assert pipeline.resolve_edit_settings()["negative_prompt"] == ""
+    scene = next(p for p in sorted((work / "data" / "media" / "scenes").iterdir()))
+    result = pipeline(
+        "add a red circle to [image1]", images=[str(scene)], on_invalid_answer="use_base",
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert result.images[0].size == (32, 32)
+
+
 def test_force_selects_the_dependent_stages():
     assert build._dependents(["prior"]) == {"prior", "pipeline", "evaluate"}
     assert build._dependents(["features"]) == {"features", "vae", "unet", "llm", "prior", "pipeline", "evaluate"}
@@ -125,3 +161,9 @@ def test_missing_config_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build.parse_args(["--output_dir", "o", "--config_dir", config_dir])
     assert "has no unet.json" in capsys.readouterr().err
+    (tmp_path / "text").mkdir()
+    text_config_dir = _config_dir(tmp_path / "text", text_decoder=True)
+    os.remove(os.path.join(text_config_dir, "text_encoder.json"))
+    with pytest.raises(SystemExit):
+        build.parse_args(["--output_dir", "o", "--config_dir", text_config_dir])
+    assert "there is no text_encoder.json" in capsys.readouterr().err

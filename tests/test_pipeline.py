@@ -116,6 +116,21 @@ def test_reusing_conditioning_embeds_reproduces_the_edit(native_pipe):
     assert np.array_equal(first.images, again.images)
 
 
+def test_given_captions_drive_a_text_decoder_with_conditioning_embeds():
+    pipe = make_pipe("sd")
+    first = run(pipe, output_type="np", seed=5)
+    # The LLM's own caption, given back: the same edit.
+    again = run(pipe, output_type="np", seed=5, conditioning_embeds=first.conditioning_embeds, captions=first.captions)
+    assert np.array_equal(first.images, again.images) and again.captions == first.captions
+    other = run(pipe, output_type="np", seed=5, conditioning_embeds=first.conditioning_embeds,
+                captions="a blue star in the middle")  # fmt: skip
+    assert other.captions == ["a blue star in the middle"] and not np.array_equal(first.images, other.images)
+    with pytest.raises(ValueError, match="go with `conditioning_embeds`"):
+        run(pipe, captions=["x"])
+    with pytest.raises(ValueError, match="must be 1 string"):
+        run(pipe, conditioning_embeds=first.conditioning_embeds, captions=["x", "y"])
+
+
 def test_callback_on_step_end(native_pipe):
     seen = []
 
@@ -422,6 +437,21 @@ def test_edit_defaults_are_saved_and_used_unless_overridden(tmp_path):
     assert json.loads((tmp_path / "model_index.json").read_text())["edit_defaults"]["structure_preservation"] == 1.0
     loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
     assert loaded.resolve_edit_settings() == pipe.resolve_edit_settings()
+
+
+def test_decoder_prompts_are_edit_settings():
+    """A decoder trained with empty unconditional prompts stores ``negative_prompt=""``; the stored prompts give the
+    same edit as passing them, and differ from the official defaults."""
+    prompts = {"negative_prompt": "", "prompt_template": "{caption}, high quality"}
+    stored = run(make_pipe("sd", edit_defaults=prompts), output_type="np", num_inference_steps=2)
+    explicit = run(make_pipe("sd"), output_type="np", num_inference_steps=2, **prompts)
+    official = run(make_pipe("sd"), output_type="np", num_inference_steps=2)
+    assert np.array_equal(stored.images, explicit.images)
+    assert not np.array_equal(stored.images, official.images)
+    with pytest.raises(ValueError, match="must be a string containing '{caption}'"):
+        run(make_pipe("sd"), prompt_template="best quality")
+    with pytest.raises(TypeError, match="`negative_prompt` must be a string"):
+        run(make_pipe("sd"), negative_prompt=["x"])
 
 
 def test_unknown_edit_defaults_are_rejected():

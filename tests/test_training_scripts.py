@@ -425,6 +425,117 @@ def test_train_decoder_imagebind_unet_from_scratch_and_vae(workspace, tmp_path):
     assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
 
 
+@pytest.fixture(scope="module")
+def word_tokenizer(workspace) -> tuple[str, str]:
+    """The ShapesWorld tokenizer (one token per word, as the build uses) and a tiny text encoder config for it."""
+    tokenizer = _load_script("train_imagebind").shapes_world_tokenizer()
+    folder = workspace["root"] / "word_tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    with open(os.path.join(workspace["pipelines"]["sd"], "text_encoder", "config.json")) as f:
+        config = {**json.load(f), "vocab_size": len(tokenizer), "bos_token_id": 617, "eos_token_id": 618}
+    path = workspace["root"] / "word_text_encoder.json"
+    path.write_text(json.dumps(config))
+    return str(folder), str(path)
+
+
+def test_train_decoder_text_unet_from_scratch_matches_the_pipeline(workspace, word_tokenizer, tmp_path):
+    source = workspace["pipelines"]["sd"]
+    out = tmp_path / "text_unet"
+    argv = _common(
+        out,
+        "--mode", "text_unet", "--unet_config", os.path.join(source, "unet", "config.json"),
+        "--text_encoder_config", word_tokenizer[1],
+        "--pretrained_tokenizer", word_tokenizer[0], "--pretrained_vae", os.path.join(source, "vae"),
+        "--data_dir", workspace["data"], "--max_train_steps", "2", "--train_batch_size", "2", "--use_ema",
+        "--learning_rate", "1e-3", "--max_prompt_length", "60",
+    )  # fmt: skip
+    train_decoder.main(argv)
+    assert _summary(out)["global_step"] == 2
+    # The shorter padding is saved with the tokenizer, so the pipeline pads prompts the same way.
+    assert train_decoder.AutoTokenizer.from_pretrained(out / "tokenizer").model_max_length == 60
+    for folder in ("unet", "text_encoder", "tokenizer", "ip_adapter", "scheduler"):
+        assert os.path.isdir(out / folder), folder
+    # The UNet is saved clean (the pipeline attaches its ip_adapter) and the adapter in the standard layout.
+    unet = train_decoder.UNet2DConditionModel.from_pretrained(out / "unet")
+    assert unet.config.encoder_hid_dim_type is None and train_decoder.detect_decoder_family(unet) == "sd"
+    assert sorted({k.split(".")[0] for k in _weights(out / "ip_adapter")}) == ["image_proj", "ip_adapter"]
+    # The text encoder was built from the config (sized for the word-level tokenizer).
+    assert _weights(out / "text_encoder")["embeddings.token_embedding.weight"].shape == (619, 16)
+
+    pipeline = InstructAny2PixPipeline.from_pretrained(
+        source,
+        unet=unet,
+        text_encoder=train_decoder.CLIPTextModel.from_pretrained(out / "text_encoder"),
+        tokenizer=train_decoder.AutoTokenizer.from_pretrained(out / "tokenizer"),
+        ip_adapter=train_decoder.ImageBindIPAdapter.from_pretrained(out / "ip_adapter"),
+        scheduler=train_decoder.DDIMScheduler.from_pretrained(out / "scheduler"),
+    )
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+
+    # Parity: the training forward is the pipeline's own UNet call (same prompt ids, hidden states, adapter tokens).
+    trained = train_decoder.TextUNetTrainingModel(
+        train_decoder.UNet2DConditionModel.from_pretrained(out / "unet"),
+        train_decoder.ImageBindIPAdapter.from_pretrained(out / "ip_adapter"),
+        train_decoder.CLIPTextModel.from_pretrained(out / "text_encoder"),
+    ).eval()
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=generator)
+    embeds = torch.randn(2, trained.adapter.config.image_embed_dim, generator=generator)
+    captions = ["a red circle on the left, on a plain background", "a blue star in the middle, on a dotted background"]
+    prompts = [train_decoder.DEFAULT_PROMPT_TEMPLATE.format(caption=c) for c in captions]
+    with torch.no_grad():
+        ids = train_decoder.decoder_prompt_ids(prompts, pipeline.tokenizer)
+        ours = trained(sample, torch.tensor([10, 500]), embeds, ids)
+        kwargs = pipeline._decoder_conditioning(
+            captions, embeds, "", train_decoder.DEFAULT_PROMPT_TEMPLATE, 32, 32, torch.device("cpu"), do_cfg=False
+        )
+        theirs = pipeline.unet(sample, torch.tensor([10, 500]), **kwargs).sample
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--unet_config", "u.json"], "give both `--unet_config` and `--text_encoder_config`"),
+        (["--text_encoder_config", "t.json"], "give both"),
+    ],
+)
+def test_train_decoder_text_unet_bad_arguments(workspace, tmp_path, extra, match):
+    argv = _common(tmp_path, "--mode", "text_unet", "--data_dir", workspace["data"], *extra)
+    with pytest.raises(ValueError, match=match):
+        train_decoder.parse_args(argv)
+    with pytest.raises(ValueError, match="only for --mode text_unet"):
+        train_decoder.parse_args(_common(tmp_path, "--mode", "imagebind_unet", "--data_dir", workspace["data"],
+                                         "--text_encoder_config", "t.json"))  # fmt: skip
+
+
+def test_train_decoder_text_unet_refuses_prompts_that_would_be_cut(workspace, word_tokenizer, tmp_path):
+    source = workspace["pipelines"]["sd"]
+    argv = _common(
+        tmp_path / "o", "--mode", "text_unet", "--unet_config", os.path.join(source, "unet", "config.json"),
+        "--text_encoder_config", word_tokenizer[1],
+        "--pretrained_tokenizer", word_tokenizer[0], "--pretrained_vae", os.path.join(source, "vae"),
+        "--data_dir", workspace["data"], "--max_train_steps", "1", "--max_prompt_length", "8",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"tokens, more than the 8 the tokenizer pads to: raise --max_prompt_length"):
+        train_decoder.main(argv)
+
+
+def test_train_decoder_text_unet_checks_sizes(workspace, word_tokenizer, tmp_path):
+    source = workspace["pipelines"]["sd"]
+    with open(word_tokenizer[1]) as f:
+        config = json.load(f)
+    wrong = tmp_path / "text_encoder.json"
+    wrong.write_text(json.dumps({**config, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2}))
+    argv = _common(
+        tmp_path / "o", "--mode", "text_unet", "--unet_config", os.path.join(source, "unet", "config.json"),
+        "--text_encoder_config", str(wrong), "--pretrained_tokenizer", word_tokenizer[0],
+        "--pretrained_vae", os.path.join(source, "vae"), "--data_dir", workspace["data"], "--max_train_steps", "1",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"hidden_size \(8\) must equal unet.config.cross_attention_dim \(16\)"):
+        train_decoder.main(argv)
+
+
 def test_train_decoder_checks_the_unet_family(workspace, tmp_path):
     argv = _common(
         tmp_path / "x", "--mode", "ip_adapter", "--pipeline", workspace["pipelines"]["imagebind"],

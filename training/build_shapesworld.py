@@ -11,7 +11,10 @@ Stages, each a plain command of this repository (logged with its wall time to ``
 1. ``data``: ``python -m diffusers_any2pix.shapes.generate`` — scenes, sounds and instructions (train/val/test).
 2. ``imagebind``: ``training/train_imagebind.py`` — a small ImageBind bound by InfoNCE (text and audio to images).
 3. ``features``: ``training/prepare_data.py`` — ImageBind vectors of every medium and caption.
-4. ``vae`` then ``unet``: ``training/train_decoder.py --mode vae`` / ``--mode imagebind_unet`` — the decoder.
+4. ``vae`` then ``unet``: ``training/train_decoder.py --mode vae``, then the UNet: ``--mode text_unet`` (the official
+   decoder layout: a UNet reading the caption through a CLIP text encoder, with the ImageBind tokenizer's one token
+   per word, plus an IP-Adapter for the ImageBind embedding) when ``unet.json`` is a text-to-image UNet and
+   ``text_encoder.json`` is present, or ``--mode imagebind_unet`` for an ImageBind-native ``unet.json``.
 5. ``llm`` then ``prior``: ``training/train_llm.py --llm_config`` (a small Llama and a word-level tokenizer, from
    scratch) / ``training/train_prior.py --prior_config``.
 6. ``pipeline``: the components assembled into one pipeline with the ShapesWorld edit settings, saved as safetensors.
@@ -83,7 +86,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for name in ("build.json", "vae.json", "unet.json", "llm.json", "prior.json", "edit_defaults.json"):
         if not os.path.isfile(os.path.join(args.config_dir, name)):
             parser.error(f"--config_dir {args.config_dir} has no {name}.")
+    if text_decoder(args.config_dir) and not os.path.isfile(os.path.join(args.config_dir, "text_encoder.json")):
+        parser.error(f"--config_dir {args.config_dir}: unet.json is a text-to-image UNet but there is no text_encoder.json.")
     return args
+
+
+def text_decoder(config_dir: str) -> bool:
+    """Whether ``unet.json`` is a text-to-image UNet (trained with a text encoder) rather than an ImageBind-native one."""
+    return _load_json(os.path.join(config_dir, "unet.json")).get("encoder_hid_dim_type") != "image_proj"
 
 
 def _load_json(path: str) -> dict:
@@ -149,8 +159,13 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             "unet",
             "train_decoder.py",
             "unet",
-            ["--mode", "imagebind_unet", "--unet_config", os.path.join(cfg, "unet.json"),
-             "--pretrained_vae", os.path.join(out["vae"], "vae")],
+            (
+                ["--mode", "text_unet", "--text_encoder_config", os.path.join(cfg, "text_encoder.json"),
+                 "--pretrained_tokenizer", os.path.join(imagebind, "imagebind_tokenizer")]
+                if text_decoder(cfg)
+                else ["--mode", "imagebind_unet"]
+            )
+            + ["--unet_config", os.path.join(cfg, "unet.json"), "--pretrained_vae", os.path.join(out["vae"], "vae")],
         ),  # fmt: skip
         training_stage("llm", "train_llm.py", "llm", ["--llm_config", os.path.join(cfg, "llm.json")]),
         training_stage(
@@ -185,16 +200,24 @@ def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype
     import torch
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPTextModel
 
     from diffusers_any2pix import InstructAny2PixPipeline
     from diffusers_any2pix.models.imagebind import ImageBindModel
+    from diffusers_any2pix.models.ip_adapter import ImageBindIPAdapter
     from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
     from diffusers_any2pix.models.prior import Any2PixPrior
 
     def path(stage: str, component: str) -> str:
         return os.path.join(work_dir, stage, component)
 
+    decoder = {}
+    if os.path.isdir(path("unet", "text_encoder")):  # a text-to-image decoder (train_decoder.py --mode text_unet)
+        decoder = {
+            "text_encoder": CLIPTextModel.from_pretrained(path("unet", "text_encoder")),
+            "tokenizer": AutoTokenizer.from_pretrained(path("unet", "tokenizer")),
+            "ip_adapter": ImageBindIPAdapter.from_pretrained(path("unet", "ip_adapter")),
+        }
     pipeline = InstructAny2PixPipeline(
         image_encoder=ImageBindModel.from_pretrained(path("imagebind", "image_encoder")),
         llm=AutoModelForCausalLM.from_pretrained(path("llm", "llm")),
@@ -205,6 +228,7 @@ def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype
         unet=UNet2DConditionModel.from_pretrained(path("unet", "unet")),
         scheduler=DDIMScheduler.from_pretrained(path("unet", "scheduler")),
         edit_defaults=_load_json(edit_defaults_file),
+        **decoder,
     )
     # Only the pipeline's own folders are replaced; the rest of --output_dir (e.g. the repository) is left alone.
     for name in list(pipeline.components) + ["model_index.json"]:

@@ -7,6 +7,12 @@ Three modes (shared/DESIGN.md §3):
   adapter trains (image projection + the extra key/value projections); it is saved in diffusers' standard IP-Adapter
   layout as the pipeline's ``ip_adapter`` component. The text prompt is the pipeline's
   ``"best quality, high quality, {caption}"`` and is encoded by the pipeline's own prompt code.
+- ``--mode text_unet``: the official decoder's layout — a text-to-image (SD 1.x-style) UNet conditioned on the caption
+  through a CLIP text encoder, plus an IP-Adapter reading ImageBind embeddings — with all three trained together:
+  from scratch (``--unet_config``, ``--text_encoder_config`` and a tokenizer, ``--pretrained_tokenizer``) or
+  fine-tuned from ``--pretrained_model_name_or_path``. Saves ``unet``, ``text_encoder``, ``tokenizer``,
+  ``ip_adapter`` and (from scratch) ``scheduler``: together the pipeline's SD-family decoder. Words are separate
+  tokens of the caption, so the decoder can compose attributes it never saw together.
 - ``--mode imagebind_unet``: an ImageBind-native UNet (``encoder_hid_dim_type="image_proj"``,
   ``addition_embed_type="image"``, conditioned on the embedding alone), from scratch (``--unet_config``) or fine-tuned.
 - ``--mode vae``: the autoencoder (reconstruction + KL), from scratch (``--vae_config``) or fine-tuned; train it
@@ -25,6 +31,7 @@ Example::
 """
 
 import argparse
+import copy
 import sys
 from dataclasses import dataclass
 
@@ -41,14 +48,16 @@ from diffusers_any2pix.data import FeatureStore, ImageEmbeddingDataset, image_en
 from diffusers_any2pix.models.ip_adapter import ImageBindIPAdapter
 from diffusers_any2pix.pipeline_instruct_any2pix import (
     DECODER_IMAGEBIND,
+    DECODER_SD,
     DECODER_SDXL,
     DEFAULT_PROMPT_TEMPLATE,
+    decoder_prompt_ids,
     detect_decoder_family,
     encode_decoder_prompt,
 )
 from diffusers_any2pix import training_utils
 
-MODES = ("ip_adapter", "imagebind_unet", "vae")
+MODES = ("ip_adapter", "text_unet", "imagebind_unet", "vae")
 
 logger = get_logger(__name__)
 
@@ -69,15 +78,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--pretrained_unet", type=str, default=None)
     model.add_argument("--pretrained_vae", type=str, default=None)
     model.add_argument("--pretrained_ip_adapter", type=str, default=None, help="An adapter folder to fine-tune.")
-    model.add_argument("--unet_config", type=str, default=None, help="UNet config.json: train an ImageBind UNet anew.")
+    model.add_argument(
+        "--unet_config", type=str, default=None, help="UNet config.json: train a UNet anew (imagebind_unet, text_unet)."
+    )
+    model.add_argument(
+        "--text_encoder_config", type=str, default=None, help="CLIPTextConfig JSON: a new text encoder (text_unet)."
+    )
+    model.add_argument("--pretrained_text_encoder", type=str, default=None, help="A CLIPTextModel folder (text_unet).")
+    model.add_argument(
+        "--pretrained_tokenizer", type=str, default=None, help="The decoder's CLIP tokenizer folder (text_unet)."
+    )
+    model.add_argument(
+        "--max_prompt_length",
+        type=int,
+        default=None,
+        help="text_unet: pad decoder prompts to this many tokens instead of the tokenizer's model_max_length (saved\n"
+        "with the tokenizer, so the pipeline pads the same way); every training prompt must fit.",
+    )
     model.add_argument("--vae_config", type=str, default=None, help="AutoencoderKL config.json: train a VAE anew.")
     training_utils.add_data_args(parser)
     objective = parser.add_argument_group("objective")
     objective.add_argument("--resolution", type=int, default=None, help="Default: the UNet's native image size.")
     objective.add_argument("--embedding_norm", type=float, default=20.0, help="Norm of the conditioning embedding.")
-    objective.add_argument("--prompt_template", type=str, default=DEFAULT_PROMPT_TEMPLATE, help="ip_adapter mode.")
+    objective.add_argument(
+        "--prompt_template", type=str, default=DEFAULT_PROMPT_TEMPLATE, help="ip_adapter and text_unet modes."
+    )
     objective.add_argument("--image_drop_prob", type=float, default=0.05, help="Zero-embedding samples (for CFG).")
-    objective.add_argument("--text_drop_prob", type=float, default=0.05, help="Empty-prompt samples (ip_adapter).")
+    objective.add_argument(
+        "--text_drop_prob", type=float, default=0.05, help="Empty-prompt samples (ip_adapter, text_unet)."
+    )
     objective.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 recommended).")
     objective.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"])
     objective.add_argument("--kl_weight", type=float, default=1e-6, help="vae mode: weight of the KL term.")
@@ -105,8 +134,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training_utils.resolve_data_paths(args)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"`--snr_gamma` must be positive, got {args.snr_gamma}.")
-    if args.unet_config is not None and args.mode != "imagebind_unet":
-        raise ValueError("`--unet_config` (a UNet from scratch) is only for --mode imagebind_unet.")
+    if args.unet_config is not None and args.mode not in ("imagebind_unet", "text_unet"):
+        raise ValueError("`--unet_config` (a UNet from scratch) is only for --mode imagebind_unet or text_unet.")
+    if args.text_encoder_config is not None and args.mode != "text_unet":
+        raise ValueError("`--text_encoder_config` (a text encoder from scratch) is only for --mode text_unet.")
+    if args.max_prompt_length is not None and (args.mode != "text_unet" or args.max_prompt_length < 2):
+        raise ValueError("`--max_prompt_length` is for --mode text_unet and must be at least 2 (start and end tokens).")
+    if args.mode == "text_unet" and (args.unet_config is None) != (args.text_encoder_config is None):
+        raise ValueError(
+            "--mode text_unet trains the UNet and the text encoder together: give both `--unet_config` and "
+            "`--text_encoder_config` (from scratch) or neither (fine-tuning --pretrained_model_name_or_path)."
+        )
     if args.mode == "vae" and args.resolution is None:
         raise ValueError("`--mode vae` needs `--resolution` (there is no UNet to take the image size from).")
     if args.vae_config is not None and args.mode != "vae":
@@ -149,16 +187,38 @@ class IPAdapterTrainingModel(torch.nn.Module):
     def __init__(self, unet: UNet2DConditionModel, adapter: ImageBindIPAdapter):
         super().__init__()
         unet.requires_grad_(False)
-        adapter.attach_to(unet)
+        self.restore = adapter.attach_to(unet)
         share_adapter_parameters(unet, adapter)
         adapter.requires_grad_(True)
         self.unet = unet
         self.adapter = adapter
 
-    def forward(self, sample, timestep, encoder_hidden_states, image_embeds, added_cond_kwargs) -> torch.Tensor:
+    def forward(self, sample, timestep, image_embeds, encoder_hidden_states, added_cond_kwargs) -> torch.Tensor:
         # One embedding per sample: shape (B, 1, E) keeps them per sample (see DIFFUSERS_NOTES.md).
         added = {**added_cond_kwargs, "image_embeds": [image_embeds[:, None, :]]}
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added).sample
+
+    def clean_unet(self) -> UNet2DConditionModel:
+        """A copy of the UNet without the adapter (the pipeline attaches its ``ip_adapter`` itself)."""
+        unet = copy.deepcopy(self.unet)
+        ImageBindIPAdapter.detach_from(unet, self.restore)
+        return unet
+
+
+class TextUNetTrainingModel(IPAdapterTrainingModel):
+    """An SD 1.x-style decoder trained whole: UNet, CLIP text encoder (captions in, gradients through it) and the
+    IP-Adapter, called as the pipeline calls it (``encode_decoder_prompt``'s last hidden states, embeddings as
+    ``(B, 1, E)``)."""
+
+    def __init__(self, unet: UNet2DConditionModel, adapter: ImageBindIPAdapter, text_encoder: CLIPTextModel):
+        super().__init__(unet, adapter)
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(True)
+        self.text_encoder = text_encoder
+
+    def forward(self, sample, timestep, image_embeds, input_ids) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids).last_hidden_state
+        return super().forward(sample, timestep, image_embeds, hidden, {})
 
 
 class ImageBindUNetTrainingModel(torch.nn.Module):
@@ -168,7 +228,7 @@ class ImageBindUNetTrainingModel(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, image_embeds, added_cond_kwargs) -> torch.Tensor:
+    def forward(self, sample, timestep, image_embeds) -> torch.Tensor:
         return self.unet(
             sample, timestep, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": image_embeds}
         ).sample
@@ -256,6 +316,9 @@ def build_models(args: argparse.Namespace, accelerator, embed_dim: int) -> dict:
             unet.enable_gradient_checkpointing()
         return {**models, "trained": ImageBindUNetTrainingModel(unet), "trainable": unet, "component": "unet"}
 
+    if args.mode == "text_unet":
+        return {**models, **build_text_unet(args, accelerator, embed_dim)}
+
     unet = training_utils.load_component(args, "unet", UNet2DConditionModel.from_pretrained).to(
         accelerator.device, dtype=weight_dtype
     )
@@ -286,6 +349,59 @@ def build_models(args: argparse.Namespace, accelerator, embed_dim: int) -> dict:
         "component": "ip_adapter",
         "prompt_encoder": PromptEncoder(**text),
     }
+
+
+def build_text_unet(args: argparse.Namespace, accelerator, embed_dim: int) -> dict:
+    """The ``text_unet`` models: UNet, text encoder and a new IP-Adapter (or the source's), trained in float32."""
+    if args.unet_config is not None:
+        unet = _load_config_model(UNet2DConditionModel, args.unet_config)
+        text_encoder = CLIPTextModel(CLIPTextModel.config_class.from_json_file(args.text_encoder_config))
+    else:
+        unet = training_utils.load_component(args, "unet", UNet2DConditionModel.from_pretrained)
+        text_encoder = training_utils.load_component(args, "text_encoder", CLIPTextModel.from_pretrained)
+    if detect_decoder_family(unet) != DECODER_SD:
+        raise ValueError(
+            "--mode text_unet needs an SD 1.x-style UNet (cross-attention on text, no addition embedding), got "
+            f"addition_embed_type={unet.config.addition_embed_type!r}, "
+            f"encoder_hid_dim_type={unet.config.encoder_hid_dim_type!r}."
+        )
+    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+        raise ValueError(
+            f"text_encoder.config.hidden_size ({text_encoder.config.hidden_size}) must equal "
+            f"unet.config.cross_attention_dim ({unet.config.cross_attention_dim})."
+        )
+    tokenizer = training_utils.load_component(args, "tokenizer", AutoTokenizer.from_pretrained)
+    if args.max_prompt_length is not None:
+        tokenizer.model_max_length = args.max_prompt_length
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but text_encoder.config.vocab_size is "
+            f"{text_encoder.config.vocab_size}."
+        )
+    if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+        raise ValueError(
+            f"The tokenizer pads to {tokenizer.model_max_length} tokens but the text encoder has "
+            f"{text_encoder.config.max_position_embeddings} positions."
+        )
+    adapter = training_utils.load_component(args, "ip_adapter", ImageBindIPAdapter.from_pretrained, required=False)
+    if adapter is None:
+        adapter = ImageBindIPAdapter.from_unet(unet, image_embed_dim=embed_dim)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trained = TextUNetTrainingModel(unet.to(accelerator.device), adapter.to(accelerator.device), text_encoder)
+    return {"trained": trained.to(accelerator.device), "trainable": unet, "component": "unet", "tokenizer": tokenizer}
+
+
+def check_prompt_lengths(tokenizer, template: str, captions: list[str]) -> None:
+    """Raises a `ValueError` naming the longest prompt when it does not fit ``tokenizer.model_max_length`` tokens
+    (it would be cut silently, and the decoder would learn from a partial caption)."""
+    longest = max(captions, key=lambda c: len(tokenizer(template.format(caption=c)).input_ids))
+    length = len(tokenizer(template.format(caption=longest)).input_ids)
+    if length > tokenizer.model_max_length:
+        raise ValueError(
+            f"The decoder prompt {template.format(caption=longest)!r} is {length} tokens, more than the "
+            f"{tokenizer.model_max_length} the tokenizer pads to: raise --max_prompt_length."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -328,18 +444,23 @@ def diffusion_loss(
 
     image_embeds = batch["image_embeds"]
     image_embeds = torch.where(_drop(image_embeds, args.image_drop_prob)[:, None], 0.0, image_embeds)
-    encoder_hidden_states, added = None, {}
-    if "prompt_encoder" in models:
+    conditioning = {}
+    if "prompt_encoder" in models or "tokenizer" in models:
         captions = [args.prompt_template.format(caption=c) for c in batch["caption"]]
         dropped = _drop(image_embeds, args.text_drop_prob).tolist()
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
+    if "tokenizer" in models:  # text_unet: the text encoder trains, so it runs inside the trained module
+        conditioning["input_ids"] = decoder_prompt_ids(captions, models["tokenizer"]).to(latents.device)
+    elif "prompt_encoder" in models:
         with torch.no_grad():
             encoder_hidden_states, pooled = models["prompt_encoder"].encode_prompt(captions, accelerator.device)
+        added = {}
         if pooled is not None:  # SDXL: pooled text and the size/crop ids the pipeline passes
             size = batch["pixel_values"].shape[-1]
             time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=latents.device).repeat(len(captions), 1)
             added = {"text_embeds": pooled, "time_ids": time_ids}
-    prediction = trained(noisy_latents, timesteps, encoder_hidden_states, image_embeds, added)
+        conditioning = {"encoder_hidden_states": encoder_hidden_states, "added_cond_kwargs": added}
+    prediction = trained(noisy_latents, timesteps, image_embeds, **conditioning)
 
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if args.snr_gamma is not None:
@@ -383,9 +504,14 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         unet, vae = models["trained"].unet, models["vae"]
         resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     # Every feature file is checked against the size the trained model reads.
-    expected_dim = {"ip_adapter": "image_embed_dim", "unet": "encoder_hid_dim"}.get(name)
-    features.embed_dim = None if expected_dim is None else getattr(trainable.config, expected_dim)
+    if args.mode == "text_unet":
+        features.embed_dim = models["trained"].adapter.config.image_embed_dim
+    else:
+        expected_dim = {"ip_adapter": "image_embed_dim", "unet": "encoder_hid_dim"}.get(name)
+        features.embed_dim = None if expected_dim is None else getattr(trainable.config, expected_dim)
     dataset = ImageEmbeddingDataset(entries, features, resolution, args.embedding_norm)
+    if "tokenizer" in models:
+        check_prompt_lengths(models["tokenizer"], args.prompt_template, [entry.caption_key for entry in entries])
 
     ema = None
     if args.use_ema:
@@ -409,14 +535,22 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         return diffusion_loss(args, models, setup.model, batch, accelerator)
 
     def components() -> dict:
+        saved = {name: trainable}
+        if args.mode == "text_unet":
+            trained = accelerator.unwrap_model(setup.model)
+            saved = {
+                "unet": trained.clean_unet(),
+                "text_encoder": trained.text_encoder,
+                "tokenizer": models["tokenizer"],
+                "ip_adapter": trained.adapter,
+            }
         if name == "unet" and args.unet_config is not None:
             # A UNet trained anew ships with an inference scheduler of its training noise schedule (DDIM, no
             # clipping: latents are not bounded to [-1, 1]).
-            scheduler = DDIMScheduler.from_config(
+            saved["scheduler"] = DDIMScheduler.from_config(
                 models["noise_scheduler"].config, clip_sample=False, set_alpha_to_one=False
             )
-            return {name: trainable, "scheduler": scheduler}
-        return {name: trainable}
+        return saved
 
     validate = training_utils.validate_every(accelerator, args, components)
 

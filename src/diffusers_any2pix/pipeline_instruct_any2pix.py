@@ -57,6 +57,8 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_do_sample": True,
     "llm_temperature": 0.3,
     "llm_max_new_tokens": 100,
+    "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+    "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | Path
@@ -115,6 +117,13 @@ def detect_decoder_family(unet: UNet2DConditionModel) -> str:
     )
 
 
+def decoder_prompt_ids(prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Token ids of decoder prompts, padded to the tokenizer's ``model_max_length`` (CLIP's fixed 77-token layout)."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def encode_decoder_prompt(
     prompts: list[str],
     device: torch.device,
@@ -132,10 +141,7 @@ def encode_decoder_prompt(
     sdxl = text_encoder_2 is not None
     hidden, pooled = [], None
     for tok, encoder in [(tokenizer, text_encoder)] + ([(tokenizer_2, text_encoder_2)] if sdxl else []):
-        ids = tok(
-            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        out = encoder(ids, output_hidden_states=True)
+        out = encoder(decoder_prompt_ids(prompts, tok).to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2] if sdxl else out.last_hidden_state)
         if encoder is text_encoder_2:
             pooled = out[0]
@@ -430,6 +436,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         on_invalid_answer: str,
         callback_on_step_end_tensor_inputs: list[str] | None,
         conditioning_embeds: torch.Tensor | None,
+        captions: list[str] | None = None,
     ) -> list[ParsedInstruction]:
         """Validate every argument before any model runs; returns the parsed instructions."""
         if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
@@ -475,6 +482,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             if not isinstance(conditioning_embeds, torch.Tensor) or tuple(conditioning_embeds.shape) != expected:
                 got = tuple(conditioning_embeds.shape) if isinstance(conditioning_embeds, torch.Tensor) else type(conditioning_embeds).__name__
                 raise ValueError(f"`conditioning_embeds` must be a tensor of shape {expected}, got {got}.")
+        if captions is not None:
+            if conditioning_embeds is None:
+                raise ValueError("`captions` replace the LLM's captions, so they go with `conditioning_embeds`.")
+            if len(captions) != len(instructions) or not all(isinstance(c, str) for c in captions):
+                raise ValueError(f"`captions` must be {len(instructions)} string(s), one per instruction, got {captions!r}.")
         return parsed
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -681,10 +693,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_temperature: float | None = None,
         llm_top_p: float | None = None,
         llm_max_new_tokens: int | None = None,
-        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        negative_prompt: str | None = None,
+        prompt_template: str | None = None,
         on_invalid_answer: str = "error",
         conditioning_embeds: torch.Tensor | None = None,
+        captions: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -740,8 +753,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_do_sample (`bool`, defaults to True), llm_temperature (`float`, defaults to 0.3),
             llm_top_p (`float`, *optional*), llm_max_new_tokens (`int`, defaults to 100):
                 LLM decoding; sampling draws from ``generator`` so results are reproducible.
-            negative_prompt (`str`): the decoder's negative prompt (text-to-image decoders).
-            prompt_template (`str`): the decoder prompt; ``{caption}`` is the LLM's caption.
+            negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
+                decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
+                ``""`` in its `edit_defaults`.
+            prompt_template (`str`, defaults to ``"best quality, high quality, {caption}"``): the decoder prompt;
+                ``{caption}`` is the LLM's caption.
             on_invalid_answer (`str`, defaults to ``"error"``):
                 What to do when the LLM's answer has no ``<im_gen>…<video>`` generation embedding: ``"error"`` raises
                 a `ValueError` quoting the answer; ``"use_base"`` uses the base image's embedding instead (a mild
@@ -749,6 +765,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             conditioning_embeds (`torch.Tensor`, *optional*):
                 ``(batch, embed_dim)`` conditioning from an earlier output; skips the LLM and the prior (the base is
                 then the first referenced image).
+            captions (`str` or `list[str]`, *optional*):
+                With ``conditioning_embeds``: the decoder captions (one per instruction) in place of the LLM's; by
+                default the instruction text. Only text-to-image decoders read them.
             num_images_per_prompt (`int`, defaults to 1): edits per instruction (one LLM answer, different noise).
             generator (`torch.Generator` or list, *optional*): makes LLM sampling and all noise deterministic.
             output_type (`str`, defaults to ``"pil"``): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skips the VAE).
@@ -773,7 +792,14 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_do_sample=llm_do_sample,
             llm_temperature=llm_temperature,
             llm_max_new_tokens=llm_max_new_tokens,
+            negative_prompt=negative_prompt,
+            prompt_template=prompt_template,
         )
+        negative_prompt, prompt_template = settings["negative_prompt"], settings["prompt_template"]
+        if not isinstance(prompt_template, str) or "{caption}" not in prompt_template:
+            raise ValueError(f"`prompt_template` must be a string containing '{{caption}}', got {prompt_template!r}.")
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"`negative_prompt` must be a string, got {type(negative_prompt).__name__}.")
         num_inference_steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
         structure_preservation, embedding_weights = settings["structure_preservation"], settings["embedding_weights"]
         embedding_norm, ip_adapter_scale = settings["embedding_norm"], settings["ip_adapter_scale"]
@@ -804,6 +830,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             on_invalid_answer,
             callback_on_step_end_tensor_inputs,
             conditioning_embeds,
+            [captions] if isinstance(captions, str) else captions,
         )
         # Decode every input once, up front: bad files fail here, before any model runs.
         per_images = [[self.imagebind_processor.load_image(img) for img in imgs] for imgs in per_images]
@@ -868,7 +895,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             mixed = h0 * rescale_to_norm(base_media, media_norm) + h1 * generation_embeds + h2 * refined_embeds
             conditioning_embeds = rescale_to_norm(mixed, embedding_norm)
         else:
-            answers, captions, base_rows = [""] * batch_size, [p.text for p in parsed], [None] * batch_size
+            given = [captions] if isinstance(captions, str) else captions
+            answers, base_rows = [""] * batch_size, [None] * batch_size
+            captions = list(given) if given is not None else [p.text for p in parsed]
             base_indices = [p.image_references[0].index for p in parsed]
             generation_embeds = refined_embeds = torch.zeros(batch_size, embed_dim, device=device)
             conditioning_embeds = conditioning_embeds.to(device=device, dtype=torch.float32)

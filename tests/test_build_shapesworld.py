@@ -84,6 +84,15 @@ def _config_dir(root, text_decoder: bool = False) -> str:
     return str(folder)
 
 
+def _assert_edits_a_scene(pipeline: InstructAny2PixPipeline, work) -> None:
+    scene = next(p for p in sorted((work / "data" / "media" / "scenes").iterdir()))
+    result = pipeline(
+        "add a red circle to [image1]", images=[str(scene)], on_invalid_answer="use_base",
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert result.images[0].size == (32, 32)
+
+
 def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
     config_dir = _config_dir(tmp_path)
     work, out = tmp_path / "work", tmp_path / "pipeline"
@@ -104,12 +113,7 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
 
     assert {t.dtype for t in load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")).values()} == {torch.float16}
     assert all(f.endswith((".json", ".safetensors", ".txt")) for _, _, fs in os.walk(out) for f in fs)
-    scene = next(p for p in sorted((work / "data" / "media" / "scenes").iterdir()))
-    result = pipeline(
-        "add a red circle to [image1]", images=[str(scene)], on_invalid_answer="use_base",
-        generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
-    assert result.images[0].size == (32, 32)
+    _assert_edits_a_scene(pipeline, work)
 
     # A second run finds every stage done and runs nothing; --force redoes a stage and what depends on it.
     before = {s: log[s]["seconds"] for s in stages}
@@ -132,12 +136,7 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
     assert pipeline.tokenizer.tokenize("a green triangle on the left") == ["a</w>", "green</w>", "triangle</w>", "on</w>",
                                                                           "the</w>", "left</w>"]  # fmt: skip
     assert pipeline.resolve_edit_settings()["negative_prompt"] == ""
-    scene = next(p for p in sorted((work / "data" / "media" / "scenes").iterdir()))
-    result = pipeline(
-        "add a red circle to [image1]", images=[str(scene)], on_invalid_answer="use_base",
-        generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
-    assert result.images[0].size == (32, 32)
+    _assert_edits_a_scene(pipeline, work)
 
 
 def test_force_selects_the_dependent_stages():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the decoder of InstructAny2Pix: the part that renders an image from an ImageBind embedding.
 
-Three modes (shared/DESIGN.md §3):
+Four modes (shared/DESIGN.md §3):
 
 - ``--mode ip_adapter``: an IP-Adapter reading ImageBind embeddings for a frozen SD 1.x / SDXL UNet. Only the
   adapter trains (image projection + the extra key/value projections); it is saved in diffusers' standard IP-Adapter

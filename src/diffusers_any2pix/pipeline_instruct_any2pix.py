@@ -796,6 +796,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             prompt_template=prompt_template,
         )
         negative_prompt, prompt_template = settings["negative_prompt"], settings["prompt_template"]
+        captions = [captions] if isinstance(captions, str) else captions
         if not isinstance(prompt_template, str) or "{caption}" not in prompt_template:
             raise ValueError(f"`prompt_template` must be a string containing '{{caption}}', got {prompt_template!r}.")
         if not isinstance(negative_prompt, str):
@@ -830,7 +831,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             on_invalid_answer,
             callback_on_step_end_tensor_inputs,
             conditioning_embeds,
-            [captions] if isinstance(captions, str) else captions,
+            captions,
         )
         # Decode every input once, up front: bad files fail here, before any model runs.
         per_images = [[self.imagebind_processor.load_image(img) for img in imgs] for imgs in per_images]
@@ -895,9 +896,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             mixed = h0 * rescale_to_norm(base_media, media_norm) + h1 * generation_embeds + h2 * refined_embeds
             conditioning_embeds = rescale_to_norm(mixed, embedding_norm)
         else:
-            given = [captions] if isinstance(captions, str) else captions
             answers, base_rows = [""] * batch_size, [None] * batch_size
-            captions = list(given) if given is not None else [p.text for p in parsed]
+            captions = list(captions) if captions is not None else [p.text for p in parsed]
             base_indices = [p.image_references[0].index for p in parsed]
             generation_embeds = refined_embeds = torch.zeros(batch_size, embed_dim, device=device)
             conditioning_embeds = conditioning_embeds.to(device=device, dtype=torch.float32)

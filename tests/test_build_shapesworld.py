@@ -72,6 +72,7 @@ def _config_dir(root, text_decoder: bool = False) -> str:
         "imagebind": {
             **steps, "image_encoder_config": str(folder / "imagebind.json"), "num_train_pairs": 16,
             "image_size": 32, "sound_variants": 2, "num_eval_pairs": 4, "eval_sound_variants": 1,
+            "hard_negative_fraction": 0.5, "grayscale_fraction": 0.5,  # the real build's data options
         },
         "vae": {**steps, "resolution": 32, "channel_shuffle_prob": 0.5},
         "unet": {**steps, "use_ema": True},

@@ -26,6 +26,7 @@ from diffusers_any2pix.shapes import (
     render_object,
     render_scene,
     sample_instruction,
+    shape_caption,
     synthesize_sound,
     write_sound,
 )
@@ -68,6 +69,8 @@ def test_scene_is_canonical_and_round_trips():
         assert parse_caption(caption(scene)) == scene
         assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
     assert a != a.with_background("dotted")
+    assert shape_caption(a) == "a circle on the left and a star on the right, on a striped background"
+    assert shape_caption(three).startswith("a cross on the left, a cross in the middle and a cross on the right")
 
 
 def test_scene_edits_return_new_scenes():
@@ -100,6 +103,7 @@ def test_scene_edits_return_new_scenes():
         (lambda: parse_caption("a red blob on the left, on a plain background"), ValueError, "object phrase"),
         (lambda: render_scene(_random_scenes(1)[0], size=8), ValueError, "at least 16"),
         (lambda: render_scene("a red star"), TypeError, "`scene` must be a Scene"),
+        (lambda: shape_caption("a red star"), TypeError, "`scene` must be a Scene"),
     ],
 )
 def test_world_rejects_bad_input(build, error, match):

@@ -19,6 +19,7 @@ from diffusers_any2pix.shapes import (
     generate_dataset,
     parse_caption,
     render_scene,
+    shape_caption,
     synthesize_sound,
     write_sound,
 )
@@ -197,6 +198,31 @@ def test_hard_negatives_differ_in_exactly_one_attribute_and_share_the_batch(toke
     assert all(not isinstance(s.get("text", {}), list) for s in eval_samples)
 
 
+def test_grayscale_pairs_show_no_colour_and_name_none(tokenizer):
+    processor = ImageBindProcessor(tokenizer=tokenizer, image_size=32)
+    settings = dict(image_size=32, sound_variants=range(1), object_text_fraction=0.0, hard_negative_fraction=1.0)
+    grey = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, grayscale_fraction=1.0, **settings)
+    colour = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, **settings)
+    words = {"red", "orange", "yellow", "green", "blue", "purple"}
+    for index in range(20):
+        pairs = grey[(0, index)]["text"]
+        assert len(pairs) == 1  # no twin: a colour change would give the same grayscale pair
+        text = pairs[0]["other_key"]
+        assert not set(text.replace(",", "").split()) & words
+        # Undo CLIP normalisation: the three channels of the grayscale render are equal.
+        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_std).view(3, 1, 1)
+        pixels = pairs[0]["pixel_values"] * std + mean
+        assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
+        assert torch.equal(pairs[0]["other"], processor.tokenize(text)[0])
+    # The grayscale scene is the scene the colour dataset draws with the same random stream, without colours.
+    first_colour = parse_caption(colour[(0, 0)]["text"][0]["other_key"])
+    assert grey[(0, 0)]["text"][0]["other_key"] == shape_caption(first_colour)
+    # Without grayscale pairs the random stream is unchanged (builds stay reproducible).
+    off = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, grayscale_fraction=0.0, **settings)
+    assert [p["other_key"] for p in off[(0, 3)]["text"]] == [p["other_key"] for p in colour[(0, 3)]["text"]]
+
+
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> str:
     """A few real-format pairs: scene images with captions, object sounds with object images."""
@@ -307,6 +333,7 @@ def test_bind_audio_only_on_jsonl_pairs_keeps_the_other_towers(tmp_path, pairs_f
         (["--pretrained_image_encoder", "x"], "either `--image_encoder_config`"),
         (["--object_text_fraction", "2"], "object_text_fraction"),
         (["--hard_negative_fraction", "-0.1"], "hard_negative_fraction"),
+        (["--grayscale_fraction", "1.5"], "grayscale_fraction"),
         (["--train_data", "nowhere.jsonl"], "does not exist"),
         (["--num_eval_pairs", "0"], "num_eval_pairs"),
     ],

@@ -68,6 +68,7 @@ from diffusers_any2pix.shapes import (
     object_image_caption,
     render_object,
     render_scene,
+    shape_caption,
     synthesize_sound,
 )
 from diffusers_any2pix.shapes.generate import HELDOUT_COMBINATIONS
@@ -315,6 +316,10 @@ class ShapesWorldPairs(Dataset):
             differing from the first in exactly one attribute (one object's shape or colour, or the background). The
             two land in the same batch, so the contrastive loss has to tell them apart: every attribute must be
             encoded, not just the ones that are enough to tell random scenes apart.
+        grayscale_fraction (`float`, defaults to 0.0): share of scene pairs shown in grayscale and captioned without
+            colours ("a circle on the left, on a striped background"). Shape must then be read from form alone, so the
+            image features for shape do not depend on colour, which is what lets them carry over to shape/colour
+            combinations never seen in training. Grayscale pairs come without twins.
         exclude_heldout (`bool`, defaults to `True`): never draw the generator's held-out combinations.
         sample_rate (`int`, defaults to 16000), sound_duration (`float`, defaults to 2.0): the recordings.
     """
@@ -329,6 +334,7 @@ class ShapesWorldPairs(Dataset):
         sound_seed: int = 0,
         object_text_fraction: float = 0.25,
         hard_negative_fraction: float = 0.0,
+        grayscale_fraction: float = 0.0,
         exclude_heldout: bool = True,
         sample_rate: int = 16000,
         sound_duration: float = 2.0,
@@ -343,6 +349,7 @@ class ShapesWorldPairs(Dataset):
         self.sound_seed = sound_seed
         self.object_text_fraction = object_text_fraction
         self.hard_negative_fraction = hard_negative_fraction
+        self.grayscale_fraction = grayscale_fraction
         self.sample_rate = sample_rate
         self.sound_duration = sound_duration
         excluded = HELDOUT_COMBINATIONS if exclude_heldout else frozenset()
@@ -380,6 +387,12 @@ class ShapesWorldPairs(Dataset):
         pixels = self.processor.preprocess_image(render_scene(scene, self.image_size))[0]
         return {"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}
 
+    def grayscale_scene_pair(self, scene: Scene) -> dict[str, Any]:
+        text = shape_caption(scene)
+        image = render_scene(scene, self.image_size).convert("L").convert("RGB")
+        pixels = self.processor.preprocess_image(image)[0]
+        return {"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}
+
     def minimal_edit(self, scene: Scene, rng: np.random.Generator) -> Scene | None:
         """``scene`` with one attribute changed (an object's shape or colour, or the background), drawn among the
         changes that stay out of the excluded combinations; `None` when there is none."""
@@ -402,6 +415,9 @@ class ShapesWorldPairs(Dataset):
             scene = random_scenes(rng, 1)[0]
             if not scene.combinations() & self.excluded:
                 break
+        # Drawn only when enabled, so that builds without grayscale pairs keep their random stream.
+        if self.grayscale_fraction and rng.random() < self.grayscale_fraction:
+            return [self.grayscale_scene_pair(scene)]
         pairs = [self.scene_pair(scene)]
         if twins and self.hard_negative_fraction and rng.random() < self.hard_negative_fraction:
             twin = self.minimal_edit(scene, rng)
@@ -638,6 +654,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="Share of on-the-fly scene pairs joined by a twin that differs in one attribute (a hard negative).",
     )
+    data.add_argument(
+        "--grayscale_fraction",
+        type=float,
+        default=0.0,
+        help="Share of on-the-fly scene pairs shown in grayscale with a caption without colours.",
+    )
     data.add_argument("--include_heldout", action="store_true", help="Also draw the generator's held-out combinations.")
     data.add_argument("--image_size", type=int, default=64, help="Render size of on-the-fly ShapesWorld images.")
     data.add_argument(
@@ -653,10 +675,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_eval_pairs", "num_train_pairs", "sound_variants", "eval_sound_variants", "retrieval_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
-    if not 0.0 <= args.object_text_fraction <= 1.0:
-        raise ValueError(f"`--object_text_fraction` must lie in [0, 1], got {args.object_text_fraction}.")
-    if not 0.0 <= args.hard_negative_fraction <= 1.0:
-        raise ValueError(f"`--hard_negative_fraction` must lie in [0, 1], got {args.hard_negative_fraction}.")
+    for name in ("object_text_fraction", "hard_negative_fraction", "grayscale_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"`--{name}` must lie in [0, 1], got {getattr(args, name)}.")
     if args.train_batch_size < 2:
         raise ValueError("`--train_batch_size` must be at least 2: contrastive learning needs negatives.")
     for name in ("train_data", "eval_data"):
@@ -712,6 +733,7 @@ def build_datasets(
         sound_seed=args.seed,
         object_text_fraction=args.object_text_fraction,
         hard_negative_fraction=args.hard_negative_fraction,
+        grayscale_fraction=args.grayscale_fraction,
         exclude_heldout=not args.include_heldout,
     )
     if eval_pairs is not None:

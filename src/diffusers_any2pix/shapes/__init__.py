@@ -18,6 +18,7 @@ from .world import (
     parse_caption,
     render_object,
     render_scene,
+    shape_caption,
 )
 
 
@@ -69,6 +70,7 @@ __all__ = [
     "parse_caption",
     "render_object",
     "render_scene",
+    "shape_caption",
     "sample_instruction",
     "sound_caption",
     "synthesize_sound",

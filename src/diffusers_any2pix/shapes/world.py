@@ -218,6 +218,23 @@ def caption(scene: Scene) -> str:
     return f"{objects}, {background_phrase(scene.background)}"
 
 
+def shape_caption(scene: Scene) -> str:
+    """Describe ``scene`` without its colours: ``"a circle on the left and a star on the right, on a striped
+    background"``: what a grayscale image of the scene shows.
+
+    Args:
+        scene ([`Scene`]): the scene.
+
+    Returns:
+        `str`: the caption without colour words.
+    """
+    if not isinstance(scene, Scene):
+        raise TypeError(f"`scene` must be a Scene, got {type(scene).__name__}.")
+    phrases = [f"{article(obj.shape)} {obj.shape} {SLOT_PHRASES[obj.slot]}" for obj in scene.objects]
+    objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"{objects}, {background_phrase(scene.background)}"
+
+
 def background_phrase(background: str) -> str:
     """``"on a striped background"``."""
     _check_name(background, BACKGROUNDS, "background")

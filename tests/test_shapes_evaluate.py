@@ -445,6 +445,45 @@ def test_prior_without_llm_conditions_on_refined_imagebind_arithmetic(workspace,
     assert aggregate(scores)["caption_accuracy"] is None
 
 
+def test_identical_configurations_run_once_and_are_reported(workspace, probe, monkeypatch):
+    pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
+    examples = load_examples(workspace["data"], "test", max_examples=3)
+    calls = []
+    original = InstructAny2PixPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InstructAny2PixPipeline, "__call__", recording_call)
+    defaults = pipeline.resolve_edit_settings()
+    configurations = {
+        MODEL: {},
+        # The stored defaults spelled out (as a list): the same call as the model's.
+        NO_PRIOR: {"embedding_weights": list(defaults["embedding_weights"])},
+        # A different call: must run.
+        REFINED_ONLY: {"embedding_weights": (0.5, 0.25, 0.25)},
+    }
+    knobs = {"num_inference_steps": 1}
+    assert defaults["embedding_weights"] != (0.5, 0.25, 0.25)
+    result = run_evaluation(pipeline, probe, examples, configurations, knobs, batch_size=2, progress=False)
+    assert len(calls) == 2 * 2  # two batches, two distinct calls each
+    assert result.same_as == {NO_PRIOR: MODEL}
+    assert result.scores[NO_PRIOR] == result.scores[MODEL]
+    # Reuse is exact: running the ablation on its own gives the same scores.
+    alone = run_evaluation(pipeline, probe, examples, {NO_PRIOR: configurations[NO_PRIOR]}, knobs, progress=False)
+    assert alone.scores[NO_PRIOR] == result.scores[MODEL] and alone.same_as == {}
+    report = build_report(result, _accuracy(1.0))
+    assert report["ablations"][NO_PRIOR]["same_as"] == MODEL and "same_as" not in report["ablations"][REFINED_ONLY]
+    assert f"({NO_PRIOR}: the same pipeline call as {MODEL}, outputs reused)" in format_report(report)
+    # Tensors are never compared by repr: two conditioning_embeds configurations both run.
+    calls.clear()
+    embeds = torch.zeros(1, pipeline.image_encoder.config.out_embed_dim)
+    twins = {"a": {"conditioning_embeds": embeds}, "b": {"conditioning_embeds": embeds + 1}}
+    result = run_evaluation(pipeline, probe, examples[:1], twins, knobs, progress=False)
+    assert len(calls) == 2 and result.same_as == {}
+
+
 def test_prior_without_llm_and_configurations_reject_bad_input(workspace, probe):
     pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
     image = PIL.Image.new("RGB", (32, 32))

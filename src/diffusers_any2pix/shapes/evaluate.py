@@ -418,12 +418,15 @@ class EvaluationResult:
         examples (`list[EvaluationExample]`): the examples.
         seconds (`float`): wall time of the runs.
         pipeline_kwargs (`dict`): the arguments every pipeline call got (before each configuration's own).
+        same_as (`dict[str, str]`): configurations whose pipeline call was identical to an earlier one's (same
+            resolved settings and arguments, same generators), mapped to it; their outputs were reused, not recomputed.
     """
 
     scores: dict[str, list[ExampleScore]]
     examples: list[EvaluationExample]
     seconds: float = 0.0
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    same_as: dict[str, str] = field(default_factory=dict)
 
 
 def example_generator(seed: int, index: int) -> torch.Generator:
@@ -460,6 +463,8 @@ def run_evaluation(
               for that batch (e.g. `prior_without_llm`).
 
             When the extra arguments hold ``conditioning_embeds`` the pipeline skips the LLM: no caption is scored.
+            Two dict configurations that resolve to the same call (e.g. an ablation equal to the pipeline's stored
+            defaults) run once; the result's ``same_as`` says which were reused.
         pipeline_kwargs (`dict`, *optional*): arguments of every pipeline call (``num_inference_steps``, …).
         seed (`int`, defaults to 0): seeds each example's generator (`example_generator`).
         batch_size (`int`, defaults to 8): instructions per pipeline call.
@@ -485,6 +490,7 @@ def run_evaluation(
     # A malformed answer is scored as a failed edit, not a crash.
     pipeline_kwargs.setdefault("on_invalid_answer", "use_base")
     settings = pipeline.resolve_edit_settings(**pipeline_kwargs)
+    same_as = _identical_calls(pipeline, configurations, pipeline_kwargs)
     pipeline.set_progress_bar_config(disable=True)
     scores: dict[str, list[ExampleScore]] = {name: [] for name in configurations}
     start = time.perf_counter()
@@ -496,8 +502,11 @@ def run_evaluation(
         bases = [imgs[example.base_index] for imgs, example in zip(images, batch)]
         base_readings = probe.read(bases)
         nothing = [None] * len(batch)
+        done: dict[str, tuple] = {}
         for name, configuration in configurations.items():
-            if configuration is None:
+            if name in same_as:  # a deterministic call already made for this batch
+                outputs, chosen, captions, valid = done[same_as[name]]
+            elif configuration is None:
                 outputs, chosen, captions, valid = bases, nothing, nothing, nothing
             else:
                 extra = configuration
@@ -522,6 +531,7 @@ def run_evaluation(
                 else:
                     captions = list(out.captions)
                     valid = [parse_answer(answer).has_im_gen for answer in out.answers]
+            done[name] = (outputs, chosen, captions, valid)
             readings = probe.read(outputs)
             for i, example in enumerate(batch):
                 scores[name].append(
@@ -531,7 +541,29 @@ def run_evaluation(
                     folder = os.path.join(save_images, name)
                     os.makedirs(folder, exist_ok=True)
                     outputs[i].save(os.path.join(folder, f"{example.id}.png"))
-    return EvaluationResult(scores, list(examples), time.perf_counter() - start, pipeline_kwargs)
+    return EvaluationResult(scores, list(examples), time.perf_counter() - start, pipeline_kwargs, same_as)
+
+
+def _identical_calls(
+    pipeline, configurations: dict[str, Configuration], pipeline_kwargs: dict[str, Any]
+) -> dict[str, str]:
+    """Dict configurations whose pipeline call equals an earlier configuration's, mapped to that one. Only calls made
+    of plain values (numbers, strings, tuples …) are compared: a tensor's repr does not identify it."""
+    first: dict[str, str] = {}
+    same_as = {}
+    for name, configuration in configurations.items():
+        if not isinstance(configuration, dict):
+            continue
+        arguments = {**pipeline_kwargs, **configuration}
+        if not all(_is_plain(value) for value in arguments.values()):
+            continue
+        resolved = {**arguments, **pipeline.resolve_edit_settings(**arguments)}
+        key = repr(sorted(resolved.items()))
+        if key in first:
+            same_as[name] = first[key]
+        else:
+            first[key] = name
+    return same_as
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -671,8 +703,8 @@ def build_report(
         "probe": {"clean_accuracy": dict(accuracy), "minimum": MIN_PROBE_ACCURACY},
         "overall": model["overall"],
         "per_type": model["per_type"],
-        "baselines": {name: {"description": DESCRIPTIONS.get(name, ""), **summaries[name]} for name in baselines},
-        "ablations": {name: {"description": DESCRIPTIONS.get(name, ""), **summaries[name]} for name in ablations},
+        "baselines": {name: _described(name, result, summaries) for name in baselines},
+        "ablations": {name: _described(name, result, summaries) for name in ablations},
         "criteria": evaluate_criteria(result.scores, baselines) if MODEL in result.scores else None,
         "examples": [],
     }
@@ -695,6 +727,19 @@ def build_report(
             }
         report["examples"].append(entry)
     return report
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _described(name: str, result: EvaluationResult, summaries: dict[str, Any]) -> dict[str, Any]:
+    entry = {"description": DESCRIPTIONS.get(name, "")}
+    if name in result.same_as:
+        entry["same_as"] = result.same_as[name]
+    return {**entry, **summaries[name]}
 
 
 def _verdict(passed: Optional[bool]) -> str:
@@ -772,6 +817,9 @@ def format_report(report: dict[str, Any]) -> str:
     for metric in METRICS:
         values = "".join(_percent(summaries[n]["overall"][metric]).rjust(width) for n in names)
         lines.append(labels[metric].ljust(24) + values)
+    for name in baselines + ablations:
+        if summaries[name].get("same_as"):
+            lines.append(f"({name}: the same pipeline call as {summaries[name]['same_as']}, outputs reused)")
     if report.get("criteria") is not None:
         lines += [""] + format_criteria(report["criteria"])
     return "\n".join(lines)

@@ -412,12 +412,8 @@ def _hand_prior_without_llm(pipeline, example, guidance_scale, score, norm) -> t
     return refined / refined.norm() * norm
 
 
-def test_prior_without_llm_conditions_on_refined_imagebind_arithmetic(workspace, probe, monkeypatch):
-    pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
-    assert pipeline.prior_text_encoder is None  # the prior's stored empty prompt, as in the pipeline
-    examples = load_examples(workspace["data"], "test", max_examples=3)
-    # Example 0 has an audio clip, example 1 two images whose second is the base.
-    assert examples[0].audio_paths and len(examples[1].image_paths) == 2 and examples[1].base_index == 1
+def _record_pipeline_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every pipeline call from now on (the calls still run)."""
     calls = []
     original = InstructAny2PixPipeline.__call__
 
@@ -426,6 +422,16 @@ def test_prior_without_llm_conditions_on_refined_imagebind_arithmetic(workspace,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(InstructAny2PixPipeline, "__call__", recording_call)
+    return calls
+
+
+def test_prior_without_llm_conditions_on_refined_imagebind_arithmetic(workspace, probe, monkeypatch):
+    pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
+    assert pipeline.prior_text_encoder is None  # the prior's stored empty prompt, as in the pipeline
+    examples = load_examples(workspace["data"], "test", max_examples=3)
+    # Example 0 has an audio clip, example 1 two images whose second is the base.
+    assert examples[0].audio_paths and len(examples[1].image_paths) == 2 and examples[1].base_index == 1
+    calls = _record_pipeline_calls(monkeypatch)
     knobs = {"num_inference_steps": 1, "embedding_norm": 7.0, "prior_guidance_scale": 3.0, "prior_score": 5.0}
     result = run_evaluation(
         pipeline, probe, examples, {PRIOR_WITHOUT_LLM: BASELINES[PRIOR_WITHOUT_LLM]}, knobs, batch_size=2,
@@ -448,14 +454,7 @@ def test_prior_without_llm_conditions_on_refined_imagebind_arithmetic(workspace,
 def test_identical_configurations_run_once_and_are_reported(workspace, probe, monkeypatch):
     pipeline = InstructAny2PixPipeline.from_pretrained(workspace["model"])
     examples = load_examples(workspace["data"], "test", max_examples=3)
-    calls = []
-    original = InstructAny2PixPipeline.__call__
-
-    def recording_call(self, *args, **kwargs):
-        calls.append(kwargs)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(InstructAny2PixPipeline, "__call__", recording_call)
+    calls = _record_pipeline_calls(monkeypatch)
     defaults = pipeline.resolve_edit_settings()
     configurations = {
         MODEL: {},

@@ -317,9 +317,10 @@ class ShapesWorldPairs(Dataset):
             two land in the same batch, so the contrastive loss has to tell them apart: every attribute must be
             encoded, not just the ones that are enough to tell random scenes apart.
         grayscale_fraction (`float`, defaults to 0.0): share of scene pairs shown in grayscale and captioned without
-            colours ("a circle on the left, on a striped background"). Shape must then be read from form alone, so the
-            image features for shape do not depend on colour, which is what lets them carry over to shape/colour
-            combinations never seen in training. Grayscale pairs come without twins.
+            colours ("a circle on the left, on a striped background"). Shape must then be read from form alone, which
+            pushes the image features for shape not to depend on colour, so that they carry over to shape/colour
+            combinations never seen in training (measured on ShapesWorld: a small gain, see the README).
+            Grayscale pairs come without twins.
         exclude_heldout (`bool`, defaults to `True`): never draw the generator's held-out combinations.
         sample_rate (`int`, defaults to 16000), sound_duration (`float`, defaults to 2.0): the recordings.
     """
@@ -382,15 +383,11 @@ class ShapesWorldPairs(Dataset):
             self._sounds[key] = features
         return self._sounds[key]
 
-    def scene_pair(self, scene: Scene) -> dict[str, Any]:
-        text = caption(scene)
-        pixels = self.processor.preprocess_image(render_scene(scene, self.image_size))[0]
-        return {"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}
-
-    def grayscale_scene_pair(self, scene: Scene) -> dict[str, Any]:
-        text = shape_caption(scene)
-        image = render_scene(scene, self.image_size).convert("L").convert("RGB")
-        pixels = self.processor.preprocess_image(image)[0]
+    def scene_pair(self, scene: Scene, grayscale: bool = False) -> dict[str, Any]:
+        """The scene's render and caption; ``grayscale``: a grayscale render and a caption without colours."""
+        image = render_scene(scene, self.image_size)
+        text = shape_caption(scene) if grayscale else caption(scene)
+        pixels = self.processor.preprocess_image(image.convert("L").convert("RGB") if grayscale else image)[0]
         return {"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}
 
     def minimal_edit(self, scene: Scene, rng: np.random.Generator) -> Scene | None:
@@ -417,7 +414,7 @@ class ShapesWorldPairs(Dataset):
                 break
         # Drawn only when enabled, so that builds without grayscale pairs keep their random stream.
         if self.grayscale_fraction and rng.random() < self.grayscale_fraction:
-            return [self.grayscale_scene_pair(scene)]
+            return [self.scene_pair(scene, grayscale=True)]
         pairs = [self.scene_pair(scene)]
         if twins and self.hard_negative_fraction and rng.random() < self.hard_negative_fraction:
             twin = self.minimal_edit(scene, rng)

@@ -213,9 +213,7 @@ def caption(scene: Scene) -> str:
     """
     if not isinstance(scene, Scene):
         raise TypeError(f"`scene` must be a Scene, got {type(scene).__name__}.")
-    phrases = [obj.phrase() for obj in scene.objects]
-    objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return f"{objects}, {background_phrase(scene.background)}"
+    return _describe([obj.phrase() for obj in scene.objects], scene.background)
 
 
 def shape_caption(scene: Scene) -> str:
@@ -231,8 +229,13 @@ def shape_caption(scene: Scene) -> str:
     if not isinstance(scene, Scene):
         raise TypeError(f"`scene` must be a Scene, got {type(scene).__name__}.")
     phrases = [f"{article(obj.shape)} {obj.shape} {SLOT_PHRASES[obj.slot]}" for obj in scene.objects]
+    return _describe(phrases, scene.background)
+
+
+def _describe(phrases: list[str], background: str) -> str:
+    """``"<a>, <b> and <c>, on a <background> background"``."""
     objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return f"{objects}, {background_phrase(scene.background)}"
+    return f"{objects}, {background_phrase(background)}"
 
 
 def background_phrase(background: str) -> str:

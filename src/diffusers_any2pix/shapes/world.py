@@ -217,8 +217,8 @@ def caption(scene: Scene) -> str:
 
 
 def shape_caption(scene: Scene) -> str:
-    """Describe ``scene`` without its colours: ``"a circle on the left and a star on the right, on a striped
-    background"``: what a grayscale image of the scene shows.
+    """Describe ``scene`` without its colours, as a grayscale image shows it: ``"a circle on the left and a star on
+    the right, on a striped background"``.
 
     Args:
         scene ([`Scene`]): the scene.

@@ -512,6 +512,35 @@ def test_sampling_reproducible_with_generator_and_global_rng_untouched(setup):
     assert torch.equal(a.sequences, first.sequences) and not torch.equal(a.sequences, b.sequences)
 
 
+def test_beam_search_matches_transformers_and_reads_out_like_greedy(setup):
+    tokenizer, llm, adapter, ids = setup
+    # A prompt without media: our embeddings path must give transformers' own beam search on the token ids.
+    prompt = build_vicuna_prompt("paint it red")
+    ours = generate_with_media(llm, tokenizer, adapter, [prompt], [media(0, 0)], ids, do_sample=False, num_beams=3,
+                               max_new_tokens=10, output_hidden_states=True)
+    prompt_ids = torch.tensor([[ids.bos] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    reference = llm.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_beams=3, do_sample=False,
+                             max_new_tokens=10, eos_token_id=ids.eos, pad_token_id=ids.pad)
+    assert ours.sequences[0].tolist() == reference[0, prompt_ids.shape[1]:].tolist()
+    # The returned states are those that predicted each answer token: a plain forward over prompt + answer.
+    answer = ours.sequences[:, :-1]
+    with torch.no_grad():
+        states = llm.model(torch.cat([prompt_ids, answer], dim=1)).last_hidden_state
+    assert torch.allclose(ours.hidden_states, states[:, prompt_ids.shape[1] - 1 :], atol=1e-5)
+
+    # With media and a forced answer (every beam forced alike), the read-out embeddings are greedy decoding's.
+    prompts, embeds = [build_vicuna_prompt("add <video> to <video>")], [media(2, 5)]
+    forced = answer_ids(tokenizer, FULL_ANSWER)
+    greedy = generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, do_sample=False, max_new_tokens=12,
+                                 logits_processor=[ForceTokens([forced])])
+    beams = generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, do_sample=False, max_new_tokens=12,
+                                num_beams=2, logits_processor=[ForceTokens([forced, forced])])
+    assert beams.sequences[0].tolist() == greedy.sequences[0].tolist() == forced
+    assert beams.texts == greedy.texts
+    for name in ("generation_embeds", "base_embeds"):
+        assert torch.allclose(getattr(beams, name)[0], getattr(greedy, name)[0], atol=1e-5)
+
+
 def test_generate_errors(setup):
     tokenizer, llm, adapter, ids = setup
     args = (llm, tokenizer, adapter, [build_vicuna_prompt("add <video>")], [media(1, 0)], ids)
@@ -523,6 +552,11 @@ def test_generate_errors(setup):
         generate_with_media(*args, temperature=0.0)
     with pytest.raises(ValueError, match=r"`top_p` must be in \(0, 1\] or None"):
         generate_with_media(*args, top_p=1.5)
+    with pytest.raises(ValueError, match="`num_beams` must be a positive int"):
+        generate_with_media(*args, num_beams=0)
+    for kwargs in ({"do_sample": True}, {"do_sample": False, "use_cache": False}):
+        with pytest.raises(ValueError, match="`num_beams=2` is beam search: it needs `do_sample=False` and"):
+            generate_with_media(*args, num_beams=2, **kwargs)
     with pytest.raises(TypeError, match="`logits_processor` must be a LogitsProcessorList"):
         generate_with_media(*args, logits_processor=lambda ids, scores: scores)
     with pytest.raises(ValueError, match=r"Prompt 0 contains 1 <video> tokens but `media_embeds\[0\]` has 2"):

@@ -224,6 +224,8 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
         (dict(images=[image(0)], num_inference_steps=0), ValueError, "num_inference_steps"),
         (dict(images=[image(0)], conditioning_embeds=torch.zeros(1, 3)), ValueError, "conditioning_embeds"),
         (dict(images=[image(0)], callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback"),
+        (dict(images=[image(0)], llm_num_beams=0), ValueError, "`llm_num_beams` must be a positive int"),
+        (dict(images=[image(0)], llm_num_beams=2, llm_do_sample=True), ValueError, "needs `llm_do_sample=False`"),
     ],
 )
 def test_bad_arguments(native_pipe, kwargs, error, match):
@@ -421,6 +423,15 @@ def test_float16_vae_with_force_upcast_runs_in_float32(native_pipe, monkeypatch)
         native_pipe.vae.to(dtype=torch.float32)
     assert seen == [(torch.float32, torch.float32)]
     assert np.isfinite(out.images).all()
+
+
+def test_llm_beam_search_gives_the_greedy_edit_of_a_one_answer_llm(native_pipe):
+    # The tiny LLM is fitted to one answer, so beam search must find that answer and read the same embeddings.
+    greedy = run(native_pipe, output_type="np", llm_do_sample=False)
+    beams = run(native_pipe, output_type="np", llm_do_sample=False, llm_num_beams=3)
+    assert beams.answers == greedy.answers and beams.captions == greedy.captions
+    torch.testing.assert_close(beams.generation_embeds, greedy.generation_embeds, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(beams.images, greedy.images, atol=1e-4)
 
 
 def test_edit_defaults_are_saved_and_used_unless_overridden(tmp_path):

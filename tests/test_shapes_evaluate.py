@@ -558,10 +558,11 @@ def test_cli_reports_model_baselines_and_ablations_deterministically(workspace, 
 def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, capsys, selection, baselines, ablations):
     monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
     output = tmp_path / "report.json"
-    argv = _cli_argv(workspace) + ["--max_examples", "2", "--output", str(output)]
+    argv = _cli_argv(workspace) + ["--max_examples", "2", "--output", str(output), "--llm_num_beams", "2"]
     assert evaluate.main(argv + selection) == 0
     report = json.load(open(output))
     assert list(report["baselines"]) == baselines and list(report["ablations"]) == ablations
+    assert report["pipeline_kwargs"]["llm_num_beams"] == 2  # a pipeline knob, passed through
     assert set(report["examples"][0]) >= {MODEL, *baselines, *ablations}
     printed = capsys.readouterr().out
     assert ("- baselines -" in printed) == bool(baselines) and ("- ablations -" in printed) == bool(ablations)
@@ -591,6 +592,7 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
         ([], "--model is required"),
         (["--model", "MODEL"], "--data is required"),
         (["--model", "MODEL", "--data", "DATA", "--max_examples", "0"], "--max_examples must be a positive"),
+        (["--model", "MODEL", "--data", "DATA", "--llm_num_beams", "0"], "--llm_num_beams must be a positive"),
         (["--model", "DATA", "--data", "DATA"], "not a saved pipeline folder"),
         (["--model", "MODEL", "--data", "DATA", "--split", "dev"], "No split 'dev'"),
         (["--model", "MODEL", "--data", "DATA", "--baselines", "prior_only"], "invalid choice: 'prior_only'"),

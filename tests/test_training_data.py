@@ -329,6 +329,35 @@ def test_llm_dataset_tokenises_with_the_inference_prompt_and_read_out_rule(sourc
     )
 
 
+def test_llm_dataset_answer_noise_changes_answer_words_of_the_input_only(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    clean = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0)
+    noisy = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_prob=0.5)
+    protected = set(token_ids.special_token_ids) | {token_ids.eos, token_ids.bos, token_ids.pad}
+    changed = 0
+    for index in range(len(clean)):
+        a, b = clean[(3, index)], noisy[(3, index)]
+        # Labels, media, targets and the prompt are those of the clean sample: only answer words of the input move.
+        for key in ("labels", "media_embeds", "target_positions", "target_embeds"):
+            assert torch.equal(a[key], b[key]), key
+        ids, noisy_ids, n = a["input_ids"].tolist(), b["input_ids"].tolist(), a["prompt_length"]
+        assert noisy_ids[:n] == ids[:n]
+        answer_words = {t for t in ids[n:] if t not in protected}
+        for position, (old, new) in enumerate(zip(ids, noisy_ids)):
+            if old != new:
+                changed += 1
+                assert position >= n and old not in protected and new in answer_words
+                assert position not in a["target_positions"].tolist()
+        # Same (seed, epoch, index), same noise.
+        assert torch.equal(b["input_ids"], noisy[(3, index)]["input_ids"])
+    assert changed > 0
+    # Every answer word replaced by a word of the answer: the noise is real at probability 1.
+    full = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_prob=1.0)
+    assert any(not torch.equal(full[(0, i)]["input_ids"], clean[(0, i)]["input_ids"]) for i in range(len(clean)))
+    with pytest.raises(ValueError, match=r"`answer_noise_prob` must lie in \[0, 1\], got 1.5"):
+        MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_prob=1.5)
+
+
 def test_llm_dataset_rejects_too_long_conversations(source_data, examples, tokenizer):
     tokenizer, token_ids = tokenizer
     dataset = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, max_length=20)

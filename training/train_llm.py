@@ -87,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("sampling (official rules)")
     data.add_argument("--base_drop_prob", type=float, default=0.2, help="Samples whose base becomes <base_null>.")
     data.add_argument("--caption_text_prob", type=float, default=0.2, help="Non-base media given as caption text.")
+    data.add_argument(
+        "--answer_noise_prob",
+        type=float,
+        default=0.0,
+        help="Share of answer words replaced in the teacher-forced input by other words of the answer (labels keep\n"
+        "the true answer), so the LLM reads each word from the instruction and media, not from the words before.",
+    )
     data.add_argument("--target_norm", type=float, default=20.0, help="Norm of the BASE/GEN embedding targets.")
     data.add_argument("--max_length", type=int, default=512, help="Longest conversation in tokens.")
     data.add_argument(
@@ -307,6 +314,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         max_length=args.max_length,
         base_drop_prob=args.base_drop_prob,
         caption_text_prob=args.caption_text_prob,
+        answer_noise_prob=args.answer_noise_prob,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     collate = partial(collate_llm_batch, pad_token_id=token_ids.pad)

@@ -644,6 +644,13 @@ class MMInstLLMDataset(Dataset):
         target_norm (`float`, defaults to 20.0): norm of the embedding targets (the official scale).
         max_length (`int`, defaults to 512): longest allowed sequence; longer samples raise.
         base_drop_prob (`float`, defaults to 0.2), caption_text_prob (`float`, defaults to 0.2): see `build_llm_sample`.
+        answer_noise_prob (`float`, defaults to 0.0):
+            Share of the answer's word tokens replaced, in ``input_ids`` only, by a word drawn from the same answer;
+            ``labels`` keep the true answer. Teacher forcing then cannot lean on the previous words alone (e.g. a
+            colour word always followed by the shapes it was seen with), so each word has to be read from the
+            instruction and its media. Special tokens and the tokens at embedding read-out positions are never
+            replaced. Drawn from a generator of its own, seeded by ``(seed, epoch, index)``, so 0 reproduces the
+            samples of a run without it.
     """
 
     def __init__(
@@ -657,8 +664,13 @@ class MMInstLLMDataset(Dataset):
         max_length: int = 512,
         base_drop_prob: float = 0.2,
         caption_text_prob: float = 0.2,
+        answer_noise_prob: float = 0.0,
     ):
-        for name, value in (("base_drop_prob", base_drop_prob), ("caption_text_prob", caption_text_prob)):
+        for name, value in (
+            ("base_drop_prob", base_drop_prob),
+            ("caption_text_prob", caption_text_prob),
+            ("answer_noise_prob", answer_noise_prob),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
         self.examples = examples
@@ -670,12 +682,33 @@ class MMInstLLMDataset(Dataset):
         self.max_length = max_length
         self.base_drop_prob = base_drop_prob
         self.caption_text_prob = caption_text_prob
+        self.answer_noise_prob = answer_noise_prob
+        self._protected_ids = set(token_ids.special_token_ids) | {token_ids.eos, token_ids.pad, token_ids.bos}
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _corrupt_answer(
+        self, ids: list[int], prompt_length: int, keep: list[int], rng: np.random.Generator
+    ) -> list[int]:
+        """``ids`` with a share ``answer_noise_prob`` of the answer's word tokens replaced by words of the answer."""
+        keep = set(keep)
+        eligible = [
+            p for p in range(prompt_length, len(ids)) if ids[p] not in self._protected_ids and p not in keep
+        ]
+        if not eligible:
+            return ids
+        words = [ids[p] for p in eligible]
+        replace = rng.random(len(eligible)) < self.answer_noise_prob
+        picks = rng.integers(len(words), size=len(eligible))
+        noisy = list(ids)
+        for position, chosen, pick in zip(eligible, replace, picks):
+            if chosen:
+                noisy[position] = words[pick]
+        return noisy
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = _epoch_and_index(item)
@@ -716,6 +749,9 @@ class MMInstLLMDataset(Dataset):
             target_positions.append(position)
 
         labels = [IGNORE_INDEX] * prompt_length + full_ids[prompt_length:]
+        if self.answer_noise_prob > 0:
+            rng = np.random.default_rng([self.seed, epoch, index, 1])
+            full_ids = self._corrupt_answer(full_ids, prompt_length, target_positions, rng)
         inputs = [self.features.load(c, where) for c in sample.input_captions]
         targets = [self.features.load(c, where) for _, c in sample.targets]
         embed_dim = self.features.embed_dim or (inputs + targets)[0].numel()

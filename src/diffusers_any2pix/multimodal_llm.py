@@ -563,12 +563,15 @@ def generate_with_media(
     use_cache: bool = True,
     output_hidden_states: bool = False,
     logits_processor: LogitsProcessorList | None = None,
+    num_beams: int = 1,
 ) -> MultimodalGenerationOutput:
     """Generates the LLM's answers with the media injected, and reads out the base and generation embeddings.
 
     With `use_cache=True` the media are injected once, at prefill, and decoding reuses the KV cache. With
     `use_cache=False` every step re-runs the whole sequence (prompt embeddings with media + generated tokens), as
-    the official code does; it exists for benchmarks and gives the same greedy results.
+    the official code does; it exists for benchmarks and gives the same greedy results. With `num_beams > 1`
+    transformers' beam search picks each answer, and one teacher-forced pass over prompt + answer gives the hidden
+    states the embeddings are read from (the states greedy decoding of that answer would have).
 
     Sampling uses transformers' sampling, which draws from the global torch RNG: a seed is drawn from `generator`
     and generation runs inside `torch.random.fork_rng` seeded with it, so results are reproducible from the
@@ -603,6 +606,9 @@ def generate_with_media(
             Also return the final-layer hidden state preceding each generated token.
         logits_processor (`LogitsProcessorList`, *optional*):
             Extra transformers logits processors (e.g. to constrain the answer format), applied at every step.
+        num_beams (`int`, *optional*, defaults to 1):
+            Beam search width (1: greedy or sampling, the official decoding). Beams need `do_sample=False` and
+            `use_cache=True`.
 
     Returns:
         `MultimodalGenerationOutput`
@@ -616,6 +622,13 @@ def generate_with_media(
             raise ValueError(f"`temperature` must be a positive number when sampling, got {temperature!r}.")
         if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
             raise ValueError(f"`top_p` must be in (0, 1] or None, got {top_p!r}.")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"`num_beams` must be a positive int, got {num_beams!r}.")
+    if num_beams > 1 and (do_sample or not use_cache):
+        raise ValueError(
+            f"`num_beams={num_beams}` is beam search: it needs `do_sample=False` and `use_cache=True`, got "
+            f"do_sample={do_sample}, use_cache={use_cache}."
+        )
     if logits_processor is not None and not isinstance(logits_processor, (list, LogitsProcessorList)):
         raise TypeError(f"`logits_processor` must be a LogitsProcessorList, got {type(logits_processor).__name__}.")
     token_ids = get_multimodal_token_ids(tokenizer) if token_ids is None else token_ids
@@ -645,7 +658,17 @@ def generate_with_media(
     with rng_context:
         if generator is not None:
             _seed_global_rng(seed, device)
-        if use_cache:
+        if num_beams > 1:
+            sequences = llm.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                use_cache=True,
+                **{**generate_kwargs, "output_hidden_states": False},
+            ).sequences
+            states = _answer_states(llm, inputs_embeds, attention_mask, sequences)
+        elif use_cache:
             output = llm.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -680,6 +703,21 @@ def generate_with_media(
         parsed_answers=[parse_answer(text) for text in texts],
         hidden_states=states if output_hidden_states else None,
     )
+
+
+def _answer_states(
+    llm, inputs_embeds: torch.Tensor, attention_mask: torch.LongTensor, sequences: torch.LongTensor
+) -> torch.Tensor:
+    """The final-layer hidden state that predicts each token of ``sequences`` (the generated answers), from one
+    teacher-forced pass over prompt + answer; aligned as in the cached loop (entry j predicted new token j)."""
+    embedding = llm.get_input_embeddings()
+    embeds = torch.cat([inputs_embeds, embedding(sequences).to(inputs_embeds.dtype)], dim=1)
+    mask = torch.cat([attention_mask, torch.ones_like(sequences)], dim=1)
+    # Positions as generate() gives them to a left-padded batch; tokens after EOS only follow the answer.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    output = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+    prompt_length = inputs_embeds.shape[1]
+    return output.hidden_states[-1][:, prompt_length - 1 : prompt_length - 1 + sequences.shape[1]]
 
 
 def _generate_without_cache(

@@ -57,6 +57,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_do_sample": True,
     "llm_temperature": 0.3,
     "llm_max_new_tokens": 100,
+    "llm_num_beams": 1,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
@@ -693,6 +694,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_temperature: float | None = None,
         llm_top_p: float | None = None,
         llm_max_new_tokens: int | None = None,
+        llm_num_beams: int | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
         on_invalid_answer: str = "error",
@@ -722,6 +724,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `prior_score` | — | hard-coded | 6.5 | quality score the prior is conditioned on |
         | `num_inference_steps` | — | `steps` | 25 | inversion and denoising steps |
         | `llm_temperature`, `llm_max_new_tokens` | — | hard-coded | 0.3, 100 | LLM sampling |
+        | `llm_num_beams` | — | — | 1 | beam search over the LLM's answer (needs `llm_do_sample=False`) |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -753,6 +756,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_do_sample (`bool`, defaults to True), llm_temperature (`float`, defaults to 0.3),
             llm_top_p (`float`, *optional*), llm_max_new_tokens (`int`, defaults to 100):
                 LLM decoding; sampling draws from ``generator`` so results are reproducible.
+            llm_num_beams (`int`, defaults to 1): beam search over the LLM's answer when above 1 (transformers' beam
+                search, with ``llm_do_sample=False``); the embeddings are read from the chosen answer.
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.
@@ -792,6 +797,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_do_sample=llm_do_sample,
             llm_temperature=llm_temperature,
             llm_max_new_tokens=llm_max_new_tokens,
+            llm_num_beams=llm_num_beams,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
         )
@@ -806,7 +812,14 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         embedding_norm, ip_adapter_scale = settings["embedding_norm"], settings["ip_adapter_scale"]
         prior_guidance_scale, prior_score = settings["prior_guidance_scale"], settings["prior_score"]
         llm_do_sample, llm_temperature = settings["llm_do_sample"], settings["llm_temperature"]
-        llm_max_new_tokens = settings["llm_max_new_tokens"]
+        llm_max_new_tokens, llm_num_beams = settings["llm_max_new_tokens"], settings["llm_num_beams"]
+        if isinstance(llm_num_beams, bool) or not isinstance(llm_num_beams, int) or llm_num_beams < 1:
+            raise ValueError(f"`llm_num_beams` must be a positive int, got {llm_num_beams!r}.")
+        if llm_num_beams > 1 and llm_do_sample and conditioning_embeds is None:
+            raise ValueError(
+                f"`llm_num_beams={llm_num_beams}` is beam search, which needs `llm_do_sample=False`; pass "
+                "`llm_num_beams=1` to sample."
+            )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -858,6 +871,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 temperature=llm_temperature,
                 top_p=llm_top_p,
                 max_new_tokens=llm_max_new_tokens,
+                num_beams=llm_num_beams,
             )
             answers = list(llm_out.texts)
             captions, generation_rows, base_rows, base_indices = [], [], [], []

@@ -868,6 +868,7 @@ def _parser() -> argparse.ArgumentParser:
     knobs.add_argument("--embedding_norm", type=float, default=None)
     knobs.add_argument("--prior_guidance_scale", type=float, default=None)
     knobs.add_argument("--llm_do_sample", action="store_true", help="sample the LLM's answer (default: greedy)")
+    knobs.add_argument("--llm_num_beams", type=int, default=None, help="beam search width of the LLM's answer")
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -879,6 +880,7 @@ _KNOBS = (
     "embedding_weights",
     "embedding_norm",
     "prior_guidance_scale",
+    "llm_num_beams",
 )
 
 
@@ -890,7 +892,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--model is required (or --train alone to train and save the probe).")
     if args.model is not None and args.data is None:
         parser.error("--data is required with --model.")
-    for name in ("max_examples", "batch_size", "probe_steps", "num_inference_steps"):
+    for name in ("max_examples", "batch_size", "probe_steps", "num_inference_steps", "llm_num_beams"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}.")

@@ -29,8 +29,9 @@ from diffusers_any2pix.data import (
     read_json_entries,
     read_prior_pairs,
 )
+from diffusers_any2pix.models.mm_adapter import rescale_to_norm
 from diffusers_any2pix.models.prior import Modality
-from diffusers_any2pix.multimodal_llm import find_embedding_positions
+from diffusers_any2pix.multimodal_llm import VIDEO_TOKEN, build_vicuna_prompt, find_embedding_positions
 from diffusers_any2pix.shapes import generate_dataset
 from diffusers_any2pix.testing_utils import tiny_llm_tokenizer
 from diffusers_any2pix.multimodal_llm import add_multimodal_tokens
@@ -356,6 +357,35 @@ def test_llm_dataset_answer_noise_changes_answer_words_of_the_input_only(source_
     assert any(not torch.equal(full[(0, i)]["input_ids"], clean[(0, i)]["input_ids"]) for i in range(len(clean)))
     with pytest.raises(ValueError, match=r"`answer_noise_prob` must lie in \[0, 1\], got 1.5"):
         MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_prob=1.5)
+
+
+def test_llm_dataset_reproduce_samples_ask_for_the_unchanged_base(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    features = _features(source_data)
+    clean = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0)
+    always = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, reproduce_prob=1.0)
+    for index, example in enumerate(examples):
+        item = always[(2, index)]
+        ids, n = item["input_ids"].tolist(), item["prompt_length"]
+        # The instruction is the base image alone; the answer the edit that keeps it, read out as BASE and GEN.
+        assert ids[:n].count(token_ids.video) == 1
+        answer = f"Sure. <base><video><im_gen_start><im_gen>{example.base}<video>"
+        conversation = build_vicuna_prompt(VIDEO_TOKEN, answer, eos_token=tokenizer.eos_token)
+        assert ids == [token_ids.bos] + tokenizer(conversation, add_special_tokens=False)["input_ids"]
+        base = rescale_to_norm(features.load(example.base, "test"), 20.0)
+        torch.testing.assert_close(item["media_embeds"], features.load(example.base, "test")[None])
+        torch.testing.assert_close(item["target_embeds"], torch.stack([base, base]))
+        positions = find_embedding_positions(ids, token_ids, start=n)
+        assert item["target_positions"].tolist() == [positions.base, positions.generation]
+    # A share: some samples change, the others are exactly those of a run without it.
+    some = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, reproduce_prob=0.5)
+    changed = [not torch.equal(some[(2, i)]["input_ids"], clean[(2, i)]["input_ids"]) for i in range(len(examples))]
+    assert any(changed) and not all(changed)
+    for i, was_changed in enumerate(changed):
+        expected = always[(2, i)] if was_changed else clean[(2, i)]
+        assert torch.equal(some[(2, i)]["input_ids"], expected["input_ids"])
+    with pytest.raises(ValueError, match=r"`reproduce_prob` must lie in \[0, 1\], got -0.1"):
+        MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, reproduce_prob=-0.1)
 
 
 def test_llm_dataset_rejects_too_long_conversations(source_data, examples, tokenizer):

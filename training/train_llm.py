@@ -94,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of answer words replaced in the teacher-forced input by other words of the answer (labels keep\n"
         "the true answer), so the LLM reads each word from the instruction and media, not from the words before.",
     )
+    data.add_argument(
+        "--reproduce_prob",
+        type=float,
+        default=0.0,
+        help="Share of samples replaced by their base image alone, answered by the edit that keeps it unchanged\n"
+        "(its caption and embedding): practice in reading an image into words.",
+    )
     data.add_argument("--target_norm", type=float, default=20.0, help="Norm of the BASE/GEN embedding targets.")
     data.add_argument("--max_length", type=int, default=512, help="Longest conversation in tokens.")
     data.add_argument(
@@ -315,6 +322,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         base_drop_prob=args.base_drop_prob,
         caption_text_prob=args.caption_text_prob,
         answer_noise_prob=args.answer_noise_prob,
+        reproduce_prob=args.reproduce_prob,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     collate = partial(collate_llm_batch, pad_token_id=token_ids.pad)

@@ -606,6 +606,26 @@ def build_llm_sample(
     return LLMSampleText(instruction=instruction, answer=answer, input_captions=inputs, targets=targets)
 
 
+def build_reproduce_sample(example: MMInstExample) -> LLMSampleText:
+    """An auxiliary sample built from ``example``: its base image alone as the instruction, and as the answer the edit
+    that leaves it unchanged — ``<base><video><im_gen_start><im_gen>[base caption]<video>`` after the answer's own
+    opening words (e.g. ``"Sure. "``), with the base embedding as both the BASE and the GEN target.
+
+    Nothing in the instruction text tells what the image holds, so the LLM must read the whole caption — every
+    object, colour and position — from the medium; the edit samples let it guess much of the caption from the
+    instruction words (e.g. the slots left free by "put a star in the middle").
+    """
+    start = example.answer.find(BASE_TOKEN)
+    opening = example.answer[:start] if start >= 0 else ""
+    answer = f"{opening}{BASE_TOKEN}{VIDEO_TOKEN}{IM_GEN_START_TOKEN}{IM_GEN_TOKEN}{example.base}{VIDEO_TOKEN}"
+    return LLMSampleText(
+        instruction=VIDEO_TOKEN,
+        answer=answer,
+        input_captions=[example.base],
+        targets=[(ROLE_BASE, example.base), (ROLE_GENERATION, example.base)],
+    )
+
+
 def conversation_texts(examples: list[MMInstExample]) -> list[str]:
     """Every text `MMInstLLMDataset` can tokenise for ``examples`` — the vicuna conversation with media as bracketed
     captions and as plain caption text, and the ``additions:`` lists — the corpus of a word-level tokenizer for an
@@ -651,6 +671,10 @@ class MMInstLLMDataset(Dataset):
             instruction and its media. Special tokens and the tokens at embedding read-out positions are never
             replaced. Drawn from a generator of its own, seeded by ``(seed, epoch, index)``, so 0 reproduces the
             samples of a run without it.
+        reproduce_prob (`float`, defaults to 0.0):
+            Share of samples replaced by `build_reproduce_sample` of their record (the base image alone, answered by
+            its unchanged caption): practice in reading an image into words. Drawn from a generator of its own, so 0
+            reproduces the samples of a run without it.
     """
 
     def __init__(
@@ -665,11 +689,13 @@ class MMInstLLMDataset(Dataset):
         base_drop_prob: float = 0.2,
         caption_text_prob: float = 0.2,
         answer_noise_prob: float = 0.0,
+        reproduce_prob: float = 0.0,
     ):
         for name, value in (
             ("base_drop_prob", base_drop_prob),
             ("caption_text_prob", caption_text_prob),
             ("answer_noise_prob", answer_noise_prob),
+            ("reproduce_prob", reproduce_prob),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
@@ -683,6 +709,7 @@ class MMInstLLMDataset(Dataset):
         self.base_drop_prob = base_drop_prob
         self.caption_text_prob = caption_text_prob
         self.answer_noise_prob = answer_noise_prob
+        self.reproduce_prob = reproduce_prob
         self._protected_ids = set(token_ids.special_token_ids) | {token_ids.eos, token_ids.pad, token_ids.bos}
 
     def __len__(self) -> int:
@@ -714,9 +741,12 @@ class MMInstLLMDataset(Dataset):
         epoch, index = _epoch_and_index(item)
         example = self.examples[index]
         where = example.source.where()
-        sample = build_llm_sample(
-            example, np.random.default_rng([self.seed, epoch, index]), self.base_drop_prob, self.caption_text_prob
-        )
+        if self.reproduce_prob > 0 and np.random.default_rng([self.seed, epoch, index, 2]).random() < self.reproduce_prob:
+            sample = build_reproduce_sample(example)
+        else:
+            sample = build_llm_sample(
+                example, np.random.default_rng([self.seed, epoch, index]), self.base_drop_prob, self.caption_text_prob
+            )
         bos = [] if self.token_ids.bos is None else [self.token_ids.bos]
         prompt_ids = bos + self._encode(build_vicuna_prompt(sample.instruction))
         full_ids = bos + self._encode(

@@ -658,28 +658,23 @@ def generate_with_media(
     with rng_context:
         if generator is not None:
             _seed_global_rng(seed, device)
-        if num_beams > 1:
-            sequences = llm.generate(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                use_cache=True,
-                **{**generate_kwargs, "output_hidden_states": False},
-            ).sequences
-            states = _answer_states(llm, inputs_embeds, attention_mask, sequences)
-        elif use_cache:
+        if use_cache:
             output = llm.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 use_cache=True,
-                **generate_kwargs,
+                num_beams=num_beams,
+                # Beam search's per-step states belong to beams that may be dropped later: re-read them instead.
+                **{**generate_kwargs, "output_hidden_states": num_beams == 1},
             )
             sequences = output.sequences
-            # hidden_states: one tuple per step, last entry = final layer after the final norm; step j's
-            # last-position state is the one that predicted new token j.
-            states = torch.stack([step[-1][:, -1] for step in output.hidden_states], dim=1)
+            if num_beams > 1:
+                states = _answer_states(llm, inputs_embeds, attention_mask, sequences)
+            else:
+                # hidden_states: one tuple per step, last entry = final layer after the final norm; step j's
+                # last-position state is the one that predicted new token j.
+                states = torch.stack([step[-1][:, -1] for step in output.hidden_states], dim=1)
         else:
             sequences, states = _generate_without_cache(
                 llm, inputs_embeds, attention_mask, max_new_tokens, token_ids, generate_kwargs

@@ -6,7 +6,9 @@ and user turns masked) plus the L1 distance between the embeddings read out at t
 tokens (the hidden state preceding each token, through ``mm_adapter.output_head``; the read-out rule inference uses)
 and the norm-20 ImageBind targets, weight 1 each. Samples follow the official rules: the base image is an input
 ``<video>`` except in 20% of samples (``<base_null>``), other media are ``<video>`` inputs 80% of the time and their
-caption text otherwise — drawn per (seed, epoch, sample), so runs are reproducible.
+caption text otherwise — drawn per (seed, epoch, sample), so runs are reproducible. Two auxiliary samplings, off by
+default, help an LLM trained from scratch read its media: ``--answer_noise_prob`` (answer words of the teacher-forced
+input swapped for other words of the answer) and ``--reproduce_prob`` (the base image alone, answered unchanged).
 
 Full fine-tuning (default), LoRA (``--lora``, via peft; merged into the saved LLM) or adapter-only
 (``--freeze_llm``). The LLM comes from ``--pretrained_llm`` (any transformers causal LM folder; the multimodal tokens
@@ -87,26 +89,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("sampling (official rules)")
     data.add_argument("--base_drop_prob", type=float, default=0.2, help="Samples whose base becomes <base_null>.")
     data.add_argument("--caption_text_prob", type=float, default=0.2, help="Non-base media given as caption text.")
-    data.add_argument(
-        "--answer_noise_prob",
-        type=float,
-        default=0.0,
-        help="Share of answer words replaced in the teacher-forced input by other words of the answer (labels keep\n"
-        "the true answer), so the LLM reads each word from the instruction and media, not from the words before.",
-    )
-    data.add_argument(
-        "--reproduce_prob",
-        type=float,
-        default=0.0,
-        help="Share of samples replaced by their base image alone, answered by the edit that keeps it unchanged\n"
-        "(its caption and embedding): practice in reading an image into words.",
-    )
     data.add_argument("--target_norm", type=float, default=20.0, help="Norm of the BASE/GEN embedding targets.")
     data.add_argument("--max_length", type=int, default=512, help="Longest conversation in tokens.")
     data.add_argument(
         "--skip_missing_features",
         action="store_true",
         help="Drop records whose media have no feature file (MM-Inst-Train lists media it cannot distribute).",
+    )
+    extra = parser.add_argument_group("auxiliary sampling (not in the official recipe)")
+    extra.add_argument(
+        "--answer_noise_prob",
+        type=float,
+        default=0.0,
+        help="Share of answer words replaced in the teacher-forced input by other words of the answer (labels keep\n"
+        "the true answer), so the LLM reads each word from the instruction and media, not from the words before.",
+    )
+    extra.add_argument(
+        "--reproduce_prob",
+        type=float,
+        default=0.0,
+        help="Share of samples replaced by their base image alone, answered by the edit that keeps it unchanged\n"
+        "(its caption and embedding): practice in reading an image into words.",
     )
     training_utils.add_common_training_args(parser, learning_rate=2e-5, train_batch_size=4)
     args = training_utils.check_common_args(parser.parse_args(argv))

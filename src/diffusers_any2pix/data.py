@@ -741,7 +741,10 @@ class MMInstLLMDataset(Dataset):
         epoch, index = _epoch_and_index(item)
         example = self.examples[index]
         where = example.source.where()
-        if self.reproduce_prob > 0 and np.random.default_rng([self.seed, epoch, index, 2]).random() < self.reproduce_prob:
+        reproduce = self.reproduce_prob > 0 and (
+            np.random.default_rng([self.seed, epoch, index, 2]).random() < self.reproduce_prob
+        )
+        if reproduce:
             sample = build_reproduce_sample(example)
         else:
             sample = build_llm_sample(

@@ -6,9 +6,10 @@ Example:
         --types add_audio remove recolour --per_type 1 --seed 0 --output docs/shapesworld_examples.png
 
 For each requested instruction type (default: every type present in the split, in `INSTRUCTION_TYPES` order) the
-first ``--per_type`` examples of that type are run through the pipeline exactly as the evaluator runs them (greedy
-LLM, ``on_invalid_answer="use_base"``, the generator `example_generator(seed, index)`, the pipeline's own defaults
-otherwise). One row per example shows, under the column headers "inputs", "instruction", "output" and "target":
+first ``--per_type`` examples of that type are run through the pipeline exactly as the evaluator runs them
+(deterministic LLM decoding, ``on_invalid_answer="use_base"``, the generator `example_generator(seed, index)`, the
+pipeline's own defaults otherwise). One row per example shows, under the column headers "inputs", "instruction",
+"output" and "target":
 
 - the input images (``[image1]``, … resized to ``--cell`` with nearest-neighbour so small renders stay crisp; the
   one the pipeline edited is marked "edited") and a speaker box per audio clip naming the clip's file;

@@ -38,7 +38,8 @@ is saved to ``--probe DIR``. Its accuracy on 1000 freshly rendered clean scenes 
 ``--model`` only trains, measures and saves the probe.
 
 Deterministic: every example gets its own generator seeded from ``(--seed, its index in the split)``, and the LLM
-decodes greedily unless ``--llm_do_sample`` is given, so results do not depend on ``--batch_size`` beyond
+decodes deterministically (greedy, or beam search with the pipeline's ``llm_num_beams`` / ``--llm_num_beams``)
+unless ``--llm_do_sample`` is given, so results do not depend on ``--batch_size`` beyond
 floating-point batching effects, nor on ``--max_examples``.
 """
 
@@ -867,7 +868,9 @@ def _parser() -> argparse.ArgumentParser:
     knobs.add_argument("--embedding_weights", type=float, nargs=3, default=None, metavar=("H0", "H1", "H2"))
     knobs.add_argument("--embedding_norm", type=float, default=None)
     knobs.add_argument("--prior_guidance_scale", type=float, default=None)
-    knobs.add_argument("--llm_do_sample", action="store_true", help="sample the LLM's answer (default: greedy)")
+    knobs.add_argument(
+        "--llm_do_sample", action="store_true", help="sample the LLM's answer (default: greedy or beam search)"
+    )
     knobs.add_argument("--llm_num_beams", type=int, default=None, help="beam search width of the LLM's answer")
     parser.add_argument("--no_progress", action="store_true")
     return parser

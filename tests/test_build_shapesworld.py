@@ -81,6 +81,12 @@ def _config_dir(root, text_decoder: bool = False) -> str:
         "pipeline": {"save_dtype": "float16"},
         "evaluate": {"max_examples": 2, "probe_steps": 1},
     }  # fmt: skip
+    if text_decoder:  # the real build's layout, with its LLM options: patch tokens, answer noise, reproduce samples
+        settings["features"] = {"image_patches": True}
+        settings["llm"].update(
+            image_patch_tokens=2, patch_embed_dim=16, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2,
+            answer_noise_prob=0.2, reproduce_prob=0.2,
+        )  # fmt: skip
     (folder / "build.json").write_text(json.dumps(settings))
     return str(folder)
 
@@ -129,10 +135,12 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
     stages = [s for s in build.STAGES if s != "evaluate"]
     argv = ["--output_dir", str(out), "--work_dir", str(work), "--config_dir", config_dir, "--stages", *stages]
     assert build.main(argv + ["--dry_run"]) == 0
-    assert "--mode text_unet" in capsys.readouterr().out
+    commands = capsys.readouterr().out
+    assert "--mode text_unet" in commands and "--image_patches" in commands and "--image_patch_tokens 2" in commands
     assert build.main(argv) == 0
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.decoder_family == "sd" and pipeline.ip_adapter is not None
+    assert pipeline.mm_adapter.tokens_per_image == 3  # the LLM reads 2 resampled patch vectors per image
     # The decoder reads captions with the ImageBind tokenizer (one token per ShapesWorld word).
     assert pipeline.tokenizer.tokenize("a green triangle on the left") == ["a</w>", "green</w>", "triangle</w>", "on</w>",
                                                                           "the</w>", "left</w>"]  # fmt: skip

@@ -377,6 +377,23 @@ def test_bad_inputs_raise(tiny_model, method, value, error, match):
         getattr(tiny_model, method)(value)
 
 
+def test_image_patches_come_with_the_image_embedding_from_one_pass(tiny_model):
+    pixels = torch.randn(2, 3, 28, 28)
+    original = pixels.clone()
+    with torch.no_grad():
+        embeds, patches = tiny_model.encode_image_patches(pixels)
+        frames = pixels.unsqueeze(2).expand(-1, -1, tiny_model.config.vision_num_frames, -1, -1)
+        trunk = tiny_model.vision_encoder(tiny_model.vision_embeddings(frames))
+        assert torch.equal(embeds, tiny_model.encode_image(pixels))
+    assert torch.equal(pixels, original)
+    assert patches.shape == (2, 4, 32)  # (28 / 14)^2 patches of vision_embed_dim
+    assert torch.equal(patches, trunk[:, 1:])
+    with pytest.raises(ValueError, match=r"`pixel_values` must have shape \(batch_size, 3, 28, 28\)"):
+        tiny_model.encode_image_patches(torch.zeros(1, 3, 14, 14))
+    with pytest.raises(ValueError, match="`pixel_values` must be a floating-point"):
+        tiny_model.encode_image_patches(torch.zeros(1, 3, 28, 28, dtype=torch.long))
+
+
 def test_forward_validates_and_names_its_arguments(tiny_model):
     with pytest.raises(ValueError, match="Pass at least one of `pixel_values`"):
         tiny_model()

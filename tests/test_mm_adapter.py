@@ -15,6 +15,7 @@ from diffusers_any2pix.multimodal_llm import (
     ParsedAnswer,
     add_multimodal_tokens,
     build_vicuna_prompt,
+    expand_media_tokens,
     find_embedding_positions,
     generate_with_media,
     get_multimodal_token_ids,
@@ -157,6 +158,101 @@ def test_adapter_errors():
         MultimodalAdapter(llm_hidden_size=3.5)
     with pytest.raises(ValueError, match="`media_embed_norm` must be a positive number"):
         MultimodalAdapter(media_embed_norm=-1.0)
+    for tokens in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"`image_patch_tokens` must be a non-negative integer \(0: one"):
+            MultimodalAdapter(image_patch_tokens=tokens)
+    with pytest.raises(ValueError, match="`image_patch_tokens` 4 needs `patch_embed_dim`"):
+        MultimodalAdapter(image_patch_tokens=4)
+    with pytest.raises(ValueError, match=r"`resampler_heads` \(3\) must divide `resampler_hidden_size` \(32\)"):
+        MultimodalAdapter(image_patch_tokens=4, patch_embed_dim=6, resampler_hidden_size=32, resampler_heads=3)
+    with pytest.raises(ValueError, match="`resampler_depth` must be a positive integer"):
+        MultimodalAdapter(resampler_depth=0)
+
+
+def patch_adapter(tokens: int = 3, seed: int = 0) -> MultimodalAdapter:
+    torch.manual_seed(seed)
+    return MultimodalAdapter(
+        embed_dim=EMBED_DIM,
+        llm_hidden_size=HIDDEN,
+        image_patch_tokens=tokens,
+        patch_embed_dim=6,
+        resampler_hidden_size=16,
+        resampler_depth=1,
+        resampler_heads=2,
+    ).eval()
+
+
+def test_patch_resampler_reads_k_vectors_per_image_and_round_trips(tmp_path):
+    plain = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN)
+    assert plain.tokens_per_image == 1 and plain.patch_resampler is None
+    with pytest.raises(ValueError, match="This adapter reads no patch tokens"):
+        plain.resample_patches(torch.randn(1, 4, 6))
+    adapter = patch_adapter()
+    assert adapter.tokens_per_image == 4
+    patches = torch.randn(2, 5, 6)
+    out = adapter.resample_patches(patches)
+    assert out.shape == (2, 3, HIDDEN)
+    # Each image is read on its own: the batch gives the single-image results.
+    torch.testing.assert_close(out[1:], adapter.resample_patches(patches[1:]))
+    adapter.save_pretrained(tmp_path)
+    loaded = MultimodalAdapter.from_pretrained(tmp_path)
+    assert loaded.tokens_per_image == 4 and torch.equal(loaded.resample_patches(patches), out)
+    with pytest.raises(ValueError, match=r"`patch_tokens` must have patch_embed_dim 6 as its last dimension"):
+        adapter.resample_patches(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match=r"`patch_tokens` must have shape \(num_images, num_patches, 6\)"):
+        adapter.resample_patches(torch.randn(5, 6))
+
+
+def test_injection_with_patches_fills_the_image_tokens_in_order(setup):
+    tokenizer, llm, _, token_ids = setup
+    adapter = patch_adapter(tokens=2)
+    # An audio (1 token), an image with patches (1 + 2 tokens), an image without (1 token).
+    ids = tokenizer("a <video> b <video><video><video> c <video>", add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    embeds = llm.get_input_embeddings()(input_ids)
+    vectors = [media(3, seed=1)]
+    patches = torch.randn(5, 6)
+    out = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video, image_patches=[[None, patches, None]])
+    positions = (input_ids[0] == token_ids.video).nonzero().flatten().tolist()
+    projected, resampled = adapter.project(vectors[0]), adapter.resample_patches(patches[None])[0]
+    expected = [projected[0], projected[1], resampled[0], resampled[1], projected[2]]
+    assert len(positions) == len(expected)
+    for position, vector in zip(positions, expected):
+        torch.testing.assert_close(out[0, position], embeds[0, position] + vector)
+    others = [p for p in range(len(ids)) if p not in positions]
+    assert torch.equal(out[0, others], embeds[0, others])
+    # Without patches the same media take one token each: the count is checked and named.
+    with pytest.raises(ValueError, match=r"Prompt 0 contains 5 <video> tokens but `media_embeds\[0\]` has 3 embeddings"):
+        inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video)
+    short = torch.tensor([tokenizer("a <video> b <video> c <video>", add_special_tokens=False)["input_ids"]])
+    with pytest.raises(ValueError, match=r"contains 3 <video> tokens but its media need 5 .* takes 3\)"):
+        inject_media_embeds(
+            llm.get_input_embeddings()(short), short, vectors, adapter, token_ids.video,
+            image_patches=[[None, patches, None]],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"`image_patches` must be a list with one entry .* per prompt \(1\)"):
+        inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video, image_patches=[])
+    with pytest.raises(ValueError, match=r"`image_patches\[0\]` must be a list with one entry .* per medium"):
+        inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video, image_patches=[[patches]])
+    with pytest.raises(ValueError, match=r"`image_patches\[0\]\[1\]` must be a \(num_patches, 6\) tensor"):
+        inject_media_embeds(
+            embeds, input_ids, vectors, adapter, token_ids.video, image_patches=[[None, torch.randn(5, 7), None]]
+        )
+    plain = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN)
+    with pytest.raises(ValueError, match=r"`image_patches\[0\]\[1\]` is given but the adapter reads no patch"):
+        inject_media_embeds(embeds, input_ids, vectors, plain, token_ids.video, image_patches=[[None, patches, None]])
+
+
+def test_expand_media_tokens():
+    text = "put <video> next to <video>, please"
+    assert expand_media_tokens(text, [1, 1]) == text
+    assert expand_media_tokens(text, [3, 1]) == "put <video><video><video> next to <video>, please"
+    assert expand_media_tokens("<video>", [2]) == "<video><video>"
+    assert expand_media_tokens("no media", []) == "no media"
+    with pytest.raises(ValueError, match=r"The text has 2 <video> tokens but 1 token counts were given"):
+        expand_media_tokens(text, [1])
+    with pytest.raises(ValueError, match=r"Every token count must be a positive integer, got \[0, 1\]"):
+        expand_media_tokens(text, [0, 1])
 
 
 def test_adapter_save_load_round_trip(tmp_path):

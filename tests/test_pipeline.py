@@ -9,7 +9,10 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from diffusers_any2pix import InstructAny2PixPipeline, InstructAny2PixPipelineOutput
+from diffusers_any2pix import pipeline_instruct_any2pix as pipeline_module
 from diffusers_any2pix.instruction import parse_instruction
+from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
+from diffusers_any2pix.multimodal_llm import build_vicuna_prompt
 from diffusers_any2pix.models.ip_adapter import ImageBindIPAdapter, is_ip_adapter_attached
 from diffusers_any2pix.pipeline_instruct_any2pix import mix_latents_with_noise
 from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, tiny_decoder, tiny_llm, tiny_pipeline_components
@@ -184,11 +187,68 @@ def test_placeholder_order_maps_to_inputs(native_pipe):
     parsed = [parse_instruction("put [image2] into [audio1] and [image1]", num_images=2, num_audio=1)]
     audio = [native_pipe.imagebind_processor.load_audio(clip(500))]
     pil = [native_pipe.imagebind_processor.load_image(i) for i in images]
-    (media,) = native_pipe.encode_media(parsed, [pil], [audio], torch.device("cpu"))
+    (media,), patches = native_pipe.encode_media(parsed, [pil], [audio], torch.device("cpu"))
+    assert patches is None  # the official adapter reads one vector per medium
     with torch.no_grad():
         vectors = native_pipe.image_encoder.encode_image(native_pipe.imagebind_processor.preprocess_image(images))
         sound = native_pipe.image_encoder.encode_audio(native_pipe.imagebind_processor.preprocess_audio([clip(500)]))
     assert torch.allclose(media[0], vectors[1]) and torch.allclose(media[1], sound[0]) and torch.allclose(media[2], vectors[0])
+
+
+def patch_pipe(**overrides) -> InstructAny2PixPipeline:
+    """The tiny pipeline whose adapter also reads 3 tokens per image from ImageBind's patch tokens."""
+    components = tiny_pipeline_components("imagebind")
+    config = dict(image_patch_tokens=3, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2)
+    config["patch_embed_dim"] = components["image_encoder"].config.vision_embed_dim
+    torch.manual_seed(0)
+    adapter = MultimodalAdapter.from_config(components["mm_adapter"].config, **{**config, **overrides})
+    adapter.load_state_dict(components["mm_adapter"].state_dict(), strict=False)
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter.eval()})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_image_patch_tokens_reach_the_llm(monkeypatch):
+    pipe = patch_pipe()
+    calls = []
+    real = pipeline_module.generate_with_media
+    monkeypatch.setattr(pipeline_module, "generate_with_media", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out = run(pipe, "add [audio1] to [image1]")
+    # The image takes its pooled <video> and 3 resampled ones, the sound one.
+    assert calls[0]["prompts"] == [build_vicuna_prompt("add <video> to " + "<video>" * 4)]
+    processor = pipe.imagebind_processor
+    with torch.no_grad():
+        vector, patches = pipe.image_encoder.encode_image_patches(processor.preprocess_image([image(0)]))
+        sound = pipe.image_encoder.encode_audio(processor.preprocess_audio([clip()]))[0]
+    torch.testing.assert_close(calls[0]["media_embeds"][0], torch.stack([sound, vector[0]]))
+    (audio_patches, image_patches), = calls[0]["image_patches"]
+    assert audio_patches is None
+    torch.testing.assert_close(image_patches, patches[0])
+    assert out.captions == ["a red circle on a blue background"] and out.base_image_indices == [0]
+    # Deterministic with a generator, like every edit.
+    assert np.array_equal(run(pipe, output_type="np", seed=3).images, run(pipe, output_type="np", seed=3).images)
+    parsed = parse_instruction("put [image2] on [image1]", num_images=2, num_audio=0)
+    pil = [processor.load_image(i) for i in (image(3), image(4))]
+    (media,), ((first, second),) = pipe.encode_media([parsed], [pil], [[]], torch.device("cpu"))
+    assert media.shape == (2, TINY_EMBED_DIM) and first.shape == second.shape == (4, 16)  # 2 x 2 patches, width 16
+    assert pipe.llm_prompt(parsed) == build_vicuna_prompt("put " + "<video>" * 4 + " on " + "<video>" * 4)
+
+
+def test_patch_tokens_change_what_the_llm_sees():
+    """The resampler's vectors are injected: another resampler gives other hidden states, hence other embeddings."""
+    a = run(patch_pipe(), seed=0)
+    pipe = patch_pipe()
+    torch.nn.init.normal_(pipe.mm_adapter.patch_resampler.latents, std=1.0)
+    b = run(pipe, seed=0)
+    assert not torch.allclose(a.generation_embeds, b.generation_embeds)
+
+
+def test_patch_width_must_match_the_image_encoder():
+    with pytest.raises(
+        ValueError,
+        match=r"image_encoder.config.vision_embed_dim is 16 but mm_adapter.config.patch_embed_dim is 24",
+    ):
+        patch_pipe(patch_embed_dim=24)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

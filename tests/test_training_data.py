@@ -31,7 +31,12 @@ from diffusers_any2pix.data import (
 )
 from diffusers_any2pix.models.mm_adapter import rescale_to_norm
 from diffusers_any2pix.models.prior import Modality
-from diffusers_any2pix.multimodal_llm import VIDEO_TOKEN, build_vicuna_prompt, find_embedding_positions
+from diffusers_any2pix.multimodal_llm import (
+    VIDEO_TOKEN,
+    build_vicuna_prompt,
+    expand_media_tokens,
+    find_embedding_positions,
+)
 from diffusers_any2pix.shapes import generate_dataset
 from diffusers_any2pix.testing_utils import tiny_llm_tokenizer
 from diffusers_any2pix.multimodal_llm import add_multimodal_tokens
@@ -386,6 +391,93 @@ def test_llm_dataset_reproduce_samples_ask_for_the_unchanged_base(source_data, e
         assert torch.equal(some[(2, i)]["input_ids"], expected["input_ids"])
     with pytest.raises(ValueError, match=r"`reproduce_prob` must lie in \[0, 1\], got -0.1"):
         MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, reproduce_prob=-0.1)
+
+
+PATCH_DIM = 6
+NUM_PATCHES = 4
+
+
+def _add_patches(root: str, seed: int = 1, width: int = PATCH_DIM) -> None:
+    """Adds ``clip_patches`` (random float16 tokens, as prepare_data.py writes them) to the train images' files."""
+    rng = np.random.default_rng(seed)
+    for entry in load_media_map(os.path.join(root, "train", "media.json")).values():
+        if entry.kind == "image":
+            path = os.path.join(root, entry.fpath)
+            with np.load(path) as arrays:
+                clip = arrays["clip"]
+            np.savez(path, clip=clip, clip_patches=rng.standard_normal((NUM_PATCHES, width)).astype(np.float16))
+
+
+def _patch_features(root: str, width: int = PATCH_DIM) -> FeatureStore:
+    return FeatureStore.from_file(os.path.join(root, "train", "media.json"), root, DIM, patch_embed_dim=width)
+
+
+def test_feature_store_loads_patches_of_images_only(data):
+    _add_patches(data)
+    plain, store = _features(data), _patch_features(data)
+    kinds = set()
+    for key, entry in store.media_map.items():
+        kinds.add(entry.kind)
+        assert plain.load_patches(key, "test") is None  # a store without patch_embed_dim reads none
+        patches = store.load_patches(key, "test")
+        if entry.kind == "image":
+            with np.load(store.path(entry)) as arrays:
+                expected = torch.from_numpy(arrays["clip_patches"].astype(np.float32))
+            assert patches.dtype == torch.float32 and torch.equal(patches, expected)
+        else:
+            assert patches is None
+    assert kinds == {"image", "audio"}
+    # Copies: changing a result leaves the cache alone.
+    key = next(k for k, e in store.media_map.items() if e.kind == "image")
+    store.load_patches(key, "test").zero_()
+    assert store.load_patches(key, "test").abs().sum() > 0
+
+
+def test_feature_store_patch_errors_name_the_file_and_the_fix(data):
+    key, entry = next((k, e) for k, e in _features(data).media_map.items() if e.kind == "image")
+    with pytest.raises(MMInstDataError, match=r"has no array 'clip_patches'.*prepare_data\.py with --image_patches") as error:
+        _patch_features(data).load_patches(key, "ctx")
+    assert entry.fpath in str(error.value)
+    _add_patches(data)
+    with pytest.raises(MMInstDataError, match=r"'clip_patches' must have shape \(num_patches, 7\) \(patch_embed_dim\), got \(4, 6\)"):
+        _patch_features(data, width=7).load_patches(key, "ctx")
+
+
+def test_llm_dataset_gives_each_image_its_patches_and_tokens(data, tokenizer):
+    tokenizer, token_ids = tokenizer
+    _add_patches(data)
+    examples = load_instructions(os.path.join(data, "train", "instruction.json"), _features(data))
+    features = _patch_features(data)
+    plain = MMInstLLMDataset(examples, _features(data), tokenizer, token_ids, seed=0)
+    patched = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, image_patch_tokens=3)
+    extra_tokens = 0
+    for index, example in enumerate(examples):
+        a, b = plain[(1, index)], patched[(1, index)]
+        # The same draw of the official rules; each input image's <video> becomes 1 + 3 of them.
+        sample = build_llm_sample(example, np.random.default_rng([0, 1, index]))
+        patches = [features.load_patches(c, "test") for c in sample.input_captions]
+        assert a["image_patches"] == [None] * len(patches)
+        assert len(b["image_patches"]) == len(patches)
+        for got, expected in zip(b["image_patches"], patches):
+            assert (got is None and expected is None) or torch.equal(got, expected)
+        instruction = expand_media_tokens(sample.instruction, [1 if p is None else 4 for p in patches])
+        conversation = build_vicuna_prompt(instruction, sample.answer, eos_token=tokenizer.eos_token)
+        assert b["input_ids"].tolist() == [token_ids.bos] + tokenizer(conversation, add_special_tokens=False)["input_ids"]
+        assert torch.equal(b["media_embeds"], a["media_embeds"])
+        shift = b["prompt_length"] - a["prompt_length"]
+        assert shift == 3 * sum(p is not None for p in patches)
+        assert b["labels"][b["prompt_length"] :].tolist() == a["labels"][a["prompt_length"] :].tolist()
+        assert b["target_positions"].tolist() == (a["target_positions"] + shift).tolist()
+        assert torch.equal(b["target_embeds"], a["target_embeds"])
+        extra_tokens += shift
+    assert extra_tokens > 0
+    items = [patched[(1, 0)], patched[(1, 1)]]
+    batch = collate_llm_batch(items, token_ids.pad)
+    for row, item in zip(batch["image_patches"], items):  # per row and medium, as inject_media_embeds takes them
+        assert [p is None for p in row] == [p is None for p in item["image_patches"]]
+        assert all(p is None or torch.equal(p, q) for p, q in zip(row, item["image_patches"]))
+    with pytest.raises(ValueError, match="`image_patch_tokens` 3 needs a FeatureStore that reads patch tokens"):
+        MMInstLLMDataset(examples, _features(data), tokenizer, token_ids, seed=0, image_patch_tokens=3)
 
 
 def test_llm_dataset_rejects_too_long_conversations(source_data, examples, tokenizer):

@@ -148,6 +148,48 @@ def test_prepare_data_fills_the_media_map_and_resumes(workspace, capsys):
     assert f"Encoded 0 feature(s), skipped {len(media)} existing." in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def patch_data(workspace, tmp_path_factory) -> str:
+    """A copy of the workspace data whose image features also hold the patch tokens (prepare_data.py)."""
+    data = str(tmp_path_factory.mktemp("patches") / "data")
+    shutil.copytree(workspace["data"], data)
+    argv = [
+        "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", data, "--no_progress",
+        "--media_map", f"{data}/train/media.json", f"{data}/val/media.json", "--image_patches",
+    ]  # fmt: skip
+    assert prepare_data.main(argv) == 0
+    return data
+
+
+def test_prepare_data_adds_patch_tokens_to_images_only(workspace, patch_data, capsys):
+    with open(f"{patch_data}/train/media.json") as f:
+        media = json.load(f)
+    model = ImageBindModel.from_pretrained(workspace["pipelines"]["imagebind"], subfolder="image_encoder").eval()
+    processor = ImageBindProcessor(image_size=model.config.vision_image_size)
+    images = 0
+    for entry in media.values():
+        with np.load(os.path.join(workspace["data"], entry["fpath"])) as before:
+            pooled = before["clip"]
+        with np.load(os.path.join(patch_data, entry["fpath"])) as npz:
+            assert np.array_equal(npz["clip"], pooled)  # the pooled vector is unchanged
+            if not entry["media_path"].endswith(".png"):
+                assert npz.files == ["clip"]
+                continue
+            images += 1
+            assert npz.files == ["clip", "clip_patches"]
+            assert npz["clip_patches"].shape == (4, 16) and npz["clip_patches"].dtype == np.float16
+            with torch.no_grad():
+                _, patches = model.encode_image_patches(processor.preprocess_image(f"{patch_data}/{entry['media_path']}"))
+            # float16 storage: equal up to its rounding (batched and single encodings differ in the last float32 bits).
+            np.testing.assert_allclose(npz["clip_patches"].astype(np.float32), patches[0].numpy(), rtol=1e-3, atol=1e-3)
+    assert 0 < images < len(media)
+    # Resumable: files with patches are skipped.
+    capsys.readouterr()
+    argv = ["--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", patch_data, "--no_progress"]
+    assert prepare_data.main(argv + ["--media_map", f"{patch_data}/train/media.json", "--image_patches"]) == 0
+    assert f"Encoded 0 feature(s), skipped {len(media)} existing." in capsys.readouterr().out
+
+
 def test_prepare_data_folder_reports_unreadable_files_and_continues(workspace, tmp_path, capsys):
     folder = tmp_path / "media"
     folder.mkdir()
@@ -613,9 +655,44 @@ def test_train_llm_from_scratch_with_a_word_level_tokenizer(workspace, tmp_path)
     assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
 
 
+def test_train_llm_adds_a_patch_resampler_to_a_pipeline_and_it_edits(workspace, patch_data, tmp_path):
+    argv = _common(
+        tmp_path / "llm", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", patch_data,
+        "--max_train_steps", "2", "--train_batch_size", "2", "--image_patch_tokens", "3",
+        "--resampler_hidden_size", "16", "--resampler_depth", "1", "--resampler_heads", "2",
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 2
+    before = _weights(os.path.join(workspace["pipelines"]["imagebind"], "mm_adapter"))
+    after = _weights(tmp_path / "llm" / "mm_adapter")
+    assert set(before) < set(after) and {k for k in after if k not in before} == {
+        k for k in after if k.startswith("patch_resampler.")
+    }
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # the loaded projector and head trained on
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "llm"))
+    config = pipeline.mm_adapter.config
+    assert (config.image_patch_tokens, config.patch_embed_dim, pipeline.mm_adapter.tokens_per_image) == (3, 16, 4)
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+    # Resuming with another number of tokens would not fit the trained resampler.
+    argv = _common(
+        tmp_path / "again", "--pipeline", str(tmp_path / "llm"), "--data_dir", patch_data,
+        "--max_train_steps", "1", "--image_patch_tokens", "5",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="`--image_patch_tokens` 5 differs from the loaded mm_adapter's 3"):
+        train_llm.main(argv)
+    # Feature files without patch tokens stop training, naming the file and the fix.
+    argv = _common(
+        tmp_path / "plain", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+        "--max_train_steps", "1", "--train_batch_size", "2", "--image_patch_tokens", "3",
+        "--resampler_hidden_size", "16", "--resampler_heads", "2",
+    )  # fmt: skip
+    with pytest.raises(MMInstDataError, match=r"features/media/.*\.npz .*has no array 'clip_patches'.*--image_patches"):
+        train_llm.main(argv)
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
+        (["--image_patch_tokens", "-2"], r"`--image_patch_tokens` must be >= 0, got -2"),
         (["--pretrained_llm", "x"], "exclude each other"),
         (["--lora"], "trains fully"),
     ],

@@ -151,7 +151,8 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
                 py, _script("prepare_data.py"), "--pretrained_image_encoder", os.path.join(imagebind, "image_encoder"),
                 "--data_dir", data, "--media_map", *maps, "--text_media_map", text_map,
                 "--imagebind_tokenizer", os.path.join(imagebind, "imagebind_tokenizer"), "--no_progress",
-            ],  # fmt: skip
+            ]  # fmt: skip
+            + _options(settings.get("features", {})),
             text_map,
         ),
         training_stage("vae", "train_decoder.py", "vae", ["--mode", "vae", "--vae_config", os.path.join(cfg, "vae.json")]),

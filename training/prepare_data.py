@@ -10,7 +10,10 @@ Two ways to say what to encode:
   wav/flac/mp3/ogg clip under ``--data_dir`` is encoded into ``<data_dir>/<features_subdir>/<medium>.npz`` and a media
   map is written (captions from ``--captions``, else the file name).
 
-Each feature file holds the ImageBind vector under ``clip``, shape ``(1, D)`` (the official convention).
+Each feature file holds the ImageBind vector under ``clip``, shape ``(1, D)`` (the official convention). With
+``--image_patches``, image files also hold ``clip_patches``, the vision trunk's patch tokens of shape
+``(num_patches, vision_embed_dim)`` in float16 (``ImageBindModel.encode_image_patches``), which an LLM trained with
+``train_llm.py --image_patch_tokens`` reads; image files without them are encoded again.
 ``--text_media_map`` also encodes every caption of the map(s) with ImageBind's text tower (the text → image pairs of
 train_prior.py). Work is batched, shows a progress bar and is resumable: existing outputs are skipped (unless
 ``--overwrite``) and each file is written atomically. Unreadable media are reported by name, the rest is still
@@ -34,7 +37,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_any2pix.data import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, MMInstDataError, load_media_map, media_kind
+from diffusers_any2pix.data import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    MMInstDataError,
+    load_media_map,
+    media_kind,
+    patch_array_name,
+)
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor, load_clip_tokenizer
 from diffusers_any2pix.shapes.generate import FEATURE_KEY, media_key
@@ -116,6 +126,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="ImageBind's CLIP BPE: bpe_simple_vocab_16e6.txt.gz, or a saved CLIPTokenizer folder (for text).",
+    )
+    parser.add_argument(
+        "--image_patches",
+        action="store_true",
+        help="Also store each image's ImageBind patch tokens (for train_llm.py --image_patch_tokens).",
     )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -236,13 +251,30 @@ def plan_text_jobs(args: argparse.Namespace, captions_by_map: dict[str, list[str
     return jobs
 
 
-def _save_feature(path: str, vector: np.ndarray) -> None:
+def _save_feature(path: str, vector: np.ndarray, patches: np.ndarray | None = None) -> None:
     # Written under a temporary name and renamed, so an interrupted run never leaves a truncated file behind.
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays = {FEATURE_KEY: vector[None].astype(np.float32)}
+    if patches is not None:
+        # float16 halves the files (a 64-patch image: 16 KB at width 128); FeatureStore loads them as float32.
+        arrays[patch_array_name(FEATURE_KEY)] = patches.astype(np.float16)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "wb") as f:
-        np.savez_compressed(f, **{FEATURE_KEY: vector[None].astype(np.float32)})
+        np.savez_compressed(f, **arrays)
     os.replace(temporary, path)
+
+
+def _is_done(job: EncodingJob, image_patches: bool) -> bool:
+    """Whether ``job``'s output exists, with patch tokens for an image when they are asked for."""
+    if not os.path.isfile(job.output):
+        return False
+    if job.kind != "image" or not image_patches:
+        return True
+    try:
+        with np.load(job.output, allow_pickle=False) as data:
+            return patch_array_name(FEATURE_KEY) in data.files
+    except Exception:  # unreadable: encode it again
+        return False
 
 
 def _preprocess(job: EncodingJob, processor: ImageBindProcessor) -> torch.Tensor:
@@ -261,8 +293,10 @@ def encode_jobs(
     batch_size: int,
     summary: PrepareDataSummary,
     progress: bool = True,
+    image_patches: bool = False,
 ) -> None:
-    """Encodes ``jobs`` in batches of one kind, writing each vector; unreadable media go to ``summary.failed``."""
+    """Encodes ``jobs`` in batches of one kind, writing each vector (and, with ``image_patches``, each image's patch
+    tokens); unreadable media go to ``summary.failed``."""
     encoders = {"image": model.encode_image, "audio": model.encode_audio, "text": model.encode_text}
     bar = tqdm(total=len(jobs), desc="ImageBind", disable=not progress)
     for kind in ("image", "audio", "text"):
@@ -279,9 +313,14 @@ def encode_jobs(
                 stacked = torch.stack(inputs)
                 if stacked.is_floating_point():
                     stacked = stacked.to(dtype=model.dtype)
-                vectors = encoders[kind](stacked.to(model.device)).float().cpu().numpy()
-                for job, vector in zip(batch, vectors):
-                    _save_feature(job.output, vector)
+                patches = [None] * len(batch)
+                if kind == "image" and image_patches:
+                    vectors, patches = model.encode_image_patches(stacked.to(model.device))
+                    patches = patches.float().cpu().numpy()
+                else:
+                    vectors = encoders[kind](stacked.to(model.device))
+                for job, vector, tokens in zip(batch, vectors.float().cpu().numpy(), patches):
+                    _save_feature(job.output, vector, tokens)
                 summary.encoded += len(batch)
             bar.update(len(todo[start : start + batch_size]))
     bar.close()
@@ -300,14 +339,22 @@ def prepare_features(args: argparse.Namespace) -> PrepareDataSummary:
         jobs += plan_text_jobs(args, captions_by_map)
         summary.media_maps.append(args.text_media_map)
     if not args.overwrite:
-        pending = [job for job in jobs if not os.path.isfile(job.output)]
+        pending = [job for job in jobs if not _is_done(job, args.image_patches)]
         summary.skipped = len(jobs) - len(pending)
         jobs = pending
     if jobs:
         model = load_component(args, "image_encoder", ImageBindModel.from_pretrained, dtype=DTYPES[args.dtype])
         model = model.to(args.device).eval()
         processor = ImageBindProcessor.for_model(model, tokenizer=tokenizer)
-        encode_jobs(jobs, model, processor, args.batch_size, summary, progress=not args.no_progress)
+        encode_jobs(
+            jobs,
+            model,
+            processor,
+            args.batch_size,
+            summary,
+            progress=not args.no_progress,
+            image_patches=args.image_patches,
+        )
     return summary
 
 

@@ -8,7 +8,8 @@ and the norm-20 ImageBind targets, weight 1 each. Samples follow the official ru
 ``<video>`` except in 20% of samples (``<base_null>``), other media are ``<video>`` inputs 80% of the time and their
 caption text otherwise — drawn per (seed, epoch, sample), so runs are reproducible. Two auxiliary samplings, off by
 default, help an LLM trained from scratch read its media: ``--answer_noise_prob`` (answer words of the teacher-forced
-input swapped for other words of the answer) and ``--reproduce_prob`` (the base image alone, answered unchanged).
+input swapped for other words of the answer) and ``--reproduce_prob`` (the base image alone, answered unchanged);
+``--image_patch_tokens K`` lets the adapter read K more vectors per image from ImageBind's patch tokens.
 
 Full fine-tuning (default), LoRA (``--lora``, via peft; merged into the saved LLM) or adapter-only
 (``--freeze_llm``). The LLM comes from ``--pretrained_llm`` (any transformers causal LM folder; the multimodal tokens
@@ -31,6 +32,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from accelerate.logging import get_logger
 from diffusers.utils import BaseOutput
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -51,6 +53,9 @@ from diffusers_any2pix.multimodal_llm import (
 )
 from diffusers_any2pix.word_tokenizer import build_word_level_tokenizer
 from diffusers_any2pix import training_utils
+
+
+logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,6 +116,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of samples replaced by their base image alone, answered by the edit that keeps it unchanged\n"
         "(its caption and embedding): practice in reading an image into words.",
     )
+    patches = parser.add_argument_group("image patch tokens (not in the official recipe)")
+    patches.add_argument(
+        "--image_patch_tokens",
+        type=int,
+        default=None,
+        help="K > 0: each image is also read by the adapter's perceiver resampler from its ImageBind patch tokens\n"
+        "into K more <video> tokens (the feature files need the patches: prepare_data.py --image_patches). Default:\n"
+        "a loaded adapter's setting, 0 (one token per image, official) for a new one.",
+    )
+    patches.add_argument(
+        "--patch_embed_dim", type=int, default=None, help="Patch token width (ImageBind's vision_embed_dim)."
+    )
+    patches.add_argument("--resampler_hidden_size", type=int, default=768, help="Width inside the resampler.")
+    patches.add_argument("--resampler_depth", type=int, default=2, help="Perceiver blocks of the resampler.")
+    patches.add_argument("--resampler_heads", type=int, default=4, help="Attention heads of the resampler.")
     training_utils.add_common_training_args(parser, learning_rate=2e-5, train_batch_size=4)
     args = training_utils.check_common_args(parser.parse_args(argv))
     training_utils.resolve_data_paths(args)
@@ -124,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("A new LLM from `--llm_config` trains fully; drop `--lora` / `--freeze_llm`.")
     if args.lora and args.freeze_llm:
         raise ValueError("`--lora` and `--freeze_llm` exclude each other.")
+    if args.image_patch_tokens is not None and args.image_patch_tokens < 0:
+        raise ValueError(f"`--image_patch_tokens` must be >= 0, got {args.image_patch_tokens}.")
     return args
 
 
@@ -150,7 +172,7 @@ class MultimodalLLMForTraining(torch.nn.Module):
 
     Args:
         llm (`PreTrainedModel`): the causal LM (possibly a peft model).
-        mm_adapter (`MultimodalAdapter`): projector and output head.
+        mm_adapter (`MultimodalAdapter`): projector, output head (and patch resampler).
         token_ids (`MultimodalTokenIds`): special token ids.
     """
 
@@ -170,12 +192,19 @@ class MultimodalLLMForTraining(torch.nn.Module):
         target_rows: torch.LongTensor,
         target_positions: torch.LongTensor,
         target_embeds: torch.Tensor,
+        image_patches: list[list[torch.Tensor | None]] | None = None,
     ) -> LLMTrainingOutput:
         """Teacher-forced forward of a `collate_llm_batch` batch: prompt media injected additively (answer
         ``<video>`` tokens keep their plain embedding, as at inference), CE on the answer, L1 on the read-outs."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         embeds = inject_media_embeds(
-            embeds, input_ids, media_embeds, self.mm_adapter, self.token_ids.video, prompt_lengths=prompt_lengths
+            embeds,
+            input_ids,
+            media_embeds,
+            self.mm_adapter,
+            self.token_ids.video,
+            prompt_lengths=prompt_lengths,
+            image_patches=image_patches,
         )
         output = self.llm(
             inputs_embeds=embeds,
@@ -244,10 +273,17 @@ def build_model(
     if args.llm_config is None:  # a new LLM gets a new adapter
         adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)
     if adapter is None:
-        embed_dim = args.embed_dim
+        embed_dim, patch_embed_dim = args.embed_dim, args.patch_embed_dim
         if args.pipeline is not None:
-            embed_dim = training_utils.load_component(args, "image_encoder", _image_encoder_config)["out_embed_dim"]
-        adapter = MultimodalAdapter(embed_dim=embed_dim, llm_hidden_size=llm.config.get_text_config().hidden_size)
+            encoder = training_utils.load_component(args, "image_encoder", _image_encoder_config)
+            embed_dim, patch_embed_dim = encoder["out_embed_dim"], patch_embed_dim or encoder["vision_embed_dim"]
+        adapter = MultimodalAdapter(
+            embed_dim=embed_dim,
+            llm_hidden_size=llm.config.get_text_config().hidden_size,
+            **_resampler_config(args, patch_embed_dim, args.image_patch_tokens or 0),
+        )
+    elif args.image_patch_tokens not in (None, adapter.config.image_patch_tokens):
+        adapter = _with_patch_resampler(args, adapter)
     adapter = adapter.to(torch.float32)
     if args.gradient_checkpointing:
         # transformers 5 renamed gradient checkpointing to activation checkpointing.
@@ -257,6 +293,36 @@ def build_model(
     elif args.lora:
         llm = _wrap_lora(args, llm, token_ids)
     return MultimodalLLMForTraining(llm, adapter, token_ids), tokenizer, token_ids
+
+
+def _resampler_config(args: argparse.Namespace, patch_embed_dim: int | None, image_patch_tokens: int) -> dict:
+    return {
+        "image_patch_tokens": image_patch_tokens,
+        "patch_embed_dim": patch_embed_dim,
+        "resampler_hidden_size": args.resampler_hidden_size,
+        "resampler_depth": args.resampler_depth,
+        "resampler_heads": args.resampler_heads,
+    }
+
+
+def _with_patch_resampler(args: argparse.Namespace, adapter: MultimodalAdapter) -> MultimodalAdapter:
+    """A loaded adapter that reads no patches (e.g. the official one), with a new patch resampler; its projector and
+    head keep their weights."""
+    if adapter.config.image_patch_tokens:
+        raise ValueError(
+            f"`--image_patch_tokens` {args.image_patch_tokens} differs from the loaded mm_adapter's "
+            f"{adapter.config.image_patch_tokens}; its resampler was trained for that number."
+        )
+    patch_embed_dim = args.patch_embed_dim
+    if patch_embed_dim is None and args.pipeline is not None:
+        patch_embed_dim = training_utils.load_component(args, "image_encoder", _image_encoder_config)["vision_embed_dim"]
+    logger.warning(f"Adding a patch resampler ({args.image_patch_tokens} tokens per image) to the loaded mm_adapter.")
+    extended = MultimodalAdapter.from_config(
+        adapter.config, **_resampler_config(args, patch_embed_dim, args.image_patch_tokens)
+    )
+    missing, unexpected = extended.load_state_dict(adapter.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("patch_resampler.") for key in missing)
+    return extended
 
 
 def _image_encoder_config(path: str, subfolder: str | None = None) -> dict:
@@ -314,6 +380,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     examples = load_instructions(args.instruction_file, features, args.skip_missing_features)
     model, tokenizer, token_ids = build_model(args, accelerator, examples)
     features.embed_dim = model.mm_adapter.config.embed_dim  # every feature file is checked against it
+    if model.mm_adapter.config.image_patch_tokens:
+        features.patch_embed_dim = model.mm_adapter.config.patch_embed_dim
     dataset = MMInstLLMDataset(
         examples,
         features,
@@ -326,6 +394,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         caption_text_prob=args.caption_text_prob,
         answer_noise_prob=args.answer_noise_prob,
         reproduce_prob=args.reproduce_prob,
+        image_patch_tokens=model.mm_adapter.config.image_patch_tokens,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     collate = partial(collate_llm_batch, pad_token_id=token_ids.pad)

@@ -43,6 +43,7 @@ from .multimodal_llm import (
     VIDEO_TOKEN,
     MultimodalTokenIds,
     build_vicuna_prompt,
+    expand_media_tokens,
     find_embedding_positions,
 )
 from .shapes.generate import media_key
@@ -251,6 +252,11 @@ def load_media_map(path: str | os.PathLike) -> dict[str, MediaEntry]:
     return media
 
 
+def patch_array_name(npz_key: str) -> str:
+    """Name of an image's patch tokens next to the array ``npz_key`` in a feature file (``clip`` → ``clip_patches``)."""
+    return f"{npz_key}_patches"
+
+
 class FeatureStore:
     """Loads ImageBind vectors by caption through a media map, with a cache and named errors.
 
@@ -260,6 +266,9 @@ class FeatureStore:
         map_path (`str`): the media map file, for messages.
         embed_dim (`int`, *optional*): expected vector size; every file is checked against it.
         cache_size (`int`, defaults to 65536): vectors kept in memory (the first ones loaded).
+        patch_embed_dim (`int`, *optional*):
+            When given, `load_patches` reads an image's patch tokens, of this width, from the array ``<key>_patches`` of
+            its feature file (written by ``prepare_data.py --image_patches``).
     """
 
     def __init__(
@@ -269,19 +278,24 @@ class FeatureStore:
         map_path: str,
         embed_dim: int | None = None,
         cache_size: int = 65536,
+        patch_embed_dim: int | None = None,
     ):
         self.media_map = media_map
         self.data_root = os.fspath(data_root)
         self.map_path = os.fspath(map_path)
         self.embed_dim = embed_dim
         self.cache_size = cache_size
-        # A plain dict (not functools.lru_cache) so the store pickles into dataloader worker processes.
+        self.patch_embed_dim = patch_embed_dim
+        # Plain dicts (not functools.lru_cache) so the store pickles into dataloader worker processes.
         self._cache: dict[str, torch.Tensor] = {}
+        self._patch_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_file(cls, map_path: str, data_root: str, embed_dim: int | None = None) -> "FeatureStore":
+    def from_file(
+        cls, map_path: str, data_root: str, embed_dim: int | None = None, patch_embed_dim: int | None = None
+    ) -> "FeatureStore":
         """A store over the media map at ``map_path``."""
-        return cls(load_media_map(map_path), data_root, map_path, embed_dim)
+        return cls(load_media_map(map_path), data_root, map_path, embed_dim, patch_embed_dim=patch_embed_dim)
 
     def __contains__(self, caption: str) -> bool:
         return media_key(caption) in self.media_map
@@ -308,14 +322,18 @@ class FeatureStore:
                 "not exist; run training/prepare_data.py first."
             )
 
+    def _cached(self, cache: dict[str, torch.Tensor], entry: MediaEntry, read) -> torch.Tensor:
+        value = cache.get(entry.caption_key)
+        if value is None:
+            value = read(entry)
+            if len(cache) < self.cache_size:
+                cache[entry.caption_key] = value
+        return value
+
     def load(self, caption: str, context: str) -> torch.Tensor:
         """The vector of ``caption`` as a float32 tensor of shape ``(D,)`` (a new tensor on every call)."""
         entry = self.entry(caption, context)
-        vector = self._cache.get(entry.caption_key)
-        if vector is None:
-            vector = self._read(entry)
-            if len(self._cache) < self.cache_size:
-                self._cache[entry.caption_key] = vector
+        vector = self._cached(self._cache, entry, self._read)
         if self.embed_dim is not None and vector.numel() != self.embed_dim:
             raise MMInstDataError(
                 f"feature file {self.path(entry)} (media map {entry.source.where()}): the vector has {vector.numel()} "
@@ -323,31 +341,52 @@ class FeatureStore:
             )
         return vector.clone()
 
-    def _read(self, entry: MediaEntry) -> torch.Tensor:
+    def load_patches(self, caption: str, context: str) -> torch.Tensor | None:
+        """The patch tokens of ``caption``'s image as float32 ``(num_patches, patch_embed_dim)`` (a new tensor), or
+        ``None`` for other media and for a store without ``patch_embed_dim``."""
+        entry = self.entry(caption, context)
+        if self.patch_embed_dim is None or entry.kind != "image":
+            return None
+        return self._cached(self._patch_cache, entry, self._read_patches).to(torch.float32, copy=True)
+
+    def _open_array(self, entry: MediaEntry, name: str, missing_hint: str = "") -> np.ndarray:
         path = self.path(entry)
         where = f"feature file {path} (media map {entry.source.where()})"
         try:
             with np.load(path, allow_pickle=False) as data:
-                if entry.npz_key not in data.files:
-                    raise MMInstDataError(f"{where} has no array {entry.npz_key!r} (it holds {data.files}).")
-                array = np.asarray(data[entry.npz_key])
+                if name not in data.files:
+                    raise MMInstDataError(f"{where} has no array {name!r} (it holds {data.files}){missing_hint}.")
+                array = np.asarray(data[name])
         except MMInstDataError:
             raise
         except Exception as error:  # zip/npy parsing raises many types; all mean the file is unusable
             raise MMInstDataError(f"Cannot read {where}: {type(error).__name__}: {error}") from error
-        if (
-            array.ndim not in (1, 2)
-            or (array.ndim == 2 and array.shape[0] != 1)
-            or not np.issubdtype(array.dtype, np.floating)
-        ):
+        if not np.issubdtype(array.dtype, np.floating):
+            raise MMInstDataError(f"{where}: array {name!r} must hold floats, got {array.dtype} {array.shape}.")
+        if not np.isfinite(array).all():
+            raise MMInstDataError(f"{where}: array {name!r} holds non-finite values (NaN or inf).")
+        return array
+
+    def _read(self, entry: MediaEntry) -> torch.Tensor:
+        array = self._open_array(entry, entry.npz_key)
+        if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[0] != 1):
             raise MMInstDataError(
-                f"{where}: array {entry.npz_key!r} must be a float vector of shape (1, D) or (D,), got {array.dtype} "
-                f"{array.shape}."
+                f"feature file {self.path(entry)} (media map {entry.source.where()}): array {entry.npz_key!r} must be "
+                f"a float vector of shape (1, D) or (D,), got {array.shape}."
             )
-        vector = torch.from_numpy(array.reshape(-1).astype(np.float32))
-        if not torch.isfinite(vector).all():
-            raise MMInstDataError(f"{where}: the vector holds non-finite values (NaN or inf).")
-        return vector
+        return torch.from_numpy(array.reshape(-1).astype(np.float32))
+
+    def _read_patches(self, entry: MediaEntry) -> torch.Tensor:
+        name = patch_array_name(entry.npz_key)
+        hint = "; run training/prepare_data.py with --image_patches"
+        array = self._open_array(entry, name, hint)
+        if array.ndim != 2 or array.shape[1] != self.patch_embed_dim:
+            raise MMInstDataError(
+                f"feature file {self.path(entry)} (media map {entry.source.where()}): array {name!r} must have shape "
+                f"(num_patches, {self.patch_embed_dim}) (patch_embed_dim), got {array.shape}{hint}."
+            )
+        # Kept in the file's precision (prepare_data.py writes float16): half the memory of float32 in the cache.
+        return torch.from_numpy(array.copy())
 
 
 # ------------------------------------------------------------------------------------------------ instructions
@@ -675,6 +714,10 @@ class MMInstLLMDataset(Dataset):
             Share of samples replaced by `build_reproduce_sample` of their record (the base image alone, answered by
             its unchanged caption): practice in reading an image into words. Drawn from a generator of its own, so 0
             reproduces the samples of a run without it.
+        image_patch_tokens (`int`, defaults to 0):
+            The adapter's `image_patch_tokens`: when positive, each input image also brings its patch tokens
+            (``features.load_patches``, item key ``image_patches``) and takes ``1 + image_patch_tokens`` ``<video>``
+            tokens in the prompt. 0: one ``<video>`` per medium, ``image_patches`` all ``None`` (the official recipe).
     """
 
     def __init__(
@@ -690,6 +733,7 @@ class MMInstLLMDataset(Dataset):
         caption_text_prob: float = 0.2,
         answer_noise_prob: float = 0.0,
         reproduce_prob: float = 0.0,
+        image_patch_tokens: int = 0,
     ):
         for name, value in (
             ("base_drop_prob", base_drop_prob),
@@ -710,6 +754,12 @@ class MMInstLLMDataset(Dataset):
         self.caption_text_prob = caption_text_prob
         self.answer_noise_prob = answer_noise_prob
         self.reproduce_prob = reproduce_prob
+        if image_patch_tokens and features.patch_embed_dim is None:
+            raise ValueError(
+                f"`image_patch_tokens` {image_patch_tokens} needs a FeatureStore that reads patch tokens (its "
+                "`patch_embed_dim` is None)."
+            )
+        self.image_patch_tokens = image_patch_tokens
         self._protected_ids = set(token_ids.special_token_ids) | {token_ids.eos, token_ids.pad, token_ids.bos}
 
     def __len__(self) -> int:
@@ -750,10 +800,16 @@ class MMInstLLMDataset(Dataset):
             sample = build_llm_sample(
                 example, np.random.default_rng([self.seed, epoch, index]), self.base_drop_prob, self.caption_text_prob
             )
+        # With patch tokens, an image takes 1 + image_patch_tokens <video> tokens (see `inject_media_embeds`).
+        patches = [
+            self.features.load_patches(c, where) if self.image_patch_tokens else None for c in sample.input_captions
+        ]
+        counts = [1 if p is None else 1 + self.image_patch_tokens for p in patches]
+        instruction = expand_media_tokens(sample.instruction, counts)
         bos = [] if self.token_ids.bos is None else [self.token_ids.bos]
-        prompt_ids = bos + self._encode(build_vicuna_prompt(sample.instruction))
+        prompt_ids = bos + self._encode(build_vicuna_prompt(instruction))
         full_ids = bos + self._encode(
-            build_vicuna_prompt(sample.instruction, sample.answer, eos_token=self.tokenizer.eos_token)
+            build_vicuna_prompt(instruction, sample.answer, eos_token=self.tokenizer.eos_token)
         )
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise MMInstDataError(
@@ -765,10 +821,10 @@ class MMInstLLMDataset(Dataset):
         prompt_length = len(prompt_ids)
         input_videos = prompt_ids.count(self.token_ids.video)
         answer_videos = [p for p in range(prompt_length, len(full_ids)) if full_ids[p] == self.token_ids.video]
-        if input_videos != len(sample.input_captions) or len(answer_videos) != len(sample.targets):
+        if input_videos != sum(counts) or len(answer_videos) != len(sample.targets):
             raise MMInstDataError(
-                f"{where}: expected {len(sample.input_captions)} input and {len(sample.targets)} answer {VIDEO_TOKEN} "
-                f"tokens, found {input_videos} and {len(answer_videos)} (a caption containing {VIDEO_TOKEN}?)."
+                f"{where}: expected {sum(counts)} input and {len(sample.targets)} answer "
+                f"{VIDEO_TOKEN} tokens, found {input_videos} and {len(answer_videos)} (a caption containing {VIDEO_TOKEN}?)."
             )
 
         # Read-out positions: base and generation by the inference rule, additions at the state before their token.
@@ -787,12 +843,13 @@ class MMInstLLMDataset(Dataset):
             full_ids = self._corrupt_answer(full_ids, prompt_length, target_positions, rng)
         inputs = [self.features.load(c, where) for c in sample.input_captions]
         targets = [self.features.load(c, where) for _, c in sample.targets]
-        embed_dim = self.features.embed_dim or (inputs + targets)[0].numel()
+        embed_dim = self.features.embed_dim or targets[0].numel()
         return {
             "input_ids": torch.tensor(full_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "prompt_length": prompt_length,
             "media_embeds": torch.stack(inputs) if inputs else torch.zeros(0, embed_dim),
+            "image_patches": patches,
             "target_positions": torch.tensor(target_positions, dtype=torch.long),
             "target_embeds": rescale_to_norm(torch.stack(targets), self.target_norm),
         }
@@ -815,6 +872,7 @@ def collate_llm_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[
         "attention_mask": attention_mask,
         "prompt_lengths": [s["prompt_length"] for s in samples],
         "media_embeds": [s["media_embeds"] for s in samples],
+        "image_patches": [s["image_patches"] for s in samples],
         "target_rows": torch.cat([torch.full_like(s["target_positions"], row) for row, s in enumerate(samples)]),
         "target_positions": torch.cat([s["target_positions"] for s in samples]),
         "target_embeds": torch.cat([s["target_embeds"] for s in samples]),

@@ -6,7 +6,8 @@ what InstructAny2Pix needs around it:
 - the nine special tokens of the official release (`add_multimodal_tokens`, `get_multimodal_token_ids`);
 - the vicuna_v1 prompt (`build_vicuna_prompt`);
 - media injection: every `<video>` placeholder of the prompt gets `embed(<video>) + adapter.project(e_i)`
-  (`inject_media_embeds`, `prepare_multimodal_inputs`);
+  (`inject_media_embeds`, `prepare_multimodal_inputs`); optionally an image also gives the LLM `K` vectors read
+  from its patch tokens by the adapter's resampler, at `K` further `<video>` tokens (`expand_media_tokens`);
 - generation with the KV cache, media injected once at prefill, randomness through the caller's
   `torch.Generator` (`generate_with_media`);
 - the read-out rule: the final-layer hidden state *preceding* a `<video>` token, through `adapter.predict`, gives
@@ -289,6 +290,31 @@ def build_vicuna_prompt(instruction: str, answer: str | None = None, eos_token: 
     return prompt
 
 
+def expand_media_tokens(text: str, tokens_per_medium: list[int]) -> str:
+    """Repeats the `k`-th `<video>` of ``text`` ``tokens_per_medium[k]`` times (a medium given as several vectors).
+
+    Args:
+        text (`str`):
+            An instruction with one `<video>` per medium.
+        tokens_per_medium (`list[int]`):
+            Positive counts, one per `<video>` of ``text``, in order (see `MultimodalAdapter.tokens_per_image`).
+
+    Returns:
+        `str`: ``text`` unchanged when every count is 1.
+    """
+    parts = text.split(VIDEO_TOKEN)
+    if len(parts) - 1 != len(tokens_per_medium):
+        raise ValueError(
+            f"The text has {len(parts) - 1} {VIDEO_TOKEN} tokens but {len(tokens_per_medium)} token counts were given."
+        )
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in tokens_per_medium):
+        raise ValueError(f"Every token count must be a positive integer, got {list(tokens_per_medium)}.")
+    expanded = [parts[0]]
+    for count, part in zip(tokens_per_medium, parts[1:]):
+        expanded.append(VIDEO_TOKEN * count + part)
+    return "".join(expanded)
+
+
 def _check_media_embeds(media_embeds, batch_size: int, embed_dim: int) -> None:
     if not isinstance(media_embeds, (list, tuple)):
         raise TypeError(
@@ -307,6 +333,45 @@ def _check_media_embeds(media_embeds, batch_size: int, embed_dim: int) -> None:
             )
 
 
+def _check_image_patches(image_patches, media_embeds: list[torch.Tensor], adapter: MultimodalAdapter) -> None:
+    if not isinstance(image_patches, (list, tuple)) or len(image_patches) != len(media_embeds):
+        raise ValueError(
+            f"`image_patches` must be a list with one entry (a list over that prompt's media) per prompt "
+            f"({len(media_embeds)}), got {image_patches!r:.80}."
+        )
+    for i, (row, embeds) in enumerate(zip(image_patches, media_embeds)):
+        if not isinstance(row, (list, tuple)) or len(row) != embeds.shape[0]:
+            raise ValueError(
+                f"`image_patches[{i}]` must be a list with one entry (patch tokens or None) per medium of "
+                f"`media_embeds[{i}]` ({embeds.shape[0]})."
+            )
+        for k, patches in enumerate(row):
+            if patches is None:
+                continue
+            if adapter.patch_resampler is None:
+                raise ValueError(
+                    f"`image_patches[{i}][{k}]` is given but the adapter reads no patch tokens "
+                    "(`image_patch_tokens` is 0)."
+                )
+            width = adapter.config.patch_embed_dim
+            if not isinstance(patches, torch.Tensor) or patches.ndim != 2 or patches.shape[1] != width:
+                raise ValueError(
+                    f"`image_patches[{i}][{k}]` must be a (num_patches, {width}) tensor (the adapter's "
+                    f"patch_embed_dim), got "
+                    f"{tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__}."
+                )
+
+
+def _media_token_counts(
+    image_patches: list | None, media_embeds: list[torch.Tensor], adapter: MultimodalAdapter
+) -> list[list[int]]:
+    """``<video>`` tokens each medium takes, per prompt: 1, or ``adapter.tokens_per_image`` for an image given with
+    its patch tokens."""
+    if image_patches is None:
+        return [[1] * embeds.shape[0] for embeds in media_embeds]
+    return [[1 if patches is None else adapter.tokens_per_image for patches in row] for row in image_patches]
+
+
 def inject_media_embeds(
     inputs_embeds: torch.Tensor,
     input_ids: torch.LongTensor,
@@ -314,11 +379,15 @@ def inject_media_embeds(
     adapter: MultimodalAdapter,
     video_token_id: int,
     prompt_lengths: list[int] | None = None,
+    image_patches: list[list[torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """Adds `adapter.project(e)` to the token embeddings at the `<video>` positions, in order.
 
-    Row `i`'s `k`-th `<video>` gets `media_embeds[i][k]` (rescaled to the adapter's norm and projected); the official
-    weights were trained with this additive injection. Differentiable, so training uses it too.
+    Row `i`'s `k`-th medium `media_embeds[i][k]` (rescaled to the adapter's norm and projected) goes to its `<video>`;
+    the official weights were trained with this additive injection. An image given with patch tokens
+    (`image_patches[i][k]`, for an adapter with `image_patch_tokens = K`) takes `1 + K` consecutive `<video>` tokens:
+    its projected pooled vector, then the `K` vectors of `adapter.resample_patches`. Differentiable, so training uses
+    it too.
 
     Args:
         inputs_embeds (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`):
@@ -328,13 +397,16 @@ def inject_media_embeds(
         media_embeds (`list[torch.Tensor]`):
             One `(n_i, embed_dim)` tensor per row (`n_i` may be 0).
         adapter (`MultimodalAdapter`):
-            Provides the projector.
+            Provides the projector (and the patch resampler).
         video_token_id (`int`):
             Id of `<video>`.
         prompt_lengths (`list[int]`, *optional*):
             Per row, the index where the prompt ends: `<video>` tokens from there on belong to the answer (the BASE
             and GEN outputs of a teacher-forced training sequence) and get no media. By default every `<video>` is
             an input.
+        image_patches (`list[list[torch.Tensor | None]]`, *optional*):
+            Per row, per medium: the image's `(num_patches, patch_embed_dim)` patch tokens, or `None` (audio, or an
+            image given by its pooled vector alone). Default: no patches.
 
     Returns:
         `torch.Tensor`: a new tensor like `inputs_embeds`.
@@ -352,29 +424,48 @@ def inject_media_embeds(
         )
     batch_size = input_ids.shape[0]
     _check_media_embeds(media_embeds, batch_size, adapter.config.embed_dim)
+    if image_patches is not None:
+        _check_image_patches(image_patches, media_embeds, adapter)
     if prompt_lengths is not None and len(prompt_lengths) != batch_size:
         raise ValueError(f"`prompt_lengths` has {len(prompt_lengths)} entries but the batch has {batch_size} rows.")
 
+    counts = _media_token_counts(image_patches, media_embeds, adapter)
     rows, cols = [], []
     for i in range(batch_size):
         positions = (input_ids[i] == video_token_id).nonzero().flatten()
         if prompt_lengths is not None:
             positions = positions[positions < prompt_lengths[i]]
-        if positions.numel() != media_embeds[i].shape[0]:
+        if positions.numel() != sum(counts[i]):
+            found = f"Prompt {i} contains {positions.numel()} {VIDEO_TOKEN} tokens but"
+            if image_patches is None:
+                raise ValueError(
+                    f"{found} `media_embeds[{i}]` has {media_embeds[i].shape[0]} embeddings; each {VIDEO_TOKEN} needs "
+                    "exactly one medium."
+                )
             raise ValueError(
-                f"Prompt {i} contains {positions.numel()} {VIDEO_TOKEN} tokens but `media_embeds[{i}]` has "
-                f"{media_embeds[i].shape[0]} embeddings; each {VIDEO_TOKEN} needs exactly one medium."
+                f"{found} its media need {sum(counts[i])} (`media_embeds[{i}]` has {media_embeds[i].shape[0]}; an image "
+                f"given with patch tokens takes {adapter.tokens_per_image})."
             )
         rows.append(torch.full_like(positions, i))
         cols.append(positions)
     rows, cols = torch.cat(rows), torch.cat(cols)
     if rows.numel() == 0:
         return inputs_embeds.clone()
-    # One projector call for the whole batch; media of row i fill that row's <video> slots in order.
+    # One projector call (and one resampler call) for the whole batch, then each medium's vectors in prompt order.
     projected = adapter.project(torch.cat([embeds.to(adapter.device) for embeds in media_embeds]))
+    flat_patches = [p for row in image_patches or [] for p in row if p is not None]
+    resampled = adapter.resample_patches(torch.stack(flat_patches)) if flat_patches else None
+    pieces, medium, image = [], 0, 0
+    for row in counts:
+        for count in row:
+            pieces.append(projected[medium : medium + 1])
+            if count > 1:
+                pieces.append(resampled[image])
+                image += 1
+            medium += 1
+    values = torch.cat(pieces).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
     delta = torch.zeros_like(inputs_embeds).index_put(
-        (rows.to(inputs_embeds.device), cols.to(inputs_embeds.device)),
-        projected.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype),
+        (rows.to(inputs_embeds.device), cols.to(inputs_embeds.device)), values
     )
     return inputs_embeds + delta
 
@@ -391,6 +482,7 @@ def prepare_multimodal_inputs(
     prompts: list[str],
     media_embeds: list[torch.Tensor],
     token_ids: MultimodalTokenIds | None = None,
+    image_patches: list[list[torch.Tensor | None]] | None = None,
 ) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
     """Tokenises prompts and embeds them with the media injected at the `<video>` tokens.
 
@@ -410,6 +502,9 @@ def prepare_multimodal_inputs(
             One `(n_i, embed_dim)` tensor per prompt, the media in the order of the prompt's `<video>` tokens.
         token_ids (`MultimodalTokenIds`, *optional*):
             Looked up from `tokenizer` when not given.
+        image_patches (`list[list[torch.Tensor | None]]`, *optional*):
+            Patch tokens of the images, see `inject_media_embeds` (each such image has `adapter.tokens_per_image`
+            `<video>` tokens in its prompt, see `expand_media_tokens`).
 
     Returns:
         `tuple`: `inputs_embeds` `(batch_size, seq_len, hidden_size)`, `attention_mask` `(batch_size, seq_len)`
@@ -446,7 +541,9 @@ def prepare_multimodal_inputs(
     if (attention_mask.sum(dim=1) == 0).any():
         raise ValueError("Every prompt must produce at least one token.")
 
-    inputs_embeds = inject_media_embeds(embedding(input_ids), input_ids, media_embeds, adapter, token_ids.video)
+    inputs_embeds = inject_media_embeds(
+        embedding(input_ids), input_ids, media_embeds, adapter, token_ids.video, image_patches=image_patches
+    )
     return inputs_embeds, attention_mask, input_ids
 
 
@@ -564,6 +661,7 @@ def generate_with_media(
     output_hidden_states: bool = False,
     logits_processor: LogitsProcessorList | None = None,
     num_beams: int = 1,
+    image_patches: list[list[torch.Tensor | None]] | None = None,
 ) -> MultimodalGenerationOutput:
     """Generates the LLM's answers with the media injected, and reads out the base and generation embeddings.
 
@@ -609,6 +707,8 @@ def generate_with_media(
         num_beams (`int`, *optional*, defaults to 1):
             Beam search width (1: greedy or sampling, the official decoding). Beams need `do_sample=False` and
             `use_cache=True`.
+        image_patches (`list[list[torch.Tensor | None]]`, *optional*):
+            Patch tokens of the images for an adapter with `image_patch_tokens`, see `inject_media_embeds`.
 
     Returns:
         `MultimodalGenerationOutput`
@@ -633,7 +733,7 @@ def generate_with_media(
         raise TypeError(f"`logits_processor` must be a LogitsProcessorList, got {type(logits_processor).__name__}.")
     token_ids = get_multimodal_token_ids(tokenizer) if token_ids is None else token_ids
     inputs_embeds, attention_mask, input_ids = prepare_multimodal_inputs(
-        llm, tokenizer, adapter, prompts, media_embeds, token_ids
+        llm, tokenizer, adapter, prompts, media_embeds, token_ids, image_patches=image_patches
     )
 
     generate_kwargs = {

@@ -30,7 +30,13 @@ from .models.imagebind import ImageBindModel
 from .models.ip_adapter import ImageBindIPAdapter, temporary_ip_adapter_scale
 from .models.mm_adapter import MultimodalAdapter, rescale_to_norm
 from .models.prior import Any2PixPrior
-from .multimodal_llm import build_vicuna_prompt, generate_with_media, get_multimodal_token_ids, parse_answer
+from .multimodal_llm import (
+    build_vicuna_prompt,
+    expand_media_tokens,
+    generate_with_media,
+    get_multimodal_token_ids,
+    parse_answer,
+)
 from .processing_imagebind import ImageBindProcessor, is_single_audio
 
 
@@ -287,6 +293,13 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             "mm_adapter.config.llm_hidden_size",
             c["mm_adapter"].config.llm_hidden_size,
         )
+        if c["mm_adapter"].config.image_patch_tokens:
+            same(
+                "image_encoder.config.vision_embed_dim",
+                c["image_encoder"].config.vision_embed_dim,
+                "mm_adapter.config.patch_embed_dim",
+                c["mm_adapter"].config.patch_embed_dim,
+            )
         same("vae.config.latent_channels", c["vae"].config.latent_channels, "unet.config.in_channels", c["unet"].config.in_channels)
         if len(c["llm_tokenizer"]) > c["llm"].get_input_embeddings().num_embeddings:
             raise ValueError(
@@ -494,35 +507,53 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
     @torch.no_grad()
     def encode_media(
         self, parsed: list[ParsedInstruction], per_images: list[list[PIL.Image.Image]], per_audio: list[list], device
-    ) -> list[torch.Tensor]:
-        """ImageBind vectors of every referenced input, in placeholder order: one ``(n_i, embed_dim)`` per item.
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]] | None]:
+        """ImageBind vectors of every referenced input, in placeholder order.
 
         All images of the batch go through ImageBind in one call, all audio clips in another.
+
+        Returns:
+            `tuple`: ``media_embeds``, one ``(n_i, embed_dim)`` tensor per instruction (a vector per reference), and
+            ``image_patches``: ``None``, or, when the adapter reads patch tokens (``mm_adapter.config
+            .image_patch_tokens``), per instruction and reference the image's patch tokens (``None`` for audio).
         """
         flat_images = [image for images in per_images for image in images]
         flat_audio = [clip for clips in per_audio for clip in clips]
         dtype = self.image_encoder.dtype
-        image_embeds = audio_embeds = None
+        read_patches = self.mm_adapter.patch_resampler is not None
+        image_embeds = audio_embeds = patch_tokens = None
         if flat_images:
             pixels = self.imagebind_processor.preprocess_image(flat_images).to(device=device, dtype=dtype)
-            image_embeds = self.image_encoder.encode_image(pixels).float()
+            if read_patches:
+                image_embeds, patch_tokens = self.image_encoder.encode_image_patches(pixels)
+            else:
+                image_embeds = self.image_encoder.encode_image(pixels)
+            image_embeds = image_embeds.float()
         if flat_audio:
             features = self.imagebind_processor.preprocess_audio(flat_audio).to(device=device, dtype=dtype)
             audio_embeds = self.image_encoder.encode_audio(features).float()
 
-        per_item = []
+        media_embeds, image_patches = [], []
         image_offset = audio_offset = 0
         for instruction, images, audio in zip(parsed, per_images, per_audio):
-            rows = []
+            rows, patches = [], []
             for ref in instruction.references:
                 if ref.kind == "image":
                     rows.append(image_embeds[image_offset + ref.index])
+                    patches.append(patch_tokens[image_offset + ref.index] if read_patches else None)
                 else:
                     rows.append(audio_embeds[audio_offset + ref.index])
-            per_item.append(torch.stack(rows))
+                    patches.append(None)
+            media_embeds.append(torch.stack(rows))
+            image_patches.append(patches)
             image_offset += len(images)
             audio_offset += len(audio)
-        return per_item
+        return media_embeds, (image_patches if read_patches else None)
+
+    def llm_prompt(self, parsed: ParsedInstruction) -> str:
+        """The vicuna prompt of an instruction, each image with as many ``<video>`` tokens as the adapter reads."""
+        counts = [self.mm_adapter.tokens_per_image if ref.kind == "image" else 1 for ref in parsed.references]
+        return build_vicuna_prompt(expand_media_tokens(parsed.llm_text, counts))
 
     @staticmethod
     def select_base_image(
@@ -855,7 +886,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         media_norm = self.mm_adapter.config.media_embed_norm
 
         # 2. Encode every referenced input once with ImageBind.
-        media_embeds = self.encode_media(parsed, per_images, per_audio, device)
+        media_embeds, image_patches = self.encode_media(parsed, per_images, per_audio, device)
 
         if conditioning_embeds is None:
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
@@ -863,8 +894,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 self.llm,
                 self.llm_tokenizer,
                 self.mm_adapter,
-                prompts=[build_vicuna_prompt(p.llm_text) for p in parsed],
+                prompts=[self.llm_prompt(p) for p in parsed],
                 media_embeds=media_embeds,
+                image_patches=image_patches,
                 token_ids=self.token_ids,
                 generator=_independent_copy(generator[0] if isinstance(generator, list) else generator),
                 do_sample=llm_do_sample,

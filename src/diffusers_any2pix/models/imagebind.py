@@ -436,14 +436,18 @@ class ImageBindModel(ModelMixin, ConfigMixin):
             embeds = log_logit_scale.exp().clamp(max=self.config.logit_scale_max) * embeds
         return embeds
 
-    def _encode_clips(self, frames: torch.Tensor) -> torch.Tensor:
-        """Encodes validated clips of shape (N, 3, T, H, W), T == 1 or `vision_num_frames`."""
+    def _vision_hidden_states(self, frames: torch.Tensor) -> torch.Tensor:
+        """The vision trunk's output (CLS first) for validated clips of shape (N, 3, T, H, W), T == 1 or
+        `vision_num_frames`."""
         frames = frames.to(device=self.device, dtype=self.dtype)
         if frames.shape[2] == 1:
             # Meta repeats a single frame in time to feed the Conv3d stem.
             frames = frames.expand(-1, -1, self.config.vision_num_frames, -1, -1)
-        hidden_states = self.vision_encoder(self.vision_embeddings(frames))
-        return self._postprocess(self.vision_head(hidden_states[:, 0]), None)
+        return self.vision_encoder(self.vision_embeddings(frames))
+
+    def _encode_clips(self, frames: torch.Tensor) -> torch.Tensor:
+        """Encodes validated clips of shape (N, 3, T, H, W), T == 1 or `vision_num_frames`."""
+        return self._postprocess(self.vision_head(self._vision_hidden_states(frames)[:, 0]), None)
 
     # apply_forward_hook: model CPU offload moves the model on these entry points too, not only on forward.
     @apply_forward_hook
@@ -463,6 +467,31 @@ class ImageBindModel(ModelMixin, ConfigMixin):
         self._check_float_input("pixel_values", pixel_values, (4,), layout)
         self._check_vision_frames("pixel_values", pixel_values, layout)
         return self._encode_clips(pixel_values.unsqueeze(2))
+
+    @apply_forward_hook
+    def encode_image_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Embeds images and returns the vision trunk's final patch tokens too, from one pass.
+
+        The patch tokens keep where things are in the picture, which the pooled embedding mixes; a multimodal LLM can
+        read a scene object by object from them (through `MultimodalAdapter`'s patch resampler, as IP-Adapter Plus
+        reads CLIP's patch tokens). Not part of Meta's or InstructAny2Pix's recipe.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, 3, vision_image_size, vision_image_size)`):
+                Float images, preprocessed as for `encode_image`.
+
+        Returns:
+            `tuple`: `image_embeds` of shape `(batch_size, out_embed_dim)`, exactly
+            [`~ImageBindModel.encode_image`]'s, and `patch_tokens` of shape `(batch_size, num_patches,
+            vision_embed_dim)`: the trunk's output without the CLS token, patches in row-major order.
+        """
+        size = self.config.vision_image_size
+        layout = f"(batch_size, 3, {size}, {size})"
+        self._check_float_input("pixel_values", pixel_values, (4,), layout)
+        self._check_vision_frames("pixel_values", pixel_values, layout)
+        hidden_states = self._vision_hidden_states(pixel_values.unsqueeze(2))
+        return self._postprocess(self.vision_head(hidden_states[:, 0]), None), hidden_states[:, 1:]
 
     @apply_forward_hook
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from numbers import Real
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 
 
@@ -66,23 +67,80 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         media_embed_norm (`float`, *optional*, defaults to 20.0):
             L2 norm every media embedding is rescaled to before the projector (the scale the official LLM was
             trained on; its read-out targets have the same norm).
+        image_patch_tokens (`int`, *optional*, defaults to 0):
+            0 (the official recipe): an image is one `<video>` token, its pooled ImageBind vector. `K > 0`: an image
+            is `1 + K` consecutive `<video>` tokens, the pooled vector's followed by `K` read from the image's patch
+            tokens ([`~ImageBindModel.encode_image_patches`]) by `patch_resampler`, a perceiver resampler (diffusers'
+            `IPAdapterPlusImageProjection`, the module IP-Adapter Plus reads CLIP's patch tokens with). The pooled
+            vector mixes what is where; the patches keep it, so the LLM can read a picture object by object. Audio is
+            always one token. An extension: an LLM trained without it cannot use it.
+        patch_embed_dim (`int`, *optional*):
+            Width of the patch tokens (ImageBind's `vision_embed_dim`); required when `image_patch_tokens > 0`.
+        resampler_hidden_size (`int`, *optional*, defaults to 768):
+            Width inside the resampler.
+        resampler_depth (`int`, *optional*, defaults to 2):
+            Perceiver blocks of the resampler.
+        resampler_heads (`int`, *optional*, defaults to 4):
+            Attention heads of the resampler (they must divide `resampler_hidden_size`).
     """
 
     @register_to_config
-    def __init__(self, embed_dim: int = 1024, llm_hidden_size: int = 4096, media_embed_norm: float = 20.0):
+    def __init__(
+        self,
+        embed_dim: int = 1024,
+        llm_hidden_size: int = 4096,
+        media_embed_norm: float = 20.0,
+        image_patch_tokens: int = 0,
+        patch_embed_dim: int | None = None,
+        resampler_hidden_size: int = 768,
+        resampler_depth: int = 2,
+        resampler_heads: int = 4,
+    ):
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("llm_hidden_size", llm_hidden_size)):
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("llm_hidden_size", llm_hidden_size),
+            ("resampler_hidden_size", resampler_hidden_size),
+            ("resampler_depth", resampler_depth),
+            ("resampler_heads", resampler_heads),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(media_embed_norm, bool) or not isinstance(media_embed_norm, Real) or not media_embed_norm > 0:
             raise ValueError(f"`media_embed_norm` must be a positive number, got {media_embed_norm!r}.")
-
+        if isinstance(image_patch_tokens, bool) or not isinstance(image_patch_tokens, int) or image_patch_tokens < 0:
+            raise ValueError(
+                f"`image_patch_tokens` must be a non-negative integer (0: one token per image), got "
+                f"{image_patch_tokens!r}."
+            )
+        if image_patch_tokens and (
+            isinstance(patch_embed_dim, bool) or not isinstance(patch_embed_dim, int) or patch_embed_dim <= 0
+        ):
+            raise ValueError(
+                f"`image_patch_tokens` {image_patch_tokens} needs `patch_embed_dim`, the width of the image encoder's "
+                f"patch tokens (ImageBind's vision_embed_dim), as a positive integer; got {patch_embed_dim!r}."
+            )
+        if resampler_hidden_size % resampler_heads:
+            raise ValueError(
+                f"`resampler_heads` ({resampler_heads}) must divide `resampler_hidden_size` ({resampler_hidden_size})."
+            )
         self.input_projector = nn.Sequential(
             nn.Linear(embed_dim, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, llm_hidden_size)
         )
         self.output_head = nn.Sequential(
             nn.Linear(llm_hidden_size, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, embed_dim)
         )
+        self.patch_resampler = None
+        if image_patch_tokens:
+            self.patch_resampler = IPAdapterPlusImageProjection(
+                embed_dims=patch_embed_dim,
+                output_dims=llm_hidden_size,
+                hidden_dims=resampler_hidden_size,
+                depth=resampler_depth,
+                dim_head=resampler_hidden_size // resampler_heads,
+                heads=resampler_heads,
+                num_queries=image_patch_tokens,
+            )
 
     @staticmethod
     def _check_last_dim(tensor: torch.Tensor, expected: int, argument: str, meaning: str) -> None:
@@ -94,6 +152,35 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             )
         if not tensor.is_floating_point():
             raise ValueError(f"`{argument}` must be a floating-point tensor, got dtype {tensor.dtype}.")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """How many `<video>` tokens an image takes in the LLM's prompt: 1, or 1 + `image_patch_tokens`."""
+        return 1 + self.config.image_patch_tokens
+
+    def resample_patches(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Reads `image_patch_tokens` LLM input vectors from each image's patch tokens (added, like `project`'s
+        output, to the `<video>` token embeddings that follow the image's pooled one).
+
+        Args:
+            patch_tokens (`torch.Tensor`):
+                Shape `(num_images, num_patches, patch_embed_dim)`, from `ImageBindModel.encode_image_patches`.
+
+        Returns:
+            `torch.Tensor`: shape `(num_images, image_patch_tokens, llm_hidden_size)`, on the adapter's device and in
+            its dtype.
+        """
+        if self.patch_resampler is None:
+            raise ValueError(
+                "This adapter reads no patch tokens (`image_patch_tokens` is 0): pass one pooled vector per image."
+            )
+        self._check_last_dim(patch_tokens, self.config.patch_embed_dim, "patch_tokens", "patch_embed_dim")
+        if patch_tokens.ndim != 3:
+            raise ValueError(
+                f"`patch_tokens` must have shape (num_images, num_patches, {self.config.patch_embed_dim}), got "
+                f"{tuple(patch_tokens.shape)}."
+            )
+        return self.patch_resampler(patch_tokens.to(device=self.device, dtype=self.dtype))
 
     def project(self, media_embeds: torch.Tensor) -> torch.Tensor:
         """Rescales media embeddings to `media_embed_norm` and projects them into the LLM's embedding space.

@@ -374,7 +374,7 @@ def prior_without_llm(
     per_images = [[processor.load_image(image) for image in imgs] for imgs in images]
     per_audio = [[processor.load_audio(clip) for clip in clips] for clips in audio]
     device = pipeline._execution_device
-    media = pipeline.encode_media(parsed, per_images, per_audio, device)
+    media, _ = pipeline.encode_media(parsed, per_images, per_audio, device)
     mean = torch.stack([rescale_to_norm(rows, 1.0).mean(dim=0) for rows in media])
     query = rescale_to_norm(mean, pipeline.mm_adapter.config.media_embed_norm)
     refined = pipeline.prior.refine(

@@ -12,6 +12,9 @@ Every scene image of the dataset's splits is encoded by the image tower. Two mea
 - **reader**: a small MLP trained on the ``train`` scenes' embeddings to read the background and each slot's shape and
   colour (what the LLM and the decoder must do with an embedding), then applied to the other splits; the share of
   scenes read exactly, and the accuracy per field.
+- with ``--patch_reader``, **patch reader**: the same, read from the vision trunk's patch tokens
+  (`ImageBindModel.encode_image_patches`) by one learned query per field attending over them — what an LLM reading
+  patch tokens (``MultimodalAdapter`` with ``image_patch_tokens``) could get out of them.
 
 On ``test`` every scene holds a combination held out of training (see `diffusers_any2pix.shapes.generate`), so the
 gap between ``val`` and ``test`` is the cost of unseen combinations. Prints a table; ``--output`` writes JSON.
@@ -46,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     parser.add_argument("--reader_steps", type=int, default=3000)
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--patch_reader", action="store_true", help="also train a reader of the patch tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
@@ -70,14 +74,19 @@ def scene_labels(scene: Scene) -> list[int]:
 
 @torch.no_grad()
 def encode_scene_images(
-    model: ImageBindModel, processor: ImageBindProcessor, paths: Sequence[str], batch_size: int
-) -> torch.Tensor:
-    """L2-normalised image embeddings of the image files ``paths``."""
-    embeds = []
+    model: ImageBindModel, processor: ImageBindProcessor, paths: Sequence[str], batch_size: int, patches: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """L2-normalised image embeddings of the image files ``paths``, and their patch tokens when ``patches``."""
+    embeds, tokens = [], []
     for start in range(0, len(paths), batch_size):
         pixels = processor.preprocess_image([open_image(path) for path in paths[start : start + batch_size]])
-        embeds.append(model.encode_image(pixels))
-    return F.normalize(torch.cat(embeds).float(), dim=-1)
+        if patches:
+            image_embeds, patch_tokens = model.encode_image_patches(pixels)
+            tokens.append(patch_tokens.float())
+        else:
+            image_embeds = model.encode_image(pixels)
+        embeds.append(image_embeds)
+    return F.normalize(torch.cat(embeds).float(), dim=-1), (torch.cat(tokens) if patches else None)
 
 
 @torch.no_grad()
@@ -107,12 +116,32 @@ class SceneReader(torch.nn.Module):
         return torch.split(self.net(embeds), FIELD_CLASSES, dim=-1)
 
 
-def train_reader(embeds: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, seed: int) -> SceneReader:
-    """Fits a `SceneReader` on ``(embeds, labels)``; deterministic for a seed (the global RNG is left untouched)."""
+class PatchReader(torch.nn.Module):
+    """One learned query per entry of `FIELDS` attends over a scene's patch tokens; an MLP per field reads its query."""
+
+    def __init__(self, embed_dim: int, num_heads: int = 4, hidden_dim: int = 256):
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.randn(len(FIELDS), embed_dim) * 0.02)
+        self.attention = torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(embed_dim, hidden_dim), torch.nn.GELU(), torch.nn.Linear(hidden_dim, n))
+            for n in FIELD_CLASSES
+        )
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        read, _ = self.attention(self.queries.expand(len(patches), -1, -1), patches, patches)
+        return tuple(head(read[:, k]) for k, head in enumerate(self.heads))
+
+
+def train_reader(
+    embeds: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, seed: int, reader_class=SceneReader
+) -> torch.nn.Module:
+    """Fits a ``reader_class`` (`SceneReader` on embeddings, `PatchReader` on patch tokens) on ``(embeds, labels)``;
+    deterministic for a seed (the global RNG is left untouched)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        reader = SceneReader(embeds.shape[1])
+        reader = reader_class(embeds.shape[-1])
     optimizer = torch.optim.AdamW(reader.parameters(), lr=1e-3, weight_decay=1e-2)
     for _ in range(steps):
         index = torch.randint(0, len(embeds), (batch_size,), generator=generator)
@@ -125,9 +154,12 @@ def train_reader(embeds: torch.Tensor, labels: torch.Tensor, steps: int, batch_s
 
 
 @torch.no_grad()
-def reader_accuracy(reader: SceneReader, embeds: torch.Tensor, labels: torch.Tensor) -> dict:
+def reader_accuracy(reader: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> dict:
     """Scene-exact share and per-field accuracy."""
-    correct = torch.stack([field.argmax(dim=-1) for field in reader(embeds)], dim=-1).eq(labels)
+    predicted = []
+    for start in range(0, len(embeds), batch_size):
+        predicted.append(torch.stack([field.argmax(dim=-1) for field in reader(embeds[start : start + batch_size])], -1))
+    correct = torch.cat(predicted).eq(labels)
     return {"exact": correct.all(dim=-1).float().mean().item(), **dict(zip(FIELDS, correct.float().mean(0).tolist()))}
 
 
@@ -141,25 +173,38 @@ def main(argv=None) -> dict:
             entries = json.load(f)
         paths = [os.path.join(args.data, entry["path"]) for entry in entries]
         labels = torch.tensor([scene_labels(Scene.from_dict(entry["scene"])) for entry in entries])
-        splits[split] = (encode_scene_images(model, processor, paths, args.batch_size), labels, [e["caption"] for e in entries])
-    captions = sorted({c for _, _, split_captions in splits.values() for c in split_captions})
+        embeds, patches = encode_scene_images(model, processor, paths, args.batch_size, args.patch_reader)
+        splits[split] = (embeds, labels, [e["caption"] for e in entries], patches)
+    captions = sorted({c for _, _, split_captions, _ in splits.values() for c in split_captions})
     caption_embeds = encode_captions(model, processor, captions, args.batch_size)
     position = {c: i for i, c in enumerate(captions)}
     # The reader sees unit vectors scaled up, as the pipeline conditions on norm-20 embeddings.
     reader = train_reader(splits["train"][0] * 20.0, splits["train"][1], args.reader_steps, args.batch_size, args.seed)
+    patch_reader = None
+    if args.patch_reader:
+        train_patches, train_labels = splits["train"][3], splits["train"][1]
+        patch_reader = train_reader(
+            train_patches, train_labels, args.reader_steps, args.batch_size, args.seed, reader_class=PatchReader
+        )
     report = {"image_encoder": args.image_encoder, "data": args.data, "num_captions": len(captions), "splits": {}}
-    for split, (embeds, labels, split_captions) in splits.items():
+    for split, (embeds, labels, split_captions, patches) in splits.items():
         own = torch.tensor([position[c] for c in split_captions])
         report["splits"][split] = {
             "num_scenes": len(embeds),
             "retrieval": retrieval_accuracy(embeds, own, caption_embeds),
             "reader": reader_accuracy(reader, embeds * 20.0, labels),
         }
+        if patch_reader is not None:
+            report["splits"][split]["patch_reader"] = reader_accuracy(patch_reader, patches, labels)
     print(f"ImageBind compositionality ({args.image_encoder}); retrieval among {len(captions)} captions")
     print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  " + " ".join(f"{f:>13s}" for f in FIELDS))
     for split, r in report["splits"].items():
-        fields = " ".join(f"{100 * r['reader'][f]:13.1f}" for f in FIELDS)
-        print(f"{split:6s} {r['num_scenes']:6d} {100 * r['retrieval']:9.1f} {100 * r['reader']['exact']:7.1f}  {fields}")
+        for name in ("reader", "patch_reader"):
+            if name not in r:
+                continue
+            fields = " ".join(f"{100 * r[name][f]:13.1f}" for f in FIELDS)
+            first = f"{split:6s} {r['num_scenes']:6d} {100 * r['retrieval']:9.1f}" if name == "reader" else " " * 23
+            print(f"{first} {100 * r[name]['exact']:7.1f}  {fields}" + ("  (patch tokens)" if name != "reader" else ""))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

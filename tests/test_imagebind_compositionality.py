@@ -66,6 +66,22 @@ def test_reader_learns_a_linear_code_and_is_seeded():
         assert torch.equal(a, b)
 
 
+def test_patch_reader_reads_a_code_spread_over_patches_and_is_seeded():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.stack([torch.randint(0, n, (200,), generator=generator) for n in bench.FIELD_CLASSES], dim=-1)
+    # Field k's one-hot code sits in patch k, next to the patch's position code (as a ViT's tokens carry theirs): the
+    # reader must attend to the right patch.
+    fields = len(bench.FIELD_CLASSES)
+    codes = torch.stack([torch.nn.functional.one_hot(labels[:, k], 9) for k in range(fields)], dim=1)
+    positions = torch.eye(fields).expand(len(labels), -1, -1)
+    patches = torch.cat([codes.float(), positions], dim=-1) * 4.0  # width 16: divisible by the reader's 4 heads
+    reader = bench.train_reader(patches, labels, steps=400, batch_size=64, seed=0, reader_class=bench.PatchReader)
+    assert bench.reader_accuracy(reader, patches, labels)["exact"] == 1.0
+    again = bench.train_reader(patches, labels, steps=400, batch_size=64, seed=0, reader_class=bench.PatchReader)
+    for a, b in zip(reader.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_main_reports_every_split_and_writes_json(setup, tmp_path, capsys):
     argv = [
         "--image_encoder", str(setup / "image_encoder"), "--tokenizer", str(setup / "tokenizer"),
@@ -83,6 +99,12 @@ def test_main_reports_every_split_and_writes_json(setup, tmp_path, capsys):
     assert "retrieval among" in capsys.readouterr().out
     # The same inputs give the same figures.
     assert bench.main(argv[:-2]) == {**report}
+    # --patch_reader adds the patch-token reader's figures to every split, the rest unchanged.
+    with_patches = bench.main(argv[:-2] + ["--patch_reader"])
+    for split, result in with_patches["splits"].items():
+        assert set(result["patch_reader"]) == {"exact", *bench.FIELDS}
+        assert {k: v for k, v in result.items() if k != "patch_reader"} == report["splits"][split]
+    assert "(patch tokens)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -364,6 +364,36 @@ def test_llm_dataset_answer_noise_changes_answer_words_of_the_input_only(source_
         MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_prob=1.5)
 
 
+def test_llm_dataset_context_noise_swaps_words_for_words_that_fit_their_place(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    clean = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0)
+    noisy = MMInstLLMDataset(
+        examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_prob=0.5,
+        answer_noise_source="context",
+    )  # fmt: skip
+    # The followers of a word, from the records' answers as the LLM reads them.
+    followers = {}
+    for example in examples:
+        ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+        for before, word in zip(ids, ids[1:]):
+            followers.setdefault(before, set()).add(word)
+    changed = 0
+    for index in range(len(clean)):
+        a, b = clean[(3, index)], noisy[(3, index)]
+        for key in ("labels", "media_embeds", "target_positions", "target_embeds"):
+            assert torch.equal(a[key], b[key]), key
+        ids, noisy_ids, n = a["input_ids"].tolist(), b["input_ids"].tolist(), a["prompt_length"]
+        for position, (old, new) in enumerate(zip(ids, noisy_ids)):
+            if old != new:
+                # A word after a context the answers never show (e.g. <im_gen_start>) falls back to the answer's words.
+                changed += 1
+                assert position >= n and new in followers.get(ids[position - 1], ids[n:])
+        assert torch.equal(b["input_ids"], noisy[(3, index)]["input_ids"])  # deterministic
+    assert changed > 0
+    with pytest.raises(ValueError, match=r"`answer_noise_source` must be one of \('answer', 'context'\), got 'x'"):
+        MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_source="x")
+
+
 def test_llm_dataset_reproduce_samples_ask_for_the_unchanged_base(source_data, examples, tokenizer):
     tokenizer, token_ids = tokenizer
     features = _features(source_data)

@@ -37,6 +37,7 @@ from diffusers.utils import BaseOutput
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from diffusers_any2pix.data import (
+    ANSWER_NOISE_SOURCES,
     FeatureStore,
     MMInstExample,
     MMInstLLMDataset,
@@ -108,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="Share of answer words replaced in the teacher-forced input by other words of the answer (labels keep\n"
         "the true answer), so the LLM reads each word from the instruction and media, not from the words before.",
+    )
+    extra.add_argument(
+        "--answer_noise_source",
+        choices=ANSWER_NOISE_SOURCES,
+        default="answer",
+        help="Replacement words of --answer_noise_prob: words of the same answer, or ('context') words that follow the\n"
+        "same word elsewhere in the answers (after 'a', every colour), so no word can rule out the one after it.",
     )
     extra.add_argument(
         "--reproduce_prob",
@@ -393,6 +401,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         base_drop_prob=args.base_drop_prob,
         caption_text_prob=args.caption_text_prob,
         answer_noise_prob=args.answer_noise_prob,
+        answer_noise_source=args.answer_noise_source,
         reproduce_prob=args.reproduce_prob,
         image_patch_tokens=model.mm_adapter.config.image_patch_tokens,
     )

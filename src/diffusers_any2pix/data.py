@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 
 IGNORE_INDEX = -100
+ANSWER_NOISE_SOURCES = ("answer", "context")
 CAPTION_PATTERN = re.compile(r"\[[^\]]+\]")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
@@ -718,6 +719,11 @@ class MMInstLLMDataset(Dataset):
             The adapter's `image_patch_tokens`: when positive, each input image also brings its patch tokens
             (``features.load_patches``, item key ``image_patches``) and takes ``1 + image_patch_tokens`` ``<video>``
             tokens in the prompt. 0: one ``<video>`` per medium, ``image_patches`` all ``None`` (the official recipe).
+        answer_noise_source (`str`, defaults to ``"answer"``):
+            Where `answer_noise_prob`'s replacement words come from: ``"answer"``, the words of the same answer;
+            ``"context"``, the words that follow the same word anywhere in the records' answers (after "a", every
+            colour), so a caption word is swapped for one that fits its place. A shape then follows colour words it
+            was never seen with, and the LLM cannot learn to rule a shape out from the colour word before it.
     """
 
     def __init__(
@@ -734,6 +740,7 @@ class MMInstLLMDataset(Dataset):
         answer_noise_prob: float = 0.0,
         reproduce_prob: float = 0.0,
         image_patch_tokens: int = 0,
+        answer_noise_source: str = "answer",
     ):
         for name, value in (
             ("base_drop_prob", base_drop_prob),
@@ -761,6 +768,10 @@ class MMInstLLMDataset(Dataset):
             )
         self.image_patch_tokens = image_patch_tokens
         self._protected_ids = set(token_ids.special_token_ids) | {token_ids.eos, token_ids.pad, token_ids.bos}
+        if answer_noise_source not in ANSWER_NOISE_SOURCES:
+            raise ValueError(f"`answer_noise_source` must be one of {ANSWER_NOISE_SOURCES}, got {answer_noise_source!r}.")
+        self.answer_noise_source = answer_noise_source
+        self._followers = self._answer_followers() if answer_noise_prob > 0 and answer_noise_source == "context" else {}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -768,10 +779,22 @@ class MMInstLLMDataset(Dataset):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _answer_followers(self) -> dict[int, list[int]]:
+        """For every word token of the records' answers, the distinct word tokens that follow it somewhere in them: the
+        words that can stand in a given context (after "a": the colours, ...)."""
+        followers: dict[int, set[int]] = {}
+        for example in self.examples:
+            ids = self._encode(example.answer)
+            for before, word in zip(ids, ids[1:]):
+                if word not in self._protected_ids:
+                    followers.setdefault(before, set()).add(word)
+        return {before: sorted(words) for before, words in followers.items()}
+
     def _corrupt_answer(
         self, ids: list[int], prompt_length: int, keep: list[int], rng: np.random.Generator
     ) -> list[int]:
-        """``ids`` with a share ``answer_noise_prob`` of the answer's word tokens replaced by words of the answer."""
+        """``ids`` with a share ``answer_noise_prob`` of the answer's word tokens replaced by words of the answer, or
+        (``answer_noise_source="context"``) by words that follow the same word elsewhere in the answers."""
         keep = set(keep)
         eligible = [
             p for p in range(prompt_length, len(ids)) if ids[p] not in self._protected_ids and p not in keep
@@ -780,11 +803,19 @@ class MMInstLLMDataset(Dataset):
             return ids
         words = [ids[p] for p in eligible]
         replace = rng.random(len(eligible)) < self.answer_noise_prob
-        picks = rng.integers(len(words), size=len(eligible))
         noisy = list(ids)
-        for position, chosen, pick in zip(eligible, replace, picks):
+        if self.answer_noise_source == "answer":
+            picks = rng.integers(len(words), size=len(eligible))
+            for position, chosen, pick in zip(eligible, replace, picks):
+                if chosen:
+                    noisy[position] = words[pick]
+            return noisy
+        draws = rng.random(len(eligible))
+        for position, chosen, draw in zip(eligible, replace, draws):
             if chosen:
-                noisy[position] = words[pick]
+                # The context is the true word before (``ids``), not a replaced one.
+                pool = self._followers.get(ids[position - 1]) or words
+                noisy[position] = pool[int(draw * len(pool))]
         return noisy
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:

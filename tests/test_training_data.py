@@ -335,6 +335,16 @@ def test_llm_dataset_tokenises_with_the_inference_prompt_and_read_out_rule(sourc
     )
 
 
+def _only_answer_inputs_differ(clean: dict, noisy: dict) -> tuple[list[int], list[int], int]:
+    """Labels, media, targets and the prompt of a noisy item are the clean item's: only answer words of the input
+    may move. Returns both ``input_ids`` lists and the prompt length."""
+    for key in ("labels", "media_embeds", "target_positions", "target_embeds"):
+        assert torch.equal(clean[key], noisy[key]), key
+    ids, noisy_ids, n = clean["input_ids"].tolist(), noisy["input_ids"].tolist(), clean["prompt_length"]
+    assert noisy_ids[:n] == ids[:n]
+    return ids, noisy_ids, n
+
+
 def test_llm_dataset_answer_noise_changes_answer_words_of_the_input_only(source_data, examples, tokenizer):
     tokenizer, token_ids = tokenizer
     clean = MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0)
@@ -343,11 +353,7 @@ def test_llm_dataset_answer_noise_changes_answer_words_of_the_input_only(source_
     changed = 0
     for index in range(len(clean)):
         a, b = clean[(3, index)], noisy[(3, index)]
-        # Labels, media, targets and the prompt are those of the clean sample: only answer words of the input move.
-        for key in ("labels", "media_embeds", "target_positions", "target_embeds"):
-            assert torch.equal(a[key], b[key]), key
-        ids, noisy_ids, n = a["input_ids"].tolist(), b["input_ids"].tolist(), a["prompt_length"]
-        assert noisy_ids[:n] == ids[:n]
+        ids, noisy_ids, n = _only_answer_inputs_differ(a, b)
         answer_words = {t for t in ids[n:] if t not in protected}
         for position, (old, new) in enumerate(zip(ids, noisy_ids)):
             if old != new:
@@ -380,9 +386,7 @@ def test_llm_dataset_context_noise_swaps_words_for_words_that_fit_their_place(so
     changed = 0
     for index in range(len(clean)):
         a, b = clean[(3, index)], noisy[(3, index)]
-        for key in ("labels", "media_embeds", "target_positions", "target_embeds"):
-            assert torch.equal(a[key], b[key]), key
-        ids, noisy_ids, n = a["input_ids"].tolist(), b["input_ids"].tolist(), a["prompt_length"]
+        ids, noisy_ids, n = _only_answer_inputs_differ(a, b)
         for position, (old, new) in enumerate(zip(ids, noisy_ids)):
             if old != new:
                 # A word after a context the answers never show (e.g. <im_gen_start>) falls back to the answer's words.

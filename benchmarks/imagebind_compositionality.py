@@ -33,12 +33,7 @@ from transformers import CLIPTokenizer
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes.evaluate import open_image
-from diffusers_any2pix.shapes.world import BACKGROUNDS, COLOURS, SHAPES, SLOTS, Scene
-
-
-FIELDS = ("background",) + tuple(f"{slot}_{what}" for slot in SLOTS for what in ("shape", "colour"))
-# Classes per field: a slot's shape and colour include "empty" (class 0).
-FIELD_CLASSES = (len(BACKGROUNDS),) + (len(SHAPES) + 1, len(COLOURS) + 1) * len(SLOTS)
+from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, Scene, attribute_labels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,15 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not os.path.isfile(os.path.join(args.data, split, "scenes.json")):
             parser.error(f"--data {args.data!r} has no {split}/scenes.json (generate it with shapes.generate).")
     return args
-
-
-def scene_labels(scene: Scene) -> list[int]:
-    """One class index per entry of `FIELDS`."""
-    labels = [BACKGROUNDS.index(scene.background)]
-    for slot in SLOTS:
-        obj = scene.object_at(slot)
-        labels += [0, 0] if obj is None else [1 + SHAPES.index(obj.shape), 1 + COLOURS.index(obj.colour)]
-    return labels
 
 
 @torch.no_grad()
@@ -104,28 +90,28 @@ def retrieval_accuracy(image_embeds: torch.Tensor, own: torch.Tensor, caption_em
 
 
 class SceneReader(torch.nn.Module):
-    """An MLP from an embedding to one set of logits per entry of `FIELDS`."""
+    """An MLP from an embedding to one set of logits per entry of `ATTRIBUTE_FIELDS`."""
 
     def __init__(self, embed_dim: int, hidden_dim: int = 512):
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(embed_dim, hidden_dim), torch.nn.GELU(), torch.nn.Linear(hidden_dim, sum(FIELD_CLASSES))
+            torch.nn.Linear(embed_dim, hidden_dim), torch.nn.GELU(), torch.nn.Linear(hidden_dim, sum(ATTRIBUTE_CLASSES))
         )
 
     def forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(self.net(embeds), FIELD_CLASSES, dim=-1)
+        return torch.split(self.net(embeds), ATTRIBUTE_CLASSES, dim=-1)
 
 
 class PatchReader(torch.nn.Module):
-    """One learned query per entry of `FIELDS` attends over a scene's patch tokens; an MLP per field reads its query."""
+    """One learned query per entry of `ATTRIBUTE_FIELDS` attends over a scene's patch tokens; an MLP per field reads its query."""
 
     def __init__(self, embed_dim: int, num_heads: int = 4, hidden_dim: int = 256):
         super().__init__()
-        self.queries = torch.nn.Parameter(torch.randn(len(FIELDS), embed_dim) * 0.02)
+        self.queries = torch.nn.Parameter(torch.randn(len(ATTRIBUTE_FIELDS), embed_dim) * 0.02)
         self.attention = torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
         self.heads = torch.nn.ModuleList(
             torch.nn.Sequential(torch.nn.Linear(embed_dim, hidden_dim), torch.nn.GELU(), torch.nn.Linear(hidden_dim, n))
-            for n in FIELD_CLASSES
+            for n in ATTRIBUTE_CLASSES
         )
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -160,7 +146,7 @@ def reader_accuracy(reader: torch.nn.Module, embeds: torch.Tensor, labels: torch
     for start in range(0, len(embeds), batch_size):
         predicted.append(torch.stack([field.argmax(dim=-1) for field in reader(embeds[start : start + batch_size])], -1))
     correct = torch.cat(predicted).eq(labels)
-    return {"exact": correct.all(dim=-1).float().mean().item(), **dict(zip(FIELDS, correct.float().mean(0).tolist()))}
+    return {"exact": correct.all(dim=-1).float().mean().item(), **dict(zip(ATTRIBUTE_FIELDS, correct.float().mean(0).tolist()))}
 
 
 def main(argv=None) -> dict:
@@ -172,7 +158,7 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.data, split, "scenes.json"), encoding="utf-8") as f:
             entries = json.load(f)
         paths = [os.path.join(args.data, entry["path"]) for entry in entries]
-        labels = torch.tensor([scene_labels(Scene.from_dict(entry["scene"])) for entry in entries])
+        labels = torch.tensor([attribute_labels(Scene.from_dict(entry["scene"])) for entry in entries])
         embeds, patches = encode_scene_images(model, processor, paths, args.batch_size, args.patch_reader)
         splits[split] = (embeds, labels, [e["caption"] for e in entries], patches)
     captions = sorted({c for _, _, split_captions, _ in splits.values() for c in split_captions})
@@ -197,12 +183,12 @@ def main(argv=None) -> dict:
         if patch_reader is not None:
             report["splits"][split]["patch_reader"] = reader_accuracy(patch_reader, patches, labels)
     print(f"ImageBind compositionality ({args.image_encoder}); retrieval among {len(captions)} captions")
-    print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  " + " ".join(f"{f:>13s}" for f in FIELDS))
+    print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  " + " ".join(f"{f:>13s}" for f in ATTRIBUTE_FIELDS))
     for split, r in report["splits"].items():
         for name in ("reader", "patch_reader"):
             if name not in r:
                 continue
-            fields = " ".join(f"{100 * r[name][f]:13.1f}" for f in FIELDS)
+            fields = " ".join(f"{100 * r[name][f]:13.1f}" for f in ATTRIBUTE_FIELDS)
             first = f"{split:6s} {r['num_scenes']:6d} {100 * r['retrieval']:9.1f}" if name == "reader" else " " * 23
             print(f"{first} {100 * r[name]['exact']:7.1f}  {fields}" + ("  (patch tokens)" if name != "reader" else ""))
     if args.output:

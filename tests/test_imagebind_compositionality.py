@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_any2pix.models.imagebind import ImageBindModel
-from diffusers_any2pix.shapes import Scene, generate_dataset
+from diffusers_any2pix.shapes import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, Scene, generate_dataset
 from diffusers_any2pix.testing_utils import TINY_IMAGEBIND_CONFIG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,15 +37,6 @@ def setup(tmp_path_factory):
     return root
 
 
-def test_scene_labels_follow_fields():
-    scene = Scene.from_dict({"background": "dotted", "objects": [{"shape": "star", "colour": "blue", "slot": "right"}]})
-    labels = bench.scene_labels(scene)
-    assert len(labels) == len(bench.FIELDS) == len(bench.FIELD_CLASSES) == 7
-    # dotted = 2; left and middle empty (0, 0); star = 1 + 3, blue = 1 + 4.
-    assert labels == [2, 0, 0, 0, 0, 4, 5]
-    assert all(0 <= label < n for label, n in zip(labels, bench.FIELD_CLASSES))
-
-
 def test_retrieval_accuracy_counts_the_own_caption_as_nearest():
     captions = torch.eye(3)
     images = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.2, 1.0], [0.0, 0.0, 1.0]])
@@ -55,12 +46,12 @@ def test_retrieval_accuracy_counts_the_own_caption_as_nearest():
 
 def test_reader_learns_a_linear_code_and_is_seeded():
     generator = torch.Generator().manual_seed(0)
-    labels = torch.stack([torch.randint(0, n, (200,), generator=generator) for n in bench.FIELD_CLASSES], dim=-1)
+    labels = torch.stack([torch.randint(0, n, (200,), generator=generator) for n in ATTRIBUTE_CLASSES], dim=-1)
     # One-hot codes of every field side by side: a readable embedding.
-    embeds = torch.cat([torch.nn.functional.one_hot(labels[:, k], n) for k, n in enumerate(bench.FIELD_CLASSES)], -1)
+    embeds = torch.cat([torch.nn.functional.one_hot(labels[:, k], n) for k, n in enumerate(ATTRIBUTE_CLASSES)], -1)
     reader = bench.train_reader(embeds.float(), labels, steps=300, batch_size=64, seed=0)
     accuracy = bench.reader_accuracy(reader, embeds.float(), labels)
-    assert accuracy["exact"] == 1.0 and set(accuracy) == {"exact", *bench.FIELDS}
+    assert accuracy["exact"] == 1.0 and set(accuracy) == {"exact", *ATTRIBUTE_FIELDS}
     again = bench.train_reader(embeds.float(), labels, steps=300, batch_size=64, seed=0)
     for a, b in zip(reader.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
@@ -68,10 +59,10 @@ def test_reader_learns_a_linear_code_and_is_seeded():
 
 def test_patch_reader_reads_a_code_spread_over_patches_and_is_seeded():
     generator = torch.Generator().manual_seed(0)
-    labels = torch.stack([torch.randint(0, n, (200,), generator=generator) for n in bench.FIELD_CLASSES], dim=-1)
+    labels = torch.stack([torch.randint(0, n, (200,), generator=generator) for n in ATTRIBUTE_CLASSES], dim=-1)
     # Field k's one-hot code sits in patch k, next to the patch's position code (as a ViT's tokens carry theirs): the
     # reader must attend to the right patch.
-    fields = len(bench.FIELD_CLASSES)
+    fields = len(ATTRIBUTE_CLASSES)
     codes = torch.stack([torch.nn.functional.one_hot(labels[:, k], 9) for k in range(fields)], dim=1)
     positions = torch.eye(fields).expand(len(labels), -1, -1)
     patches = torch.cat([codes.float(), positions], dim=-1) * 4.0  # width 16: divisible by the reader's 4 heads
@@ -102,7 +93,7 @@ def test_main_reports_every_split_and_writes_json(setup, tmp_path, capsys):
     # --patch_reader adds the patch-token reader's figures to every split, the rest unchanged.
     with_patches = bench.main(argv[:-2] + ["--patch_reader"])
     for split, result in with_patches["splits"].items():
-        assert set(result["patch_reader"]) == {"exact", *bench.FIELDS}
+        assert set(result["patch_reader"]) == {"exact", *ATTRIBUTE_FIELDS}
         assert {k: v for k, v in result.items() if k != "patch_reader"} == report["splits"][split]
     assert "(patch tokens)" in capsys.readouterr().out
 

@@ -11,6 +11,8 @@ from PIL import Image
 
 from diffusers_any2pix.instruction import parse_instruction
 from diffusers_any2pix.shapes import (
+    ATTRIBUTE_CLASSES,
+    ATTRIBUTE_FIELDS,
     BACKGROUNDS,
     COLOUR_PITCH_HZ,
     COLOURS,
@@ -21,6 +23,7 @@ from diffusers_any2pix.shapes import (
     MediaItem,
     Scene,
     SceneObject,
+    attribute_labels,
     caption,
     parse_caption,
     render_object,
@@ -73,6 +76,17 @@ def test_scene_is_canonical_and_round_trips():
     assert shape_caption(three).startswith("a cross on the left, a cross in the middle and a cross on the right")
 
 
+def test_attribute_labels_follow_fields():
+    scene = Scene("dotted", [SceneObject("star", "blue", "right")])
+    labels = attribute_labels(scene)
+    assert len(labels) == len(ATTRIBUTE_FIELDS) == len(ATTRIBUTE_CLASSES) == 7
+    # dotted = 2; left and middle empty (0, 0); star = 1 + 3, blue = 1 + 4.
+    assert labels == [2, 0, 0, 0, 0, 4, 5]
+    assert all(0 <= label < n for label, n in zip(labels, ATTRIBUTE_CLASSES))
+    # A grayscale render hides the object's colour, not the emptiness of a slot.
+    assert attribute_labels(scene, colours=False) == [2, 0, 0, 0, 0, 4, -100]
+
+
 def test_scene_edits_return_new_scenes():
     scene = Scene("dotted", [SceneObject("circle", "red", "left")])
     added = scene.with_object(SceneObject("star", "blue", "middle"))
@@ -104,6 +118,7 @@ def test_scene_edits_return_new_scenes():
         (lambda: render_scene(_random_scenes(1)[0], size=8), ValueError, "at least 16"),
         (lambda: render_scene("a red star"), TypeError, "`scene` must be a Scene"),
         (lambda: shape_caption("a red star"), TypeError, "`scene` must be a Scene"),
+        (lambda: attribute_labels("a red star"), TypeError, "`scene` must be a Scene"),
     ],
 )
 def test_world_rejects_bad_input(build, error, match):

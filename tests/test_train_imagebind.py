@@ -14,7 +14,9 @@ from transformers import CLIPTokenizer
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import (
+    ATTRIBUTE_CLASSES,
     Scene,
+    attribute_labels,
     caption,
     generate_dataset,
     parse_caption,
@@ -223,6 +225,72 @@ def test_grayscale_pairs_show_no_colour_and_name_none(tokenizer):
     assert [p["other_key"] for p in off[(0, 3)]["text"]] == [p["other_key"] for p in colour[(0, 3)]["text"]]
 
 
+def test_pairs_carry_the_attribute_labels_of_their_images(tokenizer):
+    processor = ImageBindProcessor(tokenizer=tokenizer, image_size=32)
+    settings = dict(image_size=32, sound_variants=range(1), hard_negative_fraction=1.0)
+    ignored = torch.full((len(ATTRIBUTE_CLASSES),), -100)
+    kinds = set()
+    for grayscale in (0.0, 1.0):
+        dataset = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, grayscale_fraction=grayscale, **settings)
+        samples = [dataset[(0, index)] for index in range(12)]
+        for sample in samples:
+            assert torch.equal(sample["audio"]["labels"], ignored)
+            for pair in sample["text"]:
+                if pair["other_key"].startswith("an image of"):
+                    kinds.add("object")
+                    assert torch.equal(pair["labels"], ignored)
+                elif grayscale:
+                    kinds.add("grayscale")
+                    # The caption has no colours; its shapes and background are the labels' (colours ignored).
+                    labels = pair["labels"].tolist()
+                    assert labels[2::2] == [-100 if shape else 0 for shape in labels[1::2]]
+                else:
+                    kinds.add("scene")
+                    scene = parse_caption(pair["other_key"])
+                    assert pair["labels"].tolist() == attribute_labels(scene)
+        batch = train_imagebind.collate_pairs(samples)
+        for name in ("text", "audio"):
+            assert batch[name]["labels"].shape == (len(batch[name]["image_keys"]), len(ATTRIBUTE_CLASSES))
+    assert kinds == {"object", "grayscale", "scene"}
+
+
+def test_attribute_loss_averages_over_the_labels_read():
+    generator = torch.Generator().manual_seed(0)
+    logits = [torch.randn(3, n, generator=generator) for n in (4, 6)]
+    labels = torch.tensor([[1, 5], [-100, 0], [3, -100]])
+    expected = (
+        torch.nn.functional.cross_entropy(logits[0][[0, 2]], torch.tensor([1, 3]), reduction="sum")
+        + torch.nn.functional.cross_entropy(logits[1][[0, 1]], torch.tensor([5, 0]), reduction="sum")
+    ) / 4
+    assert torch.allclose(train_imagebind.attribute_loss(logits, labels), expected)
+    # Nothing to read (object images only): zero, not NaN.
+    assert train_imagebind.attribute_loss(logits, torch.full((3, 2), -100)).item() == 0.0
+    with pytest.raises(ValueError, match=r"must have shape \(N, 2\) for 3 images"):
+        train_imagebind.attribute_loss(logits, labels[:, :1])
+
+
+def test_attribute_loss_trains_the_embedding_and_saves_a_plain_encoder(tmp_path, config_file):
+    plain = train_imagebind.main(_argv(tmp_path / "plain", config_file, "--max_train_steps", "2"))
+    argv = _argv(tmp_path / "heads", config_file, "--attribute_loss_weight", "1.0")
+    full = train_imagebind.main(argv + ["--max_train_steps", "4"])
+    assert full["global_step"] == 4 and plain["global_step"] == 2
+    # The heads are dropped: the saved encoder has exactly the plain run's parameters (names and shapes) ...
+    heads = _weights(tmp_path / "heads" / "image_encoder")
+    plain_weights = _weights(tmp_path / "plain" / "image_encoder")
+    assert {k: v.shape for k, v in heads.items()} == {k: v.shape for k, v in plain_weights.items()}
+    # ... and the loss changed the vision tower's training (same seed and data: two steps each).
+    train_imagebind.main(argv + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "heads2")])
+    two = _weights(tmp_path / "heads2" / "image_encoder")
+    assert any(not torch.equal(two[k], plain_weights[k]) for k in two if k.startswith("vision_"))
+    # Resumed with its heads from step 2 to 4: the same weights as four steps in one go.
+    resumed = train_imagebind.main(
+        argv[:1] + [str(tmp_path / "heads2")] + argv[2:] + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    )
+    assert resumed["global_step"] == 4
+    for name, value in _weights(tmp_path / "heads2" / "image_encoder").items():
+        assert torch.equal(value, heads[name]), name
+
+
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> str:
     """A few real-format pairs: scene images with captions, object sounds with object images."""
@@ -336,6 +404,9 @@ def test_bind_audio_only_on_jsonl_pairs_keeps_the_other_towers(tmp_path, pairs_f
         (["--grayscale_fraction", "1.5"], "grayscale_fraction"),
         (["--train_data", "nowhere.jsonl"], "does not exist"),
         (["--num_eval_pairs", "0"], "num_eval_pairs"),
+        (["--attribute_loss_weight", "-1"], "attribute_loss_weight` must be >= 0"),
+        (["--attribute_loss_weight", "1", "--train_data", "."], "needs ShapesWorld rendered on the fly"),
+        (["--attribute_loss_weight", "1", "--trainable_modalities", "audio"], "add `vision`"),
     ],
 )
 def test_bad_arguments(tmp_path, config_file, extra, match):

@@ -22,6 +22,13 @@ Data, one of:
   ``{"image": "img/dog.jpg", "text": "a dog"}`` or ``{"image": "img/dog.jpg", "audio": "wav/bark.wav"}``.
   Retrieval on ``--eval_data`` (same format) or on the last ``--num_eval_pairs`` pairs, held out of training.
 
+``--attribute_loss_weight W`` (on-the-fly ShapesWorld only; not part of ImageBind's recipe) adds W times a
+cross-entropy of linear read-outs of the scene's attributes (background, each slot's shape and colour:
+`diffusers_any2pix.shapes.ATTRIBUTE_FIELDS`) from the image embedding. Contrastive pairs alone never ask the
+embedding of a scene to be a sum of its parts; one linear head per attribute does, which is what an embedding needs to
+place combinations it never saw (measured in ``benchmarks/imagebind_compositionality.py``). The heads are dropped
+after training: the saved encoder is a plain `ImageBindModel`.
+
 Binding a new modality on real data: start from a trained encoder (``--pretrained_image_encoder``, e.g. Meta's
 checkpoint converted with `ImageBindModel.from_meta_checkpoint` and saved, or ``--pipeline``), give (image, x) pairs
 in a ``.jsonl`` file, and train only the new tower with ``--trainable_modalities audio`` (ImageBind's recipe: the
@@ -73,7 +80,7 @@ from diffusers_any2pix.shapes import (
 )
 from diffusers_any2pix.shapes.generate import HELDOUT_COMBINATIONS
 from diffusers_any2pix.shapes.probe import random_scenes
-from diffusers_any2pix.shapes.world import SLOT_PHRASES, Scene
+from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES, IGNORE_LABEL, SLOT_PHRASES, Scene, attribute_labels
 
 
 logger = get_logger(__name__)
@@ -267,7 +274,50 @@ def contrastive_loss(
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
+class ImageBindWithAttributeHeads(torch.nn.Module):
+    """An `ImageBindModel` and linear read-outs of the scene attributes from its image embedding (training only).
+
+    Args:
+        encoder ([`ImageBindModel`]): the model being trained.
+        num_classes (`Sequence[int]`, defaults to `ATTRIBUTE_CLASSES`): classes of each attribute.
+    """
+
+    def __init__(self, encoder: ImageBindModel, num_classes: Sequence[int] = ATTRIBUTE_CLASSES):
+        super().__init__()
+        self.encoder = encoder
+        self.num_classes = tuple(num_classes)
+        self.attribute_heads = torch.nn.Linear(encoder.config.out_embed_dim, sum(self.num_classes))
+
+    def forward(self, pixel_values: torch.Tensor, **inputs) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        """The encoder's output and one ``(N, num_classes[k])`` logits tensor per attribute of the N images."""
+        output = self.encoder(pixel_values=pixel_values, **inputs)
+        return output, self.attribute_heads(output.image_embeds.float()).split(self.num_classes, dim=-1)
+
+
+def attribute_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every attribute read-out, averaged over the labels that are not `IGNORE_LABEL` (zero when
+    all are: a batch of object images only).
+
+    Args:
+        logits (`Sequence[torch.Tensor]`): one ``(N, classes)`` tensor per attribute.
+        labels (`torch.Tensor` of shape `(N, len(logits))`): class indices or `IGNORE_LABEL`.
+    """
+    if labels.ndim != 2 or labels.shape != (logits[0].shape[0], len(logits)):
+        raise ValueError(
+            f"`labels` must have shape (N, {len(logits)}) for {logits[0].shape[0]} images, got {tuple(labels.shape)}."
+        )
+    labels = labels.to(logits[0].device)
+    total = sum(
+        F.cross_entropy(field, labels[:, k], ignore_index=IGNORE_LABEL, reduction="sum") for k, field in enumerate(logits)
+    )
+    return total / (labels != IGNORE_LABEL).sum().clamp(min=1)
+
+
 # ------------------------------------------------------------------------------------------------ data
+
+
+# The labels of an image that is not a scene (an object image): nothing to read.
+NO_ATTRIBUTE_LABELS = torch.full((len(ATTRIBUTE_CLASSES),), IGNORE_LABEL, dtype=torch.long)
 
 
 def _item(processor: ImageBindProcessor, pair: BindingPair) -> dict[str, Any]:
@@ -281,8 +331,9 @@ def _item(processor: ImageBindProcessor, pair: BindingPair) -> dict[str, Any]:
 
 
 def collate_pairs(samples: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Stacks each modality's pairs of a batch: ``{modality: {pixel_values, other, image_keys, other_keys}}``. A sample
-    holds one pair per modality, or a list of pairs (kept next to each other)."""
+    """Stacks each modality's pairs of a batch: ``{modality: {pixel_values, other, image_keys, other_keys}}``, plus
+    ``labels`` (`ATTRIBUTE_FIELDS` classes of each image) when every pair has them. A sample holds one pair per
+    modality, or a list of pairs (kept next to each other)."""
     batch = {}
     for name in BOUND_MODALITIES:
         items = [item for s in samples if name in s for item in (s[name] if isinstance(s[name], list) else [s[name]])]
@@ -293,6 +344,8 @@ def collate_pairs(samples: list[dict[str, dict[str, Any]]]) -> dict[str, dict[st
                 "image_keys": [item["image_key"] for item in items],
                 "other_keys": [item["other_key"] for item in items],
             }
+            if all("labels" in item for item in items):
+                batch[name]["labels"] = torch.stack([item["labels"] for item in items])
     return batch
 
 
@@ -301,7 +354,8 @@ class ShapesWorldPairs(Dataset):
     ShapesWorld pairs rendered on the fly: each sample holds a text pair (a scene and its caption, or with
     ``object_text_fraction`` an object image and "an image of a red star") and an audio pair (an object image and one
     of ``sound_variants`` recordings of its sound). Indexed by ``(epoch, index)``; every random choice comes from
-    ``(seed, epoch, index)``.
+    ``(seed, epoch, index)``. Every pair carries the `ATTRIBUTE_FIELDS` labels of its image (``labels``: a scene's
+    attributes, its colours ignored in grayscale; all ignored for an object image).
 
     Args:
         processor ([`ImageBindProcessor`]): with a tokenizer.
@@ -388,7 +442,13 @@ class ShapesWorldPairs(Dataset):
         image = render_scene(scene, self.image_size)
         text = shape_caption(scene) if grayscale else caption(scene)
         pixels = self.processor.preprocess_image(image.convert("L").convert("RGB") if grayscale else image)[0]
-        return {"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}
+        return {
+            "pixel_values": pixels,
+            "other": self.processor.tokenize(text)[0],
+            "image_key": text,
+            "other_key": text,
+            "labels": torch.tensor(attribute_labels(scene, colours=not grayscale)),
+        }
 
     def minimal_edit(self, scene: Scene, rng: np.random.Generator) -> Scene | None:
         """``scene`` with one attribute changed (an object's shape or colour, or the background), drawn among the
@@ -407,7 +467,15 @@ class ShapesWorldPairs(Dataset):
             shape, colour = self.kinds[int(rng.integers(len(self.kinds)))]
             text = object_image_caption(shape, colour)
             pixels = self.object_pixels(shape, colour)
-            return [{"pixel_values": pixels, "other": self.processor.tokenize(text)[0], "image_key": text, "other_key": text}]
+            return [
+                {
+                    "pixel_values": pixels,
+                    "other": self.processor.tokenize(text)[0],
+                    "image_key": text,
+                    "other_key": text,
+                    "labels": NO_ATTRIBUTE_LABELS,
+                }
+            ]
         while True:  # rejection keeps the distribution of the generator's train split
             scene = random_scenes(rng, 1)[0]
             if not scene.combinations() & self.excluded:
@@ -429,6 +497,7 @@ class ShapesWorldPairs(Dataset):
             "other": self.sound_features(shape, colour, variant),
             "image_key": kind,
             "other_key": kind,  # recordings of one kind are interchangeable
+            "labels": NO_ATTRIBUTE_LABELS,
         }
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, dict[str, Any]]:
@@ -657,6 +726,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="Share of on-the-fly scene pairs shown in grayscale with a caption without colours.",
     )
+    data.add_argument(
+        "--attribute_loss_weight",
+        type=float,
+        default=0.0,
+        help="Weight of the attribute read-out loss on the image embedding (on-the-fly ShapesWorld; see above).",
+    )
     data.add_argument("--include_heldout", action="store_true", help="Also draw the generator's held-out combinations.")
     data.add_argument("--image_size", type=int, default=64, help="Render size of on-the-fly ShapesWorld images.")
     data.add_argument(
@@ -677,6 +752,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"`--{name}` must lie in [0, 1], got {getattr(args, name)}.")
     if args.train_batch_size < 2:
         raise ValueError("`--train_batch_size` must be at least 2: contrastive learning needs negatives.")
+    if not args.attribute_loss_weight >= 0.0:
+        raise ValueError(f"`--attribute_loss_weight` must be >= 0, got {args.attribute_loss_weight}.")
+    if args.attribute_loss_weight and args.train_data is not None:
+        raise ValueError(
+            "`--attribute_loss_weight` needs ShapesWorld rendered on the fly (no `--train_data`): only those pairs "
+            "carry scene labels."
+        )
+    if args.attribute_loss_weight and "vision" not in args.trainable_modalities:
+        raise ValueError("`--attribute_loss_weight` trains the image embedding: add `vision` to `--trainable_modalities`.")
     for name in ("train_data", "eval_data"):
         path = getattr(args, name)
         if path is not None and not os.path.exists(path):
@@ -803,8 +887,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         model.enable_gradient_checkpointing()
     processor = ImageBindProcessor.for_model(model, tokenizer=tokenizer)
     dataset, eval_samples = build_datasets(args, processor, pairs, eval_pairs)
+    trained = model
+    if args.attribute_loss_weight:
+        trained = ImageBindWithAttributeHeads(model)
+        params = params + list(trained.attribute_heads.parameters())
     setup = training_utils.prepare_training(
-        accelerator, args, model, params, dataset, collate_fn=collate_pairs, tracker_name="train_imagebind"
+        accelerator, args, trained, params, dataset, collate_fn=collate_pairs, tracker_name="train_imagebind"
     )
 
     # A pair is only worth encoding when a tower it goes through is trained.
@@ -824,10 +912,16 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         pixel_values = torch.cat([batch[n]["pixel_values"] for n in names])[unique]
         inputs = {BOUND_MODALITIES[n].input_name: batch[n]["other"] for n in names}
         output = setup.model(pixel_values=pixel_values, **inputs)
+        logs = {}
+        if args.attribute_loss_weight:
+            output, logits = output
+            labels = torch.cat([batch[n]["labels"] for n in names])[unique]
+            read_loss = attribute_loss(logits, labels)
+            loss = loss + args.attribute_loss_weight * read_loss
+            logs["loss_attributes"] = read_loss.item()
         position = {key: i for i, key in enumerate(first)}
         gather = torch.tensor([position[key] for key in keys], device=output.image_embeds.device)
         image_embeds = output.image_embeds[gather].split([len(batch[n]["image_keys"]) for n in names])
-        logs = {}
         for name, images in zip(names, image_embeds):
             if len(images) < 2:
                 continue
@@ -837,11 +931,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
             )  # fmt: skip
             loss = loss + pair_loss
             logs[f"loss_{name}"] = pair_loss.item()
-        logs["text_logit_scale"] = accelerator.unwrap_model(setup.model).text_log_logit_scale.exp().item()
+        logs["text_logit_scale"] = components()["image_encoder"].text_log_logit_scale.exp().item()
         return loss, logs
 
     def components() -> dict:
-        return {"image_encoder": accelerator.unwrap_model(setup.model)}
+        unwrapped = accelerator.unwrap_model(setup.model)
+        return {"image_encoder": unwrapped.encoder if args.attribute_loss_weight else unwrapped}
 
     eval_batch = collate_pairs(eval_samples)
 
@@ -864,7 +959,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         retrieval = measure(result.global_step)
         with open(os.path.join(args.output_dir, RETRIEVAL_FILE), "w", encoding="utf-8") as f:
             json.dump(retrieval, f, indent=1)
-    summary = training_utils.finish_training(accelerator, args, result, {"image_encoder": setup.model}, components)
+    summary = training_utils.finish_training(accelerator, args, result, components(), components)
     return {**summary, "retrieval": retrieval}
 
 

@@ -7,12 +7,15 @@ whose every example has a known target scene, so edits can be scored exactly.
 from .instructions import INSTRUCTION_TYPES, InstructionExample, MediaItem, sample_instruction
 from .sounds import COLOUR_PITCH_HZ, SHAPE_TIMBRE, sound_caption, synthesize_sound, write_sound
 from .world import (
+    ATTRIBUTE_CLASSES,
+    ATTRIBUTE_FIELDS,
     BACKGROUNDS,
     COLOURS,
     SHAPES,
     SLOTS,
     Scene,
     SceneObject,
+    attribute_labels,
     caption,
     object_image_caption,
     parse_caption,
@@ -45,6 +48,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ATTRIBUTE_CLASSES",
+    "ATTRIBUTE_FIELDS",
     "BACKGROUNDS",
     "COLOURS",
     "COLOUR_PITCH_HZ",
@@ -62,6 +67,7 @@ __all__ = [
     "MediaItem",
     "Scene",
     "SceneObject",
+    "attribute_labels",
     "caption",
     "feature_path",
     "generate_dataset",

@@ -197,6 +197,40 @@ class Scene:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Attribute labels
+# --------------------------------------------------------------------------------------------------------------------
+# A scene as classification targets: its background, then each slot's shape and colour (class 0: the slot is empty).
+ATTRIBUTE_FIELDS: tuple[str, ...] = ("background",) + tuple(
+    f"{slot}_{what}" for slot in SLOTS for what in ("shape", "colour")
+)
+ATTRIBUTE_CLASSES: tuple[int, ...] = (len(BACKGROUNDS),) + (len(SHAPES) + 1, len(COLOURS) + 1) * len(SLOTS)
+IGNORE_LABEL = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+def attribute_labels(scene: Scene, colours: bool = True) -> list[int]:
+    """One class index per entry of `ATTRIBUTE_FIELDS`.
+
+    Args:
+        scene ([`Scene`]): the scene.
+        colours (`bool`, *optional*, defaults to `True`): `False` for a grayscale render, whose colours cannot be
+            read: the colour fields of its objects are `IGNORE_LABEL` (an empty slot stays 0).
+
+    Returns:
+        `list[int]`: ``len(ATTRIBUTE_FIELDS)`` labels.
+    """
+    if not isinstance(scene, Scene):
+        raise TypeError(f"`scene` must be a Scene, got {type(scene).__name__}.")
+    labels = [BACKGROUNDS.index(scene.background)]
+    for slot in SLOTS:
+        obj = scene.object_at(slot)
+        if obj is None:
+            labels += [0, 0]
+        else:
+            labels += [1 + SHAPES.index(obj.shape), 1 + COLOURS.index(obj.colour) if colours else IGNORE_LABEL]
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Captions
 # --------------------------------------------------------------------------------------------------------------------
 def caption(scene: Scene) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_any2pix.models.imagebind import ImageBindModel
-from diffusers_any2pix.shapes import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, Scene, generate_dataset
+from diffusers_any2pix.shapes import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, generate_dataset
 from diffusers_any2pix.testing_utils import TINY_IMAGEBIND_CONFIG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -284,8 +284,9 @@ def test_attribute_loss_trains_the_embedding_and_saves_a_plain_encoder(tmp_path,
     assert any(not torch.equal(two[k], plain_weights[k]) for k in two if k.startswith("vision_"))
     # Resumed with its heads from step 2 to 4: the same weights as four steps in one go.
     resumed = train_imagebind.main(
-        argv[:1] + [str(tmp_path / "heads2")] + argv[2:] + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
-    )
+        argv[:1] + [str(tmp_path / "heads2")] + argv[2:]
+        + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    )  # fmt: skip
     assert resumed["global_step"] == 4
     for name, value in _weights(tmp_path / "heads2" / "image_encoder").items():
         assert torch.equal(value, heads[name]), name

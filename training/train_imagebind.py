@@ -308,7 +308,8 @@ def attribute_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torc
         )
     labels = labels.to(logits[0].device)
     total = sum(
-        F.cross_entropy(field, labels[:, k], ignore_index=IGNORE_LABEL, reduction="sum") for k, field in enumerate(logits)
+        F.cross_entropy(field, labels[:, k], ignore_index=IGNORE_LABEL, reduction="sum")
+        for k, field in enumerate(logits)
     )
     return total / (labels != IGNORE_LABEL).sum().clamp(min=1)
 
@@ -760,7 +761,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "carry scene labels."
         )
     if args.attribute_loss_weight and "vision" not in args.trainable_modalities:
-        raise ValueError("`--attribute_loss_weight` trains the image embedding: add `vision` to `--trainable_modalities`.")
+        raise ValueError(
+            "`--attribute_loss_weight` trains the image embedding: add `vision` to `--trainable_modalities`."
+        )
     for name in ("train_data", "eval_data"):
         path = getattr(args, name)
         if path is not None and not os.path.exists(path):

@@ -72,7 +72,8 @@ def _config_dir(root, text_decoder: bool = False) -> str:
         "imagebind": {
             **steps, "image_encoder_config": str(folder / "imagebind.json"), "num_train_pairs": 16,
             "image_size": 32, "sound_variants": 2, "num_eval_pairs": 4, "eval_sound_variants": 1,
-            "hard_negative_fraction": 0.5, "grayscale_fraction": 0.5,  # the real build's data options
+            # the real build's data and loss options
+            "hard_negative_fraction": 0.5, "grayscale_fraction": 0.5, "attribute_loss_weight": 1.0,
         },
         "vae": {**steps, "resolution": 32, "channel_shuffle_prob": 0.5},
         "unet": {**steps, "use_ema": True},
@@ -85,7 +86,7 @@ def _config_dir(root, text_decoder: bool = False) -> str:
         settings["features"] = {"image_patches": True}
         settings["llm"].update(
             image_patch_tokens=2, patch_embed_dim=16, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2,
-            answer_noise_prob=0.2, reproduce_prob=0.2,
+            answer_noise_prob=0.3, answer_noise_source="context", reproduce_prob=0.2,
         )  # fmt: skip
     (folder / "build.json").write_text(json.dumps(settings))
     return str(folder)

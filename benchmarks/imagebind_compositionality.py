@@ -80,7 +80,10 @@ def encode_captions(
     model: ImageBindModel, processor: ImageBindProcessor, captions: Sequence[str], batch_size: int
 ) -> torch.Tensor:
     """L2-normalised text embeddings (the logit scale removed)."""
-    embeds = [model.encode_text(processor.tokenize(list(captions[i : i + batch_size]))) for i in range(0, len(captions), batch_size)]
+    embeds = [
+        model.encode_text(processor.tokenize(list(captions[i : i + batch_size])))
+        for i in range(0, len(captions), batch_size)
+    ]
     return F.normalize(torch.cat(embeds).float(), dim=-1)
 
 
@@ -103,7 +106,8 @@ class SceneReader(torch.nn.Module):
 
 
 class PatchReader(torch.nn.Module):
-    """One learned query per entry of `ATTRIBUTE_FIELDS` attends over a scene's patch tokens; an MLP per field reads its query."""
+    """One learned query per entry of `ATTRIBUTE_FIELDS` attends over a scene's patch tokens; an MLP per field reads
+    its query."""
 
     def __init__(self, embed_dim: int, num_heads: int = 4, hidden_dim: int = 256):
         super().__init__()
@@ -140,13 +144,17 @@ def train_reader(
 
 
 @torch.no_grad()
-def reader_accuracy(reader: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> dict:
+def reader_accuracy(
+    reader: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
+) -> dict:
     """Scene-exact share and per-field accuracy."""
     predicted = []
     for start in range(0, len(embeds), batch_size):
-        predicted.append(torch.stack([field.argmax(dim=-1) for field in reader(embeds[start : start + batch_size])], -1))
+        fields = reader(embeds[start : start + batch_size])
+        predicted.append(torch.stack([field.argmax(dim=-1) for field in fields], -1))
     correct = torch.cat(predicted).eq(labels)
-    return {"exact": correct.all(dim=-1).float().mean().item(), **dict(zip(ATTRIBUTE_FIELDS, correct.float().mean(0).tolist()))}
+    per_field = dict(zip(ATTRIBUTE_FIELDS, correct.float().mean(0).tolist()))
+    return {"exact": correct.all(dim=-1).float().mean().item(), **per_field}
 
 
 def main(argv=None) -> dict:
@@ -183,7 +191,8 @@ def main(argv=None) -> dict:
         if patch_reader is not None:
             report["splits"][split]["patch_reader"] = reader_accuracy(patch_reader, patches, labels)
     print(f"ImageBind compositionality ({args.image_encoder}); retrieval among {len(captions)} captions")
-    print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  " + " ".join(f"{f:>13s}" for f in ATTRIBUTE_FIELDS))
+    header = " ".join(f"{f:>13s}" for f in ATTRIBUTE_FIELDS)
+    print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  {header}")
     for split, r in report["splits"].items():
         for name in ("reader", "patch_reader"):
             if name not in r:

@@ -15,8 +15,10 @@ from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import (
     ATTRIBUTE_CLASSES,
+    SLOTS,
     Scene,
     attribute_labels,
+    background_levels,
     caption,
     generate_dataset,
     parse_caption,
@@ -225,6 +227,35 @@ def test_grayscale_pairs_show_no_colour_and_name_none(tokenizer):
     assert [p["other_key"] for p in off[(0, 3)]["text"]] == [p["other_key"] for p in colour[(0, 3)]["text"]]
 
 
+def test_random_gray_levels_paint_objects_away_from_their_background(tokenizer):
+    processor = ImageBindProcessor(tokenizer=tokenizer, image_size=64)
+    settings = dict(sound_variants=range(1), object_text_fraction=0.0, grayscale_fraction=1.0)
+    plain = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, **settings)
+    random = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, random_gray_levels=True, **settings)
+    colour = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, sound_variants=range(1), object_text_fraction=0.0)
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    levels_seen = set()
+    for index in range(30):
+        pair, reference = random[(0, index)]["text"][0], plain[(0, index)]["text"][0]
+        # Same scene and caption (the levels are drawn after the scene), other pixels.
+        assert pair["other_key"] == reference["other_key"]
+        assert torch.equal(pair["labels"], reference["labels"])
+        scene = parse_caption(colour[(0, index)]["text"][0]["other_key"])  # the same stream draws the same scene
+        pixels = ((pair["pixel_values"] * std + mean) * 255).round()
+        assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2])
+        background = background_levels(scene.background)
+        for obj in scene.objects:
+            # The object's centre pixel holds its gray level: far from the background's.
+            centre = int(pixels[0, 32, int((SLOTS.index(obj.slot) + 0.5) * 64 / 3)])
+            assert min(abs(centre - b) for b in background) >= train_imagebind.GRAY_LEVEL_MARGIN - 1
+            levels_seen.add(centre)
+    assert len(levels_seen) > 10  # drawn, not one level per colour
+    # The same stream twice: the same levels.
+    again = train_imagebind.ShapesWorldPairs(processor, 10, seed=0, random_gray_levels=True, **settings)
+    assert torch.equal(again[(0, 5)]["text"][0]["pixel_values"], random[(0, 5)]["text"][0]["pixel_values"])
+
+
 def test_pairs_carry_the_attribute_labels_of_their_images(tokenizer):
     processor = ImageBindProcessor(tokenizer=tokenizer, image_size=32)
     settings = dict(image_size=32, sound_variants=range(1), hard_negative_fraction=1.0)
@@ -403,6 +434,7 @@ def test_bind_audio_only_on_jsonl_pairs_keeps_the_other_towers(tmp_path, pairs_f
         (["--object_text_fraction", "2"], "object_text_fraction"),
         (["--hard_negative_fraction", "-0.1"], "hard_negative_fraction"),
         (["--grayscale_fraction", "1.5"], "grayscale_fraction"),
+        (["--random_gray_levels"], "needs `--grayscale_fraction` > 0"),
         (["--train_data", "nowhere.jsonl"], "does not exist"),
         (["--num_eval_pairs", "0"], "num_eval_pairs"),
         (["--attribute_loss_weight", "-1"], "attribute_loss_weight` must be >= 0"),

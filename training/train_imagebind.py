@@ -56,7 +56,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ from diffusers_any2pix.shapes import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
+    background_levels,
     caption,
     object_image_caption,
     render_object,
@@ -87,6 +88,9 @@ logger = get_logger(__name__)
 
 TOKENIZER_FOLDER = "imagebind_tokenizer"
 RETRIEVAL_FILE = "retrieval.json"
+# With `random_gray_levels`, objects keep at least this distance in gray level from their background's levels, so
+# that no object vanishes into its background.
+GRAY_LEVEL_MARGIN = 32
 # A small ImageBind for 64x64 ShapesWorld scenes (1.83 M parameters, 7.3 MB in float32). The audio front end
 # keeps ImageBind's preprocessing (128 mel bins x 204 frames, as the pipeline feeds it) with non-overlapping
 # 16x16 patches; text keeps the 77-token context every ImageBindProcessor produces.
@@ -376,6 +380,11 @@ class ShapesWorldPairs(Dataset):
             pushes the image features for shape not to depend on colour, so that they carry over to shape/colour
             combinations never seen in training (measured on ShapesWorld: a small gain, see the README).
             Grayscale pairs come without twins.
+        random_gray_levels (`bool`, defaults to `False`): in grayscale pairs, paint each object in a gray level drawn
+            at random (at least `GRAY_LEVEL_MARGIN` from the background's levels) instead of its colour's luminance.
+            A plain grayscale render still tells colours apart by brightness (an orange object is the only one at
+            its level), so a shape/colour pair never seen in training is also a shape/brightness pair never seen;
+            random levels cut that link while showing no colour at all.
         exclude_heldout (`bool`, defaults to `True`): never draw the generator's held-out combinations.
         sample_rate (`int`, defaults to 16000), sound_duration (`float`, defaults to 2.0): the recordings.
     """
@@ -391,6 +400,7 @@ class ShapesWorldPairs(Dataset):
         object_text_fraction: float = 0.25,
         hard_negative_fraction: float = 0.0,
         grayscale_fraction: float = 0.0,
+        random_gray_levels: bool = False,
         exclude_heldout: bool = True,
         sample_rate: int = 16000,
         sound_duration: float = 2.0,
@@ -406,6 +416,7 @@ class ShapesWorldPairs(Dataset):
         self.object_text_fraction = object_text_fraction
         self.hard_negative_fraction = hard_negative_fraction
         self.grayscale_fraction = grayscale_fraction
+        self.random_gray_levels = random_gray_levels
         self.sample_rate = sample_rate
         self.sound_duration = sound_duration
         excluded = HELDOUT_COMBINATIONS if exclude_heldout else frozenset()
@@ -438,9 +449,18 @@ class ShapesWorldPairs(Dataset):
             self._sounds[key] = features
         return self._sounds[key]
 
-    def scene_pair(self, scene: Scene, grayscale: bool = False) -> dict[str, Any]:
-        """The scene's render and caption; ``grayscale``: a grayscale render and a caption without colours."""
-        image = render_scene(scene, self.image_size)
+    def gray_fills(self, scene: Scene, rng: np.random.Generator) -> dict[str, tuple[int, int, int]]:
+        """A random gray level per object of ``scene``, each at least `GRAY_LEVEL_MARGIN` from its background's."""
+        background = np.array(background_levels(scene.background))
+        levels = np.array([v for v in range(256) if np.abs(background - v).min() >= GRAY_LEVEL_MARGIN])
+        return {obj.slot: (int(v),) * 3 for obj, v in zip(scene.objects, rng.choice(levels, len(scene.objects)))}
+
+    def scene_pair(
+        self, scene: Scene, grayscale: bool = False, fills: Optional[dict[str, tuple[int, int, int]]] = None
+    ) -> dict[str, Any]:
+        """The scene's render and caption; ``grayscale``: a grayscale render and a caption without colours;
+        ``fills``: objects painted in these RGB values (see `render_scene`)."""
+        image = render_scene(scene, self.image_size, fills=fills)
         text = shape_caption(scene) if grayscale else caption(scene)
         pixels = self.processor.preprocess_image(image.convert("L").convert("RGB") if grayscale else image)[0]
         return {
@@ -483,7 +503,8 @@ class ShapesWorldPairs(Dataset):
                 break
         # Drawn only when enabled, so that builds without grayscale pairs keep their random stream.
         if self.grayscale_fraction and rng.random() < self.grayscale_fraction:
-            return [self.scene_pair(scene, grayscale=True)]
+            fills = self.gray_fills(scene, rng) if self.random_gray_levels else None
+            return [self.scene_pair(scene, grayscale=True, fills=fills)]
         pairs = [self.scene_pair(scene)]
         if twins and self.hard_negative_fraction and rng.random() < self.hard_negative_fraction:
             twin = self.minimal_edit(scene, rng)
@@ -728,6 +749,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of on-the-fly scene pairs shown in grayscale with a caption without colours.",
     )
     data.add_argument(
+        "--random_gray_levels",
+        action="store_true",
+        help="Paint each object of a grayscale pair in a random gray level, not its colour's brightness.",
+    )
+    data.add_argument(
         "--attribute_loss_weight",
         type=float,
         default=0.0,
@@ -751,6 +777,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("object_text_fraction", "hard_negative_fraction", "grayscale_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ValueError(f"`--{name}` must lie in [0, 1], got {getattr(args, name)}.")
+    if args.random_gray_levels and not args.grayscale_fraction:
+        raise ValueError("`--random_gray_levels` paints grayscale pairs: it needs `--grayscale_fraction` > 0.")
     if args.train_batch_size < 2:
         raise ValueError("`--train_batch_size` must be at least 2: contrastive learning needs negatives.")
     if not args.attribute_loss_weight >= 0.0:
@@ -818,6 +846,7 @@ def build_datasets(
         object_text_fraction=args.object_text_fraction,
         hard_negative_fraction=args.hard_negative_fraction,
         grayscale_fraction=args.grayscale_fraction,
+        random_gray_levels=args.random_gray_levels,
         exclude_heldout=not args.include_heldout,
     )
     if eval_pairs is not None:

@@ -43,6 +43,9 @@ _SUPERSAMPLE = 4
 # Object radius as a fraction of the image width: in a scene (slot width is 1/3) and alone in an object image.
 _SCENE_RADIUS = 0.13
 _OBJECT_IMAGE_RADIUS = 0.32
+# Gray levels of the backgrounds: plain, and the two of every texture.
+_PLAIN_LEVEL = 160
+_TEXTURE_LEVELS = (120, 200)
 
 
 def _check_name(value: Any, vocabulary: tuple[str, ...], argument: str) -> str:
@@ -329,11 +332,17 @@ def _check_size(size: Any) -> int:
 
 
 @lru_cache(maxsize=32)
+def background_levels(background: str) -> tuple[int, ...]:
+    """The gray levels a background is painted in (every background is gray)."""
+    _check_name(background, BACKGROUNDS, "background")
+    return (_PLAIN_LEVEL,) if background == "plain" else _TEXTURE_LEVELS
+
+
 def _background_array(background: str, size: int) -> np.ndarray:
     """The background texture at supersampled resolution, (S, S, 3) uint8, read-only (cached; callers copy it)."""
     full = size * _SUPERSAMPLE
     if background == "plain":
-        array = np.full((full, full, 3), 160, dtype=np.uint8)
+        array = np.full((full, full, 3), _PLAIN_LEVEL, dtype=np.uint8)
     else:
         yy, xx = np.mgrid[0:full, 0:full].astype(np.float64) / full  # coordinates in [0, 1)
         if background == "striped":  # diagonal stripes, 8 periods across the image
@@ -345,7 +354,8 @@ def _background_array(background: str, size: int) -> np.ndarray:
             mask = (np.floor(xx * 6) + np.floor(yy * 6)) % 2 == 1
         else:
             raise ValueError(f"Unknown background {background!r}.")
-        array = np.where(mask[..., None], np.uint8(120), np.uint8(200)).astype(np.uint8)
+        dark, light = _TEXTURE_LEVELS
+        array = np.where(mask[..., None], np.uint8(dark), np.uint8(light)).astype(np.uint8)
         array = np.repeat(array, 3, axis=2)
     array.setflags(write=False)
     return array
@@ -381,8 +391,9 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> Optional[list[
     raise ValueError(f"Unknown shape {shape!r}.")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float) -> None:
-    fill = COLOUR_RGB[colour]
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, fill: tuple[int, int, int], cx: float, cy: float, r: float
+) -> None:
     polygon = _shape_polygon(shape, cx, cy, r)
     if polygon is None:
         draw.ellipse([cx - r * 0.95, cy - r * 0.95, cx + r * 0.95, cy + r * 0.95], fill=fill)
@@ -394,12 +405,34 @@ def _finish(canvas: Image.Image, size: int) -> Image.Image:
     return canvas.resize((size, size), resample=Image.Resampling.BOX)
 
 
-def render_scene(scene: Scene, size: int = 64) -> Image.Image:
+def _check_fills(fills: Mapping[str, Any], scene: "Scene") -> dict[str, tuple[int, int, int]]:
+    if not isinstance(fills, Mapping):
+        raise TypeError(f"`fills` must be a mapping from slot to an RGB triple, got {type(fills).__name__}.")
+    occupied = [obj.slot for obj in scene.objects]
+    checked = {}
+    for slot, rgb in fills.items():
+        if slot not in occupied:
+            raise ValueError(f"`fills` names slot {slot!r}, which holds no object of the scene (occupied: {occupied}).")
+        if (
+            not isinstance(rgb, (tuple, list))
+            or len(rgb) != 3
+            or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in rgb)
+        ):
+            raise ValueError(f"`fills[{slot!r}]` must be three integers in [0, 255], got {rgb!r}.")
+        checked[slot] = tuple(int(v) for v in rgb)
+    return checked
+
+
+def render_scene(
+    scene: Scene, size: int = 64, fills: Optional[Mapping[str, tuple[int, int, int]]] = None
+) -> Image.Image:
     """Render ``scene`` as an RGB image (deterministic; anti-aliased by supersampling and box filtering).
 
     Args:
         scene ([`Scene`]): the scene.
         size (`int`, defaults to 64): width and height in pixels (at least 16).
+        fills (`Mapping[str, tuple[int, int, int]]`, *optional*): an RGB fill per slot that replaces the colour of
+            the object there (e.g. gray levels for colour-free training renders); other objects keep their colours.
 
     Returns:
         `PIL.Image.Image`: an RGB ``size``×``size`` image.
@@ -407,12 +440,14 @@ def render_scene(scene: Scene, size: int = 64) -> Image.Image:
     if not isinstance(scene, Scene):
         raise TypeError(f"`scene` must be a Scene, got {type(scene).__name__}.")
     size = _check_size(size)
+    fills = {} if fills is None else _check_fills(fills, scene)
     full = size * _SUPERSAMPLE
     canvas = Image.fromarray(np.array(_background_array(scene.background, size)), mode="RGB")
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
         cx = (SLOTS.index(obj.slot) + 0.5) * full / len(SLOTS)
-        _draw_shape(draw, obj.shape, obj.colour, cx, full / 2, _SCENE_RADIUS * full)
+        fill = fills.get(obj.slot, COLOUR_RGB[obj.colour])
+        _draw_shape(draw, obj.shape, fill, cx, full / 2, _SCENE_RADIUS * full)
     return _finish(canvas, size)
 
 
@@ -432,7 +467,7 @@ def render_object(shape: str, colour: str, size: int = 64) -> Image.Image:
     size = _check_size(size)
     full = size * _SUPERSAMPLE
     canvas = Image.new("RGB", (full, full), NEUTRAL_RGB)
-    _draw_shape(ImageDraw.Draw(canvas), shape, colour, full / 2, full / 2, _OBJECT_IMAGE_RADIUS * full)
+    _draw_shape(ImageDraw.Draw(canvas), shape, COLOUR_RGB[colour], full / 2, full / 2, _OBJECT_IMAGE_RADIUS * full)
     return _finish(canvas, size)
 
 

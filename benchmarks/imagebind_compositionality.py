@@ -11,7 +11,8 @@ Every scene image of the dataset's splits is encoded by the image tower. Two mea
   joint space places an unseen combination where its description lands.
 - **reader**: a small MLP trained on the ``train`` scenes' embeddings to read the background and each slot's shape and
   colour (what the LLM and the decoder must do with an embedding), then applied to the other splits; the share of
-  scenes read exactly, and the accuracy per field.
+  scenes read exactly, the accuracy per field, and (``heldout_objects``) the share of objects in a held-out
+  shape/colour pair whose shape and colour are both read right.
 - with ``--patch_reader``, **patch reader**: the same, read from the vision trunk's patch tokens
   (`ImageBindModel.encode_image_patches`) by one learned query per field attending over them — what an LLM reading
   patch tokens (``MultimodalAdapter`` with ``image_patch_tokens``) could get out of them.
@@ -33,7 +34,8 @@ from transformers import CLIPTokenizer
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes.evaluate import open_image
-from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, Scene, attribute_labels
+from diffusers_any2pix.shapes.generate import HELDOUT_SHAPE_COLOUR
+from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, SLOTS, Scene, attribute_labels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -143,18 +145,35 @@ def train_reader(
     return reader.eval()
 
 
+def heldout_slots(scene: Scene) -> list[bool]:
+    """Per slot: whether it holds an object whose shape/colour pair is held out of training."""
+    held = {obj.slot for obj in scene.objects if (obj.shape, obj.colour) in HELDOUT_SHAPE_COLOUR}
+    return [slot in held for slot in SLOTS]
+
+
 @torch.no_grad()
 def reader_accuracy(
-    reader: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
+    reader: torch.nn.Module,
+    embeds: torch.Tensor,
+    labels: torch.Tensor,
+    heldout: torch.Tensor | None = None,
+    batch_size: int = 1024,
 ) -> dict:
-    """Scene-exact share and per-field accuracy."""
+    """Scene-exact share and per-field accuracy; with ``heldout`` (a (scenes, slots) mask of the slots to score, from
+    `heldout_slots`), ``heldout_objects``: the share of those slots whose shape and colour are both read right (`None`
+    when the mask is empty)."""
     predicted = []
     for start in range(0, len(embeds), batch_size):
         fields = reader(embeds[start : start + batch_size])
         predicted.append(torch.stack([field.argmax(dim=-1) for field in fields], -1))
     correct = torch.cat(predicted).eq(labels)
     per_field = dict(zip(ATTRIBUTE_FIELDS, correct.float().mean(0).tolist()))
-    return {"exact": correct.all(dim=-1).float().mean().item(), **per_field}
+    result = {"exact": correct.all(dim=-1).float().mean().item(), **per_field}
+    if heldout is not None:
+        # Fields after the background: shape and colour of each slot in turn.
+        objects = correct[:, 1:].view(len(correct), len(SLOTS), 2).all(dim=-1)
+        result["heldout_objects"] = objects[heldout].float().mean().item() if heldout.any() else None
+    return result
 
 
 def main(argv=None) -> dict:
@@ -166,10 +185,12 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.data, split, "scenes.json"), encoding="utf-8") as f:
             entries = json.load(f)
         paths = [os.path.join(args.data, entry["path"]) for entry in entries]
-        labels = torch.tensor([attribute_labels(Scene.from_dict(entry["scene"])) for entry in entries])
+        scenes = [Scene.from_dict(entry["scene"]) for entry in entries]
+        labels = torch.tensor([attribute_labels(scene) for scene in scenes])
+        heldout = torch.tensor([heldout_slots(scene) for scene in scenes], dtype=torch.bool).view(len(scenes), -1)
         embeds, patches = encode_scene_images(model, processor, paths, args.batch_size, args.patch_reader)
-        splits[split] = (embeds, labels, [e["caption"] for e in entries], patches)
-    captions = sorted({c for _, _, split_captions, _ in splits.values() for c in split_captions})
+        splits[split] = (embeds, labels, [e["caption"] for e in entries], patches, heldout)
+    captions = sorted({c for _, _, split_captions, _, _ in splits.values() for c in split_captions})
     caption_embeds = encode_captions(model, processor, captions, args.batch_size)
     position = {c: i for i, c in enumerate(captions)}
     # The reader sees unit vectors scaled up, as the pipeline conditions on norm-20 embeddings.
@@ -181,25 +202,29 @@ def main(argv=None) -> dict:
             train_patches, train_labels, args.reader_steps, args.batch_size, args.seed, reader_class=PatchReader
         )
     report = {"image_encoder": args.image_encoder, "data": args.data, "num_captions": len(captions), "splits": {}}
-    for split, (embeds, labels, split_captions, patches) in splits.items():
+    for split, (embeds, labels, split_captions, patches, heldout) in splits.items():
         own = torch.tensor([position[c] for c in split_captions])
         report["splits"][split] = {
             "num_scenes": len(embeds),
+            "num_heldout_objects": int(heldout.sum()),
             "retrieval": retrieval_accuracy(embeds, own, caption_embeds),
-            "reader": reader_accuracy(reader, embeds * 20.0, labels),
+            "reader": reader_accuracy(reader, embeds * 20.0, labels, heldout),
         }
         if patch_reader is not None:
-            report["splits"][split]["patch_reader"] = reader_accuracy(patch_reader, patches, labels)
+            report["splits"][split]["patch_reader"] = reader_accuracy(patch_reader, patches, labels, heldout)
     print(f"ImageBind compositionality ({args.image_encoder}); retrieval among {len(captions)} captions")
     header = " ".join(f"{f:>13s}" for f in ATTRIBUTE_FIELDS)
-    print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  {header}")
+    print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  {header}  held-out objects")
     for split, r in report["splits"].items():
         for name in ("reader", "patch_reader"):
             if name not in r:
                 continue
             fields = " ".join(f"{100 * r[name][f]:13.1f}" for f in ATTRIBUTE_FIELDS)
             first = f"{split:6s} {r['num_scenes']:6d} {100 * r['retrieval']:9.1f}" if name == "reader" else " " * 23
-            print(f"{first} {100 * r[name]['exact']:7.1f}  {fields}" + ("  (patch tokens)" if name != "reader" else ""))
+            held = r[name]["heldout_objects"]
+            held = f"{100 * held:5.1f} % of {r['num_heldout_objects']}" if held is not None else "    —"
+            line = f"{first} {100 * r[name]['exact']:7.1f}  {fields}  {held}"
+            print(line + ("  (patch tokens)" if name != "reader" else ""))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

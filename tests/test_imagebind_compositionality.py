@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_any2pix.models.imagebind import ImageBindModel
-from diffusers_any2pix.shapes import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, generate_dataset
+from diffusers_any2pix.shapes import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, Scene, generate_dataset
 from diffusers_any2pix.testing_utils import TINY_IMAGEBIND_CONFIG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +57,31 @@ def test_reader_learns_a_linear_code_and_is_seeded():
         assert torch.equal(a, b)
 
 
+def test_heldout_objects_score_only_the_masked_slots_shape_and_colour():
+    class Fixed(torch.nn.Module):  # "reads" the given predictions
+        def forward(self, predictions):
+            one_hot = torch.nn.functional.one_hot
+            return tuple(one_hot(predictions[:, k], n).float() for k, n in enumerate(ATTRIBUTE_CLASSES))
+
+    labels = torch.tensor([[0, 1, 1, 2, 2, 3, 3], [1, 1, 1, 2, 2, 3, 3]])
+    predicted = labels.clone()
+    predicted[0, 1] = 4  # scene 0: left shape wrong
+    predicted[1, 4] = 5  # scene 1: middle colour wrong
+    predicted[1, 0] = 0  # scene 1: background wrong (not an object: does not count)
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    result = bench.reader_accuracy(Fixed(), predicted, labels, mask)
+    # Masked slots: (0, left) wrong, (0, middle) right, (1, middle) wrong, (1, right) right.
+    assert result["heldout_objects"] == 0.5 and result["exact"] == 0.0
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    assert bench.reader_accuracy(Fixed(), predicted, labels, none)["heldout_objects"] is None
+    assert "heldout_objects" not in bench.reader_accuracy(Fixed(), predicted, labels)
+    scene = Scene.from_dict(
+        {"background": "plain", "objects": [{"shape": "circle", "colour": "purple", "slot": "right"},
+                                            {"shape": "circle", "colour": "red", "slot": "left"}]}
+    )  # fmt: skip
+    assert bench.heldout_slots(scene) == [False, False, True]
+
+
 def test_patch_reader_reads_a_code_spread_over_patches_and_is_seeded():
     generator = torch.Generator().manual_seed(0)
     labels = torch.stack([torch.randint(0, n, (200,), generator=generator) for n in ATTRIBUTE_CLASSES], dim=-1)
@@ -84,6 +109,9 @@ def test_main_reports_every_split_and_writes_json(setup, tmp_path, capsys):
         scenes = json.load(open(setup / "data" / split / "scenes.json"))
         assert result["num_scenes"] == len(scenes)
         assert 0.0 <= result["retrieval"] <= 1.0 and 0.0 <= result["reader"]["exact"] <= 1.0
+        held = sum(bench.heldout_slots(Scene.from_dict(s["scene"])).count(True) for s in scenes)
+        assert result["num_heldout_objects"] == held and (held > 0) == (split == "test")
+        assert (result["reader"]["heldout_objects"] is None) == (held == 0)
     assert report["num_captions"] == len({s["caption"] for sp in ("train", "val", "test")
                                           for s in json.load(open(setup / "data" / sp / "scenes.json"))})  # fmt: skip
     assert json.loads((tmp_path / "r.json").read_text()) == report
@@ -93,7 +121,7 @@ def test_main_reports_every_split_and_writes_json(setup, tmp_path, capsys):
     # --patch_reader adds the patch-token reader's figures to every split, the rest unchanged.
     with_patches = bench.main(argv[:-2] + ["--patch_reader"])
     for split, result in with_patches["splits"].items():
-        assert set(result["patch_reader"]) == {"exact", *ATTRIBUTE_FIELDS}
+        assert set(result["patch_reader"]) == {"exact", "heldout_objects", *ATTRIBUTE_FIELDS}
         assert {k: v for k, v in result.items() if k != "patch_reader"} == report["splits"][split]
     assert "(patch tokens)" in capsys.readouterr().out
 

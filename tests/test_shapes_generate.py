@@ -24,6 +24,7 @@ from diffusers_any2pix.shapes import (
     Scene,
     SceneObject,
     attribute_labels,
+    background_levels,
     caption,
     parse_caption,
     render_object,
@@ -41,7 +42,10 @@ from diffusers_any2pix.shapes.generate import (
     main,
     media_key,
 )
-from diffusers_any2pix.shapes.world import COLOUR_RGB, SLOT_PHRASES
+from diffusers_any2pix.shapes.world import COLOUR_RGB, SLOT_PHRASES, _background_array
+
+
+_STAR_LEFT = Scene("plain", [SceneObject("star", "red", "left")])
 
 
 def _random_scenes(count, seed=0):
@@ -119,6 +123,11 @@ def test_scene_edits_return_new_scenes():
         (lambda: render_scene("a red star"), TypeError, "`scene` must be a Scene"),
         (lambda: shape_caption("a red star"), TypeError, "`scene` must be a Scene"),
         (lambda: attribute_labels("a red star"), TypeError, "`scene` must be a Scene"),
+        (lambda: render_scene(_random_scenes(1)[0], fills=[(1, 2, 3)]), TypeError, "`fills` must be a mapping"),
+        (lambda: render_scene(_STAR_LEFT, fills={"right": (1, 2, 3)}), ValueError, "holds no object"),
+        (lambda: render_scene(_STAR_LEFT, fills={"left": (1, 2)}), ValueError, r"`fills\['left'\]` must be three"),
+        (lambda: render_scene(_STAR_LEFT, fills={"left": (0, 0, 256)}), ValueError, "integers in \\[0, 255\\]"),
+        (lambda: background_levels("marble"), ValueError, "`background` must be one of"),
     ],
 )
 def test_world_rejects_bad_input(build, error, match):
@@ -144,6 +153,21 @@ def test_rendering_is_deterministic_and_shows_the_scene():
     assert tuple(empty_middle[32, 32]) == (160, 160, 160)
     obj = np.asarray(render_object("star", "green"))
     assert tuple(obj[0, 0]) == (255, 255, 255) and tuple(obj[32, 32]) == COLOUR_RGB["green"]
+    # The background texture is rendered once per (background, size) and reused.
+    before = _background_array.cache_info().hits
+    render_scene(scene)
+    assert _background_array.cache_info().hits == before + 1
+
+
+def test_fills_repaint_only_the_named_objects():
+    scene = Scene("checkered", [SceneObject("star", "red", "left"), SceneObject("circle", "blue", "right")])
+    pixels = np.asarray(render_scene(scene, fills={"left": (90, 90, 90)}))
+    assert tuple(pixels[32, 10]) == (90, 90, 90) and tuple(pixels[32, 53]) == COLOUR_RGB["blue"]
+    # Outside the repainted object nothing changes.
+    plain = np.asarray(render_scene(scene))
+    assert np.array_equal(pixels[:, 22:], plain[:, 22:])
+    assert background_levels("plain") == (160,) and background_levels("dotted") == (120, 200)
+    assert tuple(plain[32, 32]) in {(v, v, v) for v in background_levels("checkered")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

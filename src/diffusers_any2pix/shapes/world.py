@@ -331,13 +331,13 @@ def _check_size(size: Any) -> int:
     return size
 
 
-@lru_cache(maxsize=32)
 def background_levels(background: str) -> tuple[int, ...]:
     """The gray levels a background is painted in (every background is gray)."""
     _check_name(background, BACKGROUNDS, "background")
     return (_PLAIN_LEVEL,) if background == "plain" else _TEXTURE_LEVELS
 
 
+@lru_cache(maxsize=32)
 def _background_array(background: str, size: int) -> np.ndarray:
     """The background texture at supersampled resolution, (S, S, 3) uint8, read-only (cached; callers copy it)."""
     full = size * _SUPERSAMPLE

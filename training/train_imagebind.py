@@ -451,8 +451,9 @@ class ShapesWorldPairs(Dataset):
 
     def gray_fills(self, scene: Scene, rng: np.random.Generator) -> dict[str, tuple[int, int, int]]:
         """A random gray level per object of ``scene``, each at least `GRAY_LEVEL_MARGIN` from its background's."""
-        background = np.array(background_levels(scene.background))
-        levels = np.array([v for v in range(256) if np.abs(background - v).min() >= GRAY_LEVEL_MARGIN])
+        levels = np.arange(256)
+        distance = np.abs(levels[:, None] - np.array(background_levels(scene.background))).min(axis=1)
+        levels = levels[distance >= GRAY_LEVEL_MARGIN]
         return {obj.slot: (int(v),) * 3 for obj, v in zip(scene.objects, rng.choice(levels, len(scene.objects)))}
 
     def scene_pair(

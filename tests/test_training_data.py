@@ -398,6 +398,70 @@ def test_llm_dataset_context_noise_swaps_words_for_words_that_fit_their_place(so
         MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, answer_noise_source="x")
 
 
+SWAP_GROUPS = (("red", "green", "blue", "yellow"), ("circle", "square", "triangle", "star"))
+
+
+def test_llm_dataset_answer_swap_replaces_group_words_within_their_group(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    features = _features(source_data)
+    clean = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0)
+    swapped = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, answer_swap_words=SWAP_GROUPS)
+    group_of = {}
+    for group in SWAP_GROUPS:
+        ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in group]
+        group_of.update({i: set(ids) for i in ids})
+    changed = group_words = 0
+    for index in range(len(clean)):
+        a, b = clean[(2, index)], swapped[(2, index)]
+        ids, swapped_ids, n = _only_answer_inputs_differ(a, b)
+        for position, (old, new) in enumerate(zip(ids, swapped_ids)):
+            if position >= n and old in group_of:
+                group_words += 1
+                assert new in group_of[old]  # a word of the same group (itself included)
+                changed += old != new
+            else:
+                assert old == new, position  # nothing outside the groups moves
+        assert torch.equal(b["input_ids"], swapped[(2, index)]["input_ids"])  # deterministic
+    # Uniform over four words: about three in four group words change.
+    assert group_words > 20 and 0.5 < changed / group_words < 0.95
+    # At probability 0 nothing changes; the swap draws from its own generator, so answer noise is unaffected by it.
+    off = MMInstLLMDataset(
+        examples, features, tokenizer, token_ids, seed=0, answer_swap_words=SWAP_GROUPS, answer_swap_prob=0.0
+    )
+    noisy = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, answer_noise_prob=0.5)
+    both = MMInstLLMDataset(
+        examples, features, tokenizer, token_ids, seed=0, answer_noise_prob=0.5, answer_swap_words=SWAP_GROUPS
+    )
+    for index in range(len(clean)):
+        assert torch.equal(off[(2, index)]["input_ids"], clean[(2, index)]["input_ids"])
+        ids, noisy_ids, both_ids = (
+            clean[(2, index)]["input_ids"].tolist(), noisy[(2, index)]["input_ids"], both[(2, index)]["input_ids"]
+        )
+        keep = [p for p, t in enumerate(ids) if t not in group_of]
+        assert torch.equal(noisy_ids[keep], both_ids[keep])
+
+
+@pytest.mark.parametrize(
+    "groups, prob, message",
+    [
+        ("red,green", 1.0, "`answer_swap_words` must be a sequence of word groups"),
+        (["red", "green"], 1.0, "`answer_swap_words` must be a sequence of word groups"),
+        ([["red"]], 1.0, r"`answer_swap_words`: each group needs at least two words, got \['red'\]"),
+        ([["red", "zebra"]], 1.0, r"`answer_swap_words`: 'zebra' must be one plain token of the LLM's tokenizer"),
+        ([["red", "<video>"]], 1.0, r"`answer_swap_words`: '<video>' must be one plain token"),
+        ([["red", "blue"], ["blue", "star"]], 1.0, r"`answer_swap_words`: 'blue' is listed twice"),
+        ([["red", "blue"]], -0.1, r"`answer_swap_prob` must lie in \[0, 1\], got -0.1"),
+    ],
+)
+def test_llm_dataset_answer_swap_errors(source_data, examples, tokenizer, groups, prob, message):
+    tokenizer, token_ids = tokenizer
+    with pytest.raises(ValueError, match=message):
+        MMInstLLMDataset(
+            examples, _features(source_data), tokenizer, token_ids, seed=0, answer_swap_words=groups,
+            answer_swap_prob=prob,
+        )  # fmt: skip
+
+
 def test_llm_dataset_reproduce_samples_ask_for_the_unchanged_base(source_data, examples, tokenizer):
     tokenizer, token_ids = tokenizer
     features = _features(source_data)

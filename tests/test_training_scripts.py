@@ -634,6 +634,7 @@ def test_train_llm_from_scratch_with_a_word_level_tokenizer(workspace, tmp_path)
         out, "--llm_config", str(config), "--embed_dim", "16", "--data_dir", workspace["data"],
         "--max_train_steps", "2", "--train_batch_size", "2", "--learning_rate", "1e-3",
         "--answer_noise_prob", "0.2", "--reproduce_prob", "0.5",  # the ShapesWorld build's auxiliary sampling
+        "--answer_swap_words", "red,orange,yellow,green,blue,purple", "circle, square,triangle,star,cross",
     )  # fmt: skip
     summary = train_llm.main(argv)
     assert summary["global_step"] == 2 and summary["final_logs"]["embedding_loss"] > 0

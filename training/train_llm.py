@@ -118,6 +118,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "same word elsewhere in the answers (after 'a', every colour), so no word can rule out the one after it.",
     )
     extra.add_argument(
+        "--answer_swap_words",
+        nargs="+",
+        default=[],
+        metavar="WORD,WORD,...",
+        help="Groups of interchangeable answer words, one comma-separated group per value (e.g. the colours, the\n"
+        "shapes): in the teacher-forced input a word of a group is replaced, with --answer_swap_prob, by a uniform draw\n"
+        "from its group (labels keep the true answer), so the word just written cannot steer the next one.",
+    )
+    extra.add_argument(
+        "--answer_swap_prob", type=float, default=1.0, help="Chance of each --answer_swap_words replacement."
+    )
+    extra.add_argument(
         "--reproduce_prob",
         type=float,
         default=0.0,
@@ -402,6 +414,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         caption_text_prob=args.caption_text_prob,
         answer_noise_prob=args.answer_noise_prob,
         answer_noise_source=args.answer_noise_source,
+        answer_swap_words=[[w.strip() for w in group.split(",") if w.strip()] for group in args.answer_swap_words],
+        answer_swap_prob=args.answer_swap_prob,
         reproduce_prob=args.reproduce_prob,
         image_patch_tokens=model.mm_adapter.config.image_patch_tokens,
     )

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -724,6 +725,15 @@ class MMInstLLMDataset(Dataset):
             ``"context"``, the words that follow the same word anywhere in the records' answers (after "a", every
             colour), so a caption word is swapped for one that fits its place. A shape then follows colour words it
             was never seen with, and the LLM cannot learn to rule a shape out from the colour word before it.
+        answer_swap_words (`Sequence[Sequence[str]]`, defaults to ``()``):
+            Groups of interchangeable words (e.g. the colours; the shapes), each word one token of ``tokenizer``
+            and in one group only. In the teacher-forced input, an answer word of a group is replaced, with
+            probability `answer_swap_prob`, by a word drawn uniformly from its group (itself included); ``labels``
+            keep the true answer. At 1.0 the word the LLM has just written tells it nothing about the true one, so
+            no word of the group can steer the next one (a colour word cannot rule out the shapes it was never seen
+            with): what follows has to be read from the instruction and its media. Applied after
+            `answer_noise_prob`, to the positions whose true word is in a group, with a generator of its own.
+        answer_swap_prob (`float`, defaults to 1.0): see `answer_swap_words`; no effect without groups.
     """
 
     def __init__(
@@ -741,12 +751,15 @@ class MMInstLLMDataset(Dataset):
         reproduce_prob: float = 0.0,
         image_patch_tokens: int = 0,
         answer_noise_source: str = "answer",
+        answer_swap_words: Sequence[Sequence[str]] = (),
+        answer_swap_prob: float = 1.0,
     ):
         for name, value in (
             ("base_drop_prob", base_drop_prob),
             ("caption_text_prob", caption_text_prob),
             ("answer_noise_prob", answer_noise_prob),
             ("reproduce_prob", reproduce_prob),
+            ("answer_swap_prob", answer_swap_prob),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
@@ -772,6 +785,49 @@ class MMInstLLMDataset(Dataset):
             raise ValueError(f"`answer_noise_source` must be one of {ANSWER_NOISE_SOURCES}, got {answer_noise_source!r}.")
         self.answer_noise_source = answer_noise_source
         self._followers = self._answer_followers() if answer_noise_prob > 0 and answer_noise_source == "context" else {}
+        self.answer_swap_prob = answer_swap_prob
+        self._swap_groups = self._swap_group_ids(answer_swap_words)
+
+    def _swap_group_ids(self, groups: Sequence[Sequence[str]]) -> dict[int, list[int]]:
+        """Maps each token id of `answer_swap_words` to the ids of its group, checking every word is one plain token
+        of the tokenizer and in one group only."""
+        if isinstance(groups, str) or any(isinstance(group, str) for group in groups):
+            raise ValueError(f"`answer_swap_words` must be a sequence of word groups (lists of words), got {groups!r}.")
+        swap: dict[int, list[int]] = {}
+        for group in groups:
+            if len(group) < 2:
+                raise ValueError(f"`answer_swap_words`: each group needs at least two words, got {list(group)!r}.")
+            ids = []
+            for word in group:
+                encoded = self._encode(word)
+                if len(encoded) != 1 or encoded[0] in self._protected_ids or encoded[0] == self.tokenizer.unk_token_id:
+                    raise ValueError(
+                        f"`answer_swap_words`: {word!r} must be one plain token of the LLM's tokenizer, it encodes "
+                        f"to {encoded}."
+                    )
+                if encoded[0] in swap or encoded[0] in ids:
+                    raise ValueError(f"`answer_swap_words`: {word!r} is listed twice.")
+                ids.append(encoded[0])
+            swap.update({i: ids for i in ids})
+        return swap
+
+    def _swap_answer_words(
+        self, noisy: list[int], true_ids: list[int], prompt_length: int, keep: list[int], rng: np.random.Generator
+    ) -> list[int]:
+        """``noisy`` with the answer positions whose true word is in an `answer_swap_words` group replaced, each with
+        probability ``answer_swap_prob``, by a uniform draw from that group."""
+        keep = set(keep)
+        positions = [p for p in range(prompt_length, len(true_ids)) if true_ids[p] in self._swap_groups and p not in keep]
+        if not positions:
+            return noisy
+        chosen = rng.random(len(positions)) < self.answer_swap_prob
+        draws = rng.random(len(positions))
+        swapped = list(noisy)
+        for position, swap, draw in zip(positions, chosen, draws):
+            if swap:
+                group = self._swap_groups[true_ids[position]]
+                swapped[position] = group[int(draw * len(group))]
+        return swapped
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -869,9 +925,13 @@ class MMInstLLMDataset(Dataset):
             target_positions.append(position)
 
         labels = [IGNORE_INDEX] * prompt_length + full_ids[prompt_length:]
+        true_ids = full_ids
         if self.answer_noise_prob > 0:
             rng = np.random.default_rng([self.seed, epoch, index, 1])
             full_ids = self._corrupt_answer(full_ids, prompt_length, target_positions, rng)
+        if self._swap_groups and self.answer_swap_prob > 0:
+            rng = np.random.default_rng([self.seed, epoch, index, 3])
+            full_ids = self._swap_answer_words(full_ids, true_ids, prompt_length, target_positions, rng)
         inputs = [self.features.load(c, where) for c in sample.input_captions]
         targets = [self.features.load(c, where) for _, c in sample.targets]
         embed_dim = self.features.embed_dim or targets[0].numel()

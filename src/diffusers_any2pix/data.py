@@ -24,8 +24,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -792,7 +792,9 @@ class MMInstLLMDataset(Dataset):
         """Maps each token id of `answer_swap_words` to the ids of its group, checking every word is one plain token
         of the tokenizer and in one group only."""
         if isinstance(groups, str) or any(isinstance(group, str) for group in groups):
-            raise ValueError(f"`answer_swap_words` must be a sequence of word groups (lists of words), got {groups!r}.")
+            raise ValueError(
+                f"`answer_swap_words` must be a sequence of word groups (lists of words), got {groups!r}."
+            )
         swap: dict[int, list[int]] = {}
         for group in groups:
             if len(group) < 2:
@@ -800,7 +802,8 @@ class MMInstLLMDataset(Dataset):
             ids = []
             for word in group:
                 encoded = self._encode(word)
-                if len(encoded) != 1 or encoded[0] in self._protected_ids or encoded[0] == self.tokenizer.unk_token_id:
+                plain = len(encoded) == 1 and encoded[0] not in self._protected_ids
+                if not plain or encoded[0] == self.tokenizer.unk_token_id:
                     raise ValueError(
                         f"`answer_swap_words`: {word!r} must be one plain token of the LLM's tokenizer, it encodes "
                         f"to {encoded}."
@@ -817,7 +820,9 @@ class MMInstLLMDataset(Dataset):
         """``noisy`` with the answer positions whose true word is in an `answer_swap_words` group replaced, each with
         probability ``answer_swap_prob``, by a uniform draw from that group."""
         keep = set(keep)
-        positions = [p for p in range(prompt_length, len(true_ids)) if true_ids[p] in self._swap_groups and p not in keep]
+        positions = [
+            p for p in range(prompt_length, len(true_ids)) if true_ids[p] in self._swap_groups and p not in keep
+        ]
         if not positions:
             return noisy
         chosen = rng.random(len(positions)) < self.answer_swap_prob

@@ -300,6 +300,27 @@ def test_attribute_loss_averages_over_the_labels_read():
         train_imagebind.attribute_loss(logits, labels[:, :1])
 
 
+def test_attribute_heads_read_the_scaled_embedding():
+    encoder = ImageBindModel.from_config(TINY_CONFIG).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unit = train_imagebind.ImageBindWithAttributeHeads(encoder)
+    scaled = train_imagebind.ImageBindWithAttributeHeads(encoder, embed_scale=20)
+    scaled.attribute_heads.load_state_dict(unit.attribute_heads.state_dict())
+    pixels = torch.randn(2, 3, TINY_CONFIG["vision_image_size"], TINY_CONFIG["vision_image_size"])
+    with torch.no_grad():
+        output, unit_logits = unit(pixels)
+        _, scaled_logits = scaled(pixels)
+    assert [t.shape for t in scaled_logits] == [(2, n) for n in ATTRIBUTE_CLASSES]
+    heads = unit.attribute_heads
+    expected = (20 * output.image_embeds @ heads.weight.T + heads.bias).split(ATTRIBUTE_CLASSES, dim=-1)
+    for got, want, base in zip(scaled_logits, expected, unit_logits):
+        assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base)
+    for bad in (0, -1.0, True, "20"):
+        with pytest.raises(ValueError, match="`embed_scale` must be a positive number"):
+            train_imagebind.ImageBindWithAttributeHeads(encoder, embed_scale=bad)
+
+
 def test_attribute_loss_trains_the_embedding_and_saves_a_plain_encoder(tmp_path, config_file):
     plain = train_imagebind.main(_argv(tmp_path / "plain", config_file, "--max_train_steps", "2"))
     argv = _argv(tmp_path / "heads", config_file, "--attribute_loss_weight", "1.0")
@@ -321,6 +342,12 @@ def test_attribute_loss_trains_the_embedding_and_saves_a_plain_encoder(tmp_path,
     assert resumed["global_step"] == 4
     for name, value in _weights(tmp_path / "heads2" / "image_encoder").items():
         assert torch.equal(value, heads[name]), name
+    # Heads reading the embedding at norm 20 train the tower differently.
+    train_imagebind.main(
+        argv[:1] + [str(tmp_path / "scaled")] + argv[2:] + ["--max_train_steps", "2", "--attribute_embed_scale", "20"]
+    )  # fmt: skip
+    scaled = _weights(tmp_path / "scaled" / "image_encoder")
+    assert any(not torch.equal(scaled[k], two[k]) for k in scaled if k.startswith("vision_"))
 
 
 @pytest.fixture(scope="module")
@@ -440,6 +467,8 @@ def test_bind_audio_only_on_jsonl_pairs_keeps_the_other_towers(tmp_path, pairs_f
         (["--attribute_loss_weight", "-1"], "attribute_loss_weight` must be >= 0"),
         (["--attribute_loss_weight", "1", "--train_data", "."], "needs ShapesWorld rendered on the fly"),
         (["--attribute_loss_weight", "1", "--trainable_modalities", "audio"], "add `vision`"),
+        (["--attribute_loss_weight", "1", "--attribute_embed_scale", "0"], "attribute_embed_scale` must be > 0"),
+        (["--attribute_embed_scale", "20"], "needs `--attribute_loss_weight` > 0"),
     ],
 )
 def test_bad_arguments(tmp_path, config_file, extra, match):

@@ -27,7 +27,8 @@ cross-entropy of linear read-outs of the scene's attributes (background, each sl
 `diffusers_any2pix.shapes.ATTRIBUTE_FIELDS`) from the image embedding. Contrastive pairs alone never ask the
 embedding of a scene to be a sum of its parts; one linear head per attribute does, which is what an embedding needs to
 place combinations it never saw (measured in ``benchmarks/imagebind_compositionality.py``). The heads are dropped
-after training: the saved encoder is a plain `ImageBindModel`.
+after training: the saved encoder is a plain `ImageBindModel`. ``--attribute_embed_scale S`` has the heads read S times
+the unit-norm embedding (a linear head on a unit vector stays soft under weight decay).
 
 Binding a new modality on real data: start from a trained encoder (``--pretrained_image_encoder``, e.g. Meta's
 checkpoint converted with `ImageBindModel.from_meta_checkpoint` and saved, or ``--pipeline``), give (image, x) pairs
@@ -284,18 +285,27 @@ class ImageBindWithAttributeHeads(torch.nn.Module):
     Args:
         encoder ([`ImageBindModel`]): the model being trained.
         num_classes (`Sequence[int]`, defaults to `ATTRIBUTE_CLASSES`): classes of each attribute.
+        embed_scale (`float`, defaults to 1.0): the heads read ``embed_scale`` times the (unit-norm) image embedding.
+            On a unit vector a linear head is only confident with large weights, which weight decay holds back, so
+            the read-out stays soft; at the norm the pipeline feeds the LLM (20) it can be exact.
     """
 
-    def __init__(self, encoder: ImageBindModel, num_classes: Sequence[int] = ATTRIBUTE_CLASSES):
+    def __init__(
+        self, encoder: ImageBindModel, num_classes: Sequence[int] = ATTRIBUTE_CLASSES, embed_scale: float = 1.0
+    ):
         super().__init__()
+        if isinstance(embed_scale, bool) or not isinstance(embed_scale, (int, float)) or not embed_scale > 0:
+            raise ValueError(f"`embed_scale` must be a positive number, got {embed_scale!r}.")
         self.encoder = encoder
         self.num_classes = tuple(num_classes)
+        self.embed_scale = float(embed_scale)
         self.attribute_heads = torch.nn.Linear(encoder.config.out_embed_dim, sum(self.num_classes))
 
     def forward(self, pixel_values: torch.Tensor, **inputs) -> tuple[Any, tuple[torch.Tensor, ...]]:
         """The encoder's output and one ``(N, num_classes[k])`` logits tensor per attribute of the N images."""
         output = self.encoder(pixel_values=pixel_values, **inputs)
-        return output, self.attribute_heads(output.image_embeds.float()).split(self.num_classes, dim=-1)
+        logits = self.attribute_heads(output.image_embeds.float() * self.embed_scale)
+        return output, logits.split(self.num_classes, dim=-1)
 
 
 def attribute_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -760,6 +770,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="Weight of the attribute read-out loss on the image embedding (on-the-fly ShapesWorld; see above).",
     )
+    data.add_argument(
+        "--attribute_embed_scale",
+        type=float,
+        default=1.0,
+        help="The attribute read-outs read this multiple of the unit-norm image embedding (20: the LLM's input norm).",
+    )
     data.add_argument("--include_heldout", action="store_true", help="Also draw the generator's held-out combinations.")
     data.add_argument("--image_size", type=int, default=64, help="Render size of on-the-fly ShapesWorld images.")
     data.add_argument(
@@ -784,6 +800,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("`--train_batch_size` must be at least 2: contrastive learning needs negatives.")
     if not args.attribute_loss_weight >= 0.0:
         raise ValueError(f"`--attribute_loss_weight` must be >= 0, got {args.attribute_loss_weight}.")
+    if not args.attribute_embed_scale > 0.0:
+        raise ValueError(f"`--attribute_embed_scale` must be > 0, got {args.attribute_embed_scale}.")
+    if args.attribute_embed_scale != 1.0 and not args.attribute_loss_weight:
+        raise ValueError(
+            "`--attribute_embed_scale` scales the attribute read-outs: it needs `--attribute_loss_weight` > 0."
+        )
     if args.attribute_loss_weight and args.train_data is not None:
         raise ValueError(
             "`--attribute_loss_weight` needs ShapesWorld rendered on the fly (no `--train_data`): only those pairs "
@@ -922,7 +944,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     dataset, eval_samples = build_datasets(args, processor, pairs, eval_pairs)
     trained = model
     if args.attribute_loss_weight:
-        trained = ImageBindWithAttributeHeads(model)
+        trained = ImageBindWithAttributeHeads(model, embed_scale=args.attribute_embed_scale)
         params = params + list(trained.attribute_heads.parameters())
     setup = training_utils.prepare_training(
         accelerator, args, trained, params, dataset, collate_fn=collate_pairs, tracker_name="train_imagebind"

@@ -17,6 +17,10 @@ Every scene image of the dataset's splits is encoded by the image tower. Two mea
   (`ImageBindModel.encode_image_patches`) by one learned query per field attending over them — what an LLM reading
   patch tokens (``MultimodalAdapter`` with ``image_patch_tokens``) could get out of them.
 
+- with ``--attribute_heads``, **attribute heads**: the linear read-outs `train_imagebind.py --attribute_loss_weight`
+  trained with the encoder (on scenes drawn on the fly, held-out combinations excluded), read from a training
+  checkpoint's ``model.safetensors``, applied to ``--attribute_embed_scale`` times the embedding as in training.
+
 On ``test`` every scene holds a combination held out of training (see `diffusers_any2pix.shapes.generate`), so the
 gap between ``val`` and ``test`` is the cost of unseen combinations. Prints a table; ``--output`` writes JSON.
 """
@@ -29,6 +33,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from diffusers_any2pix.models.imagebind import ImageBindModel
@@ -36,6 +41,9 @@ from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes.evaluate import open_image
 from diffusers_any2pix.shapes.generate import HELDOUT_SHAPE_COLOUR
 from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, SLOTS, Scene, attribute_labels
+
+# How each row of the table is marked: the reader it scores.
+SOURCE_NOTES = {"reader": "", "patch_reader": "  (patch tokens)", "attribute_heads": "  (attribute heads)"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reader_steps", type=int, default=3000)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--patch_reader", action="store_true", help="also train a reader of the patch tokens")
+    parser.add_argument(
+        "--attribute_heads",
+        default=None,
+        help="a train_imagebind checkpoint's model.safetensors (trained with --attribute_loss_weight): score its heads",
+    )
+    parser.add_argument(
+        "--attribute_embed_scale",
+        type=float,
+        default=1.0,
+        help="the --attribute_embed_scale the heads were trained with",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
@@ -54,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--splits must include train (the reader is trained on it).")
     if args.reader_steps < 1 or args.batch_size < 1:
         parser.error("--reader_steps and --batch_size must be positive.")
+    if not args.attribute_embed_scale > 0:
+        parser.error(f"--attribute_embed_scale must be positive, got {args.attribute_embed_scale}.")
+    if args.attribute_heads is not None and not os.path.isfile(args.attribute_heads):
+        parser.error(f"--attribute_heads {args.attribute_heads!r} is not a file (a checkpoint's model.safetensors).")
     for split in args.splits:
         if not os.path.isfile(os.path.join(args.data, split, "scenes.json")):
             parser.error(f"--data {args.data!r} has no {split}/scenes.json (generate it with shapes.generate).")
@@ -105,6 +128,39 @@ class SceneReader(torch.nn.Module):
 
     def forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(self.net(embeds), ATTRIBUTE_CLASSES, dim=-1)
+
+
+class AttributeHeads(torch.nn.Module):
+    """`train_imagebind.py`'s linear read-outs of every field (``--attribute_loss_weight``) on ``embed_scale`` times
+    an embedding.
+
+    Args:
+        weight (`torch.Tensor` of shape `(sum(ATTRIBUTE_CLASSES), embed_dim)`): the heads' weight.
+        bias (`torch.Tensor` of shape `(sum(ATTRIBUTE_CLASSES),)`): their bias.
+        embed_scale (`float`): the multiple of the unit-norm embedding they were trained on.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, embed_scale: float = 1.0):
+        super().__init__()
+        if weight.ndim != 2 or weight.shape[0] != sum(ATTRIBUTE_CLASSES) or bias.shape != weight.shape[:1]:
+            raise ValueError(
+                f"attribute heads must have a ({sum(ATTRIBUTE_CLASSES)}, embed_dim) weight and a matching bias, got "
+                f"{tuple(weight.shape)} and {tuple(bias.shape)}."
+            )
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        self.linear.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+        self.embed_scale = embed_scale
+
+    @classmethod
+    def from_checkpoint(cls, path: str, embed_scale: float = 1.0) -> "AttributeHeads":
+        """The heads in a `train_imagebind.py` checkpoint's ``model.safetensors`` (keys ``attribute_heads.*``)."""
+        weights = load_file(path)
+        if "attribute_heads.weight" not in weights:
+            raise ValueError(f"{path!r} holds no attribute heads (train with `--attribute_loss_weight`).")
+        return cls(weights["attribute_heads.weight"], weights["attribute_heads.bias"], embed_scale)
+
+    def forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(self.linear(embeds * self.embed_scale), ATTRIBUTE_CLASSES, dim=-1)
 
 
 class PatchReader(torch.nn.Module):
@@ -201,6 +257,9 @@ def main(argv=None) -> dict:
         patch_reader = train_reader(
             train_patches, train_labels, args.reader_steps, args.batch_size, args.seed, reader_class=PatchReader
         )
+    heads = None
+    if args.attribute_heads is not None:
+        heads = AttributeHeads.from_checkpoint(args.attribute_heads, args.attribute_embed_scale).eval()
     report = {"image_encoder": args.image_encoder, "data": args.data, "num_captions": len(captions), "splits": {}}
     for split, (embeds, labels, split_captions, patches, heldout) in splits.items():
         own = torch.tensor([position[c] for c in split_captions])
@@ -212,11 +271,13 @@ def main(argv=None) -> dict:
         }
         if patch_reader is not None:
             report["splits"][split]["patch_reader"] = reader_accuracy(patch_reader, patches, labels, heldout)
+        if heads is not None:
+            report["splits"][split]["attribute_heads"] = reader_accuracy(heads, embeds, labels, heldout)
     print(f"ImageBind compositionality ({args.image_encoder}); retrieval among {len(captions)} captions")
     header = " ".join(f"{f:>13s}" for f in ATTRIBUTE_FIELDS)
     print(f"{'split':6s} {'scenes':>6s} {'retrieval':>9s} {'reader':>7s}  {header}  held-out objects")
     for split, r in report["splits"].items():
-        for name in ("reader", "patch_reader"):
+        for name in ("reader", "patch_reader", "attribute_heads"):
             if name not in r:
                 continue
             fields = " ".join(f"{100 * r[name][f]:13.1f}" for f in ATTRIBUTE_FIELDS)
@@ -224,7 +285,7 @@ def main(argv=None) -> dict:
             held = r[name]["heldout_objects"]
             held = f"{100 * held:5.1f} % of {r['num_heldout_objects']}" if held is not None else "    —"
             line = f"{first} {100 * r[name]['exact']:7.1f}  {fields}  {held}"
-            print(line + ("  (patch tokens)" if name != "reader" else ""))
+            print(line + SOURCE_NOTES[name])
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.shapes import ATTRIBUTE_CLASSES, ATTRIBUTE_FIELDS, Scene, generate_dataset
@@ -126,12 +127,55 @@ def test_main_reports_every_split_and_writes_json(setup, tmp_path, capsys):
     assert "(patch tokens)" in capsys.readouterr().out
 
 
+def test_attribute_heads_read_the_scaled_embedding_from_a_checkpoint(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(sum(ATTRIBUTE_CLASSES), 8, generator=generator), torch.randn(sum(ATTRIBUTE_CLASSES))
+    save_file({"attribute_heads.weight": weight, "attribute_heads.bias": bias}, str(tmp_path / "model.safetensors"))
+    heads = bench.AttributeHeads.from_checkpoint(str(tmp_path / "model.safetensors"), embed_scale=20.0)
+    embeds = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    expected = (20.0 * embeds @ weight.T + bias).split(ATTRIBUTE_CLASSES, dim=-1)
+    for got, want in zip(heads(embeds), expected):
+        assert torch.allclose(got, want, atol=1e-5)
+    save_file({"encoder.w": weight}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="holds no attribute heads"):
+        bench.AttributeHeads.from_checkpoint(str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match=r"must have a \(43, embed_dim\) weight"):
+        bench.AttributeHeads(weight[:5], bias[:5])
+
+
+def test_main_scores_the_attribute_heads_of_a_training_checkpoint(setup, tmp_path, capsys):
+    # The layout of a train_imagebind checkpoint: the wrapped model's state, heads under `attribute_heads.`.
+    encoder = ImageBindModel.from_pretrained(str(setup / "image_encoder"))
+    wrapped = train_imagebind.ImageBindWithAttributeHeads(encoder, embed_scale=20.0)
+    save_file({k: v.contiguous() for k, v in wrapped.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    argv = [
+        "--image_encoder", str(setup / "image_encoder"), "--tokenizer", str(setup / "tokenizer"),
+        "--data", str(setup / "data"), "--reader_steps", "5", "--batch_size", "16",
+    ]  # fmt: skip
+    plain = bench.main(argv)
+    heads = ["--attribute_heads", str(tmp_path / "model.safetensors"), "--attribute_embed_scale", "20"]
+    scored = bench.main(argv + heads)
+    assert "(attribute heads)" in capsys.readouterr().out
+    processor = bench.ImageBindProcessor.for_model(encoder.eval(), tokenizer=bench.CLIPTokenizer.from_pretrained(
+        str(setup / "tokenizer")))  # fmt: skip
+    for split, result in scored["splits"].items():
+        assert {k: v for k, v in result.items() if k != "attribute_heads"} == plain["splits"][split]
+        scenes = json.loads((setup / "data" / split / "scenes.json").read_text())
+        embeds, _ = bench.encode_scene_images(encoder, processor, [str(setup / "data" / s["path"]) for s in scenes], 16)
+        logits = wrapped.attribute_heads(20.0 * embeds).split(ATTRIBUTE_CLASSES, dim=-1)
+        labels = torch.tensor([bench.attribute_labels(Scene.from_dict(s["scene"])) for s in scenes])
+        predicted = torch.stack([field.argmax(-1) for field in logits], -1)
+        assert result["attribute_heads"]["exact"] == pytest.approx(predicted.eq(labels).all(-1).float().mean().item())
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
         (["--splits", "val", "test"], "must include train"),
         (["--reader_steps", "0"], "must be positive"),
         (["--splits", "train", "nosuch"], "no nosuch/scenes.json"),
+        (["--attribute_heads", "nowhere.safetensors"], "is not a file"),
+        (["--attribute_embed_scale", "0"], "must be positive"),
     ],
 )
 def test_bad_arguments(setup, extra, match, capsys):

@@ -18,8 +18,9 @@ Every scene image of the dataset's splits is encoded by the image tower. Two mea
   patch tokens (``MultimodalAdapter`` with ``image_patch_tokens``) could get out of them.
 
 - with ``--attribute_heads``, **attribute heads**: the linear read-outs `train_imagebind.py --attribute_loss_weight`
-  trained with the encoder (on scenes drawn on the fly, held-out combinations excluded), read from a training
-  checkpoint's ``model.safetensors``, applied to ``--attribute_embed_scale`` times the embedding as in training.
+  trained with the encoder (on scenes drawn on the fly, held-out combinations excluded), from the
+  ``attribute_heads.safetensors`` it saves beside the encoder or from a training checkpoint's ``model.safetensors``
+  (applied to ``--attribute_embed_scale`` times the embedding, as in training).
 
 On ``test`` every scene holds a combination held out of training (see `diffusers_any2pix.shapes.generate`), so the
 gap between ``val`` and ``test`` is the cost of unseen combinations. Prints a table; ``--output`` writes JSON.
@@ -29,14 +30,15 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import CLIPTokenizer
 
 from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.models.mm_adapter import AttributeHeads
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes.evaluate import open_image
 from diffusers_any2pix.shapes.generate import HELDOUT_SHAPE_COLOUR
@@ -58,13 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--attribute_heads",
         default=None,
-        help="a train_imagebind checkpoint's model.safetensors (trained with --attribute_loss_weight): score its heads",
+        help="train_imagebind's attribute_heads.safetensors, or a checkpoint's model.safetensors (trained with "
+        "--attribute_loss_weight): score its heads",
     )
     parser.add_argument(
         "--attribute_embed_scale",
         type=float,
         default=1.0,
-        help="the --attribute_embed_scale the heads were trained with",
+        help="the --attribute_embed_scale the heads of a checkpoint were trained with (a heads file has its own)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON")
@@ -76,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.attribute_embed_scale > 0:
         parser.error(f"--attribute_embed_scale must be positive, got {args.attribute_embed_scale}.")
     if args.attribute_heads is not None and not os.path.isfile(args.attribute_heads):
-        parser.error(f"--attribute_heads {args.attribute_heads!r} is not a file (a checkpoint's model.safetensors).")
+        parser.error(f"--attribute_heads {args.attribute_heads!r} is not a file (attribute_heads.safetensors or a checkpoint's model.safetensors).")
     for split in args.splits:
         if not os.path.isfile(os.path.join(args.data, split, "scenes.json")):
             parser.error(f"--data {args.data!r} has no {split}/scenes.json (generate it with shapes.generate).")
@@ -130,37 +133,22 @@ class SceneReader(torch.nn.Module):
         return torch.split(self.net(embeds), ATTRIBUTE_CLASSES, dim=-1)
 
 
-class AttributeHeads(torch.nn.Module):
-    """`train_imagebind.py`'s linear read-outs of every field (``--attribute_loss_weight``) on ``embed_scale`` times
-    an embedding.
-
-    Args:
-        weight (`torch.Tensor` of shape `(sum(ATTRIBUTE_CLASSES), embed_dim)`): the heads' weight.
-        bias (`torch.Tensor` of shape `(sum(ATTRIBUTE_CLASSES),)`): their bias.
-        embed_scale (`float`): the multiple of the unit-norm embedding they were trained on.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, embed_scale: float = 1.0):
-        super().__init__()
-        if weight.ndim != 2 or weight.shape[0] != sum(ATTRIBUTE_CLASSES) or bias.shape != weight.shape[:1]:
-            raise ValueError(
-                f"attribute heads must have a ({sum(ATTRIBUTE_CLASSES)}, embed_dim) weight and a matching bias, got "
-                f"{tuple(weight.shape)} and {tuple(bias.shape)}."
-            )
-        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
-        self.linear.load_state_dict({"weight": weight.float(), "bias": bias.float()})
-        self.embed_scale = embed_scale
-
-    @classmethod
-    def from_checkpoint(cls, path: str, embed_scale: float = 1.0) -> "AttributeHeads":
-        """The heads in a `train_imagebind.py` checkpoint's ``model.safetensors`` (keys ``attribute_heads.*``)."""
-        weights = load_file(path)
-        if "attribute_heads.weight" not in weights:
+def load_attribute_heads(path: str, embed_scale: float = 1.0) -> AttributeHeads:
+    """``--attribute_heads``: ``attribute_heads.safetensors`` (saved by `train_imagebind.py` beside the encoder, its
+    scale inside), or a training checkpoint's ``model.safetensors`` (keys ``attribute_heads.*``; read at
+    ``embed_scale``)."""
+    with safe_open(path, framework="pt") as f:
+        if "num_classes" in (f.metadata() or {}):
+            return AttributeHeads.load(path)
+        if "attribute_heads.weight" not in f.keys():
             raise ValueError(f"{path!r} holds no attribute heads (train with `--attribute_loss_weight`).")
-        return cls(weights["attribute_heads.weight"], weights["attribute_heads.bias"], embed_scale)
-
-    def forward(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(self.linear(embeds * self.embed_scale), ATTRIBUTE_CLASSES, dim=-1)
+        weight, bias = f.get_tensor("attribute_heads.weight"), f.get_tensor("attribute_heads.bias")
+    if weight.ndim != 2 or weight.shape[0] != sum(ATTRIBUTE_CLASSES) or bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"attribute heads must have a ({sum(ATTRIBUTE_CLASSES)}, embed_dim) weight and a matching bias, got "
+            f"{tuple(weight.shape)} and {tuple(bias.shape)}."
+        )
+    return AttributeHeads(weight, bias, ATTRIBUTE_CLASSES, embed_scale)
 
 
 class PatchReader(torch.nn.Module):
@@ -209,7 +197,7 @@ def heldout_slots(scene: Scene) -> list[bool]:
 
 @torch.no_grad()
 def reader_accuracy(
-    reader: torch.nn.Module,
+    reader: Callable[[torch.Tensor], Sequence[torch.Tensor]],
     embeds: torch.Tensor,
     labels: torch.Tensor,
     heldout: torch.Tensor | None = None,
@@ -259,7 +247,7 @@ def main(argv=None) -> dict:
         )
     heads = None
     if args.attribute_heads is not None:
-        heads = AttributeHeads.from_checkpoint(args.attribute_heads, args.attribute_embed_scale).eval()
+        heads = load_attribute_heads(args.attribute_heads, args.attribute_embed_scale).logits
     report = {"image_encoder": args.image_encoder, "data": args.data, "num_captions": len(captions), "splits": {}}
     for split, (embeds, labels, split_captions, patches, heldout) in splits.items():
         own = torch.tensor([position[c] for c in split_captions])

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from diffusers_any2pix import InstructAny2PixPipeline
+from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
+from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("build_shapesworld", os.path.join(REPO, "training", "build_shapesworld.py"))
@@ -77,7 +79,7 @@ def _config_dir(root, text_decoder: bool = False) -> str:
         },
         "vae": {**steps, "resolution": 32, "channel_shuffle_prob": 0.5},
         "unet": {**steps, "use_ema": True},
-        "llm": {**steps, "embed_dim": EMBED},
+        "llm": {**steps, "embed_dim": EMBED, "attribute_reader": True},
         "prior": {**steps, "corrupted_image_pairs": True},
         "pipeline": {"save_dtype": "float16"},
         "evaluate": {"max_examples": 2, "probe_steps": 1},
@@ -114,6 +116,11 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
 
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.config.edit_defaults == TINY["edit_defaults.json"]
+    # `"attribute_reader": true`: the LLM reads every medium's fields through the heads the imagebind stage saved.
+    heads = AttributeHeads.load(str(work / "imagebind" / ATTRIBUTE_HEADS_FILE))
+    assert pipeline.mm_adapter.config.attribute_classes == list(heads.num_classes) == list(ATTRIBUTE_CLASSES)
+    expected = (heads.weight * (heads.embed_scale / 20.0)).half().float()  # the pipeline is stored in float16
+    assert torch.equal(pipeline.mm_adapter.attribute_reader.weight, expected)
     assert pipeline.scheduler.config.clip_sample is False
     # Stored in float16 (half the size), computed in float32.
     assert pipeline.unet.dtype == torch.float32

@@ -131,16 +131,23 @@ def test_attribute_heads_read_the_scaled_embedding_from_a_checkpoint(tmp_path):
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(sum(ATTRIBUTE_CLASSES), 8, generator=generator), torch.randn(sum(ATTRIBUTE_CLASSES))
     save_file({"attribute_heads.weight": weight, "attribute_heads.bias": bias}, str(tmp_path / "model.safetensors"))
-    heads = bench.AttributeHeads.from_checkpoint(str(tmp_path / "model.safetensors"), embed_scale=20.0)
+    heads = bench.load_attribute_heads(str(tmp_path / "model.safetensors"), embed_scale=20.0)
     embeds = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
     expected = (20.0 * embeds @ weight.T + bias).split(ATTRIBUTE_CLASSES, dim=-1)
-    for got, want in zip(heads(embeds), expected):
+    for got, want in zip(heads.logits(embeds), expected):
+        assert torch.allclose(got, want, atol=1e-5)
+    # The heads file train_imagebind saves beside the encoder carries its scale: the same read-out.
+    heads.save(str(tmp_path / "attribute_heads.safetensors"))
+    from_file = bench.load_attribute_heads(str(tmp_path / "attribute_heads.safetensors"), embed_scale=1.0)
+    assert from_file.embed_scale == 20.0 and torch.equal(from_file.weight, weight)
+    for got, want in zip(from_file.logits(embeds), expected):
         assert torch.allclose(got, want, atol=1e-5)
     save_file({"encoder.w": weight}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="holds no attribute heads"):
-        bench.AttributeHeads.from_checkpoint(str(tmp_path / "plain.safetensors"))
+        bench.load_attribute_heads(str(tmp_path / "plain.safetensors"))
+    save_file({"attribute_heads.weight": weight[:5], "attribute_heads.bias": bias[:5]}, str(tmp_path / "few.safetensors"))
     with pytest.raises(ValueError, match=r"must have a \(43, embed_dim\) weight"):
-        bench.AttributeHeads(weight[:5], bias[:5])
+        bench.load_attribute_heads(str(tmp_path / "few.safetensors"))
 
 
 def test_main_scores_the_attribute_heads_of_a_training_checkpoint(setup, tmp_path, capsys):

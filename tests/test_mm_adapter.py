@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
-from diffusers_any2pix.models.mm_adapter import MultimodalAdapter, rescale_to_norm
+from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads, MultimodalAdapter, rescale_to_norm
 from diffusers_any2pix.multimodal_llm import (
     MULTIMODAL_SPECIAL_TOKENS,
     EmbeddingPositions,
@@ -270,6 +270,146 @@ def test_adapter_save_load_round_trip(tmp_path):
         assert torch.equal(original[key], restored[key]), key
     e = media(2, seed=5)
     assert torch.equal(adapter.project(e), loaded.project(e))
+
+
+ATTRIBUTE_CLASSES = [3, 2, 4]
+
+
+def attribute_adapter(seed: int = 0, **config) -> MultimodalAdapter:
+    torch.manual_seed(seed)
+    return MultimodalAdapter(
+        embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, attribute_classes=ATTRIBUTE_CLASSES, **config
+    ).eval()
+
+
+def random_heads(seed: int = 0, embed_scale: float = 5.0, num_classes=ATTRIBUTE_CLASSES) -> AttributeHeads:
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(num_classes)
+    weight, bias = torch.randn(rows, EMBED_DIM, generator=g), torch.randn(rows, generator=g)
+    return AttributeHeads(weight, bias, tuple(num_classes), embed_scale)
+
+
+def test_attribute_tokens_are_each_fields_distribution_times_its_rows():
+    adapter = attribute_adapter()
+    assert (adapter.attribute_tokens, adapter.tokens_per_medium, adapter.tokens_per_image) == (3, 4, 4)
+    plain = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN)
+    assert (plain.attribute_tokens, plain.tokens_per_medium, plain.attribute_reader) == (0, 1, None)
+    e = media(5, seed=2)
+    assert torch.equal(plain.project_tokens(e), plain.project(e).unsqueeze(1))
+    probs = adapter.read_attributes(e)
+    assert [p.shape for p in probs] == [(5, 3), (5, 2), (5, 4)]
+    for p in probs:
+        torch.testing.assert_close(p.sum(-1), torch.ones(5))
+    # By hand: logits of the norm-20 vector, a softmax per field, each field's own rows of the embedding table.
+    logits = adapter.attribute_reader(rescale_to_norm(e, 20.0))
+    tokens = adapter.project_tokens(e)
+    assert tokens.shape == (5, 4, HIDDEN)
+    torch.testing.assert_close(tokens[:, 0], adapter.project(e))
+    table = adapter.attribute_embedding.weight
+    torch.testing.assert_close(tokens[:, 1], logits[:, :3].softmax(-1) @ table[:3])
+    torch.testing.assert_close(tokens[:, 2], logits[:, 3:5].softmax(-1) @ table[3:5])
+    torch.testing.assert_close(tokens[:, 3], logits[:, 5:].softmax(-1) @ table[5:])
+    # The norm of the input does not matter (it is rescaled), and each medium is read on its own.
+    torch.testing.assert_close(adapter.project_tokens(e * 7.0), tokens)
+    torch.testing.assert_close(adapter.project_tokens(e[2:3]), tokens[2:3])
+    with pytest.raises(ValueError, match="This adapter reads no attributes"):
+        plain.read_attributes(e)
+    with pytest.raises(ValueError, match="`media_embeds` must have embed_dim 8 as its last dimension"):
+        adapter.read_attributes(torch.randn(2, 9))
+    # With patch tokens too, an image takes the pooled token, the fields, then the patches.
+    both = attribute_adapter(image_patch_tokens=2, patch_embed_dim=6, resampler_hidden_size=16, resampler_heads=2)
+    assert (both.tokens_per_medium, both.tokens_per_image) == (4, 6)
+
+
+@pytest.mark.parametrize("classes", [[], [3, 1], [3, 2.0], [True, 3], (), "3,2"])
+def test_attribute_classes_errors(classes):
+    with pytest.raises(ValueError, match=r"`attribute_classes` must be a non-empty list of class counts \(integers"):
+        MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, attribute_classes=classes)
+
+
+def test_attribute_reader_loads_heads_at_their_scale_and_freezes(tmp_path):
+    heads = random_heads(embed_scale=5.0)
+    adapter = attribute_adapter()
+    adapter.load_attribute_reader(heads)
+    assert not any(p.requires_grad for p in adapter.attribute_reader.parameters())
+    assert adapter.attribute_embedding.weight.requires_grad and adapter.input_projector[0].weight.requires_grad
+    e = media(4, seed=3)
+    # The adapter reads the norm-20 vector; the heads were trained on norm 5: the same logits, the same softmax.
+    expected = [field.softmax(-1) for field in heads.logits(e)]
+    for got, want in zip(adapter.read_attributes(e), expected):
+        torch.testing.assert_close(got, want)
+    by_hand = rescale_to_norm(e, 5.0) @ heads.weight.T + heads.bias
+    torch.testing.assert_close(torch.cat(heads.logits(e), -1), by_hand)
+    # Saved and loaded with the pipeline component: bit-exact.
+    adapter.save_pretrained(tmp_path / "adapter")
+    loaded = MultimodalAdapter.from_pretrained(tmp_path / "adapter")
+    assert loaded.config.attribute_classes == ATTRIBUTE_CLASSES
+    assert torch.equal(loaded.project_tokens(e), adapter.project_tokens(e))
+    # The heads file round-trips exactly.
+    heads.save(str(tmp_path / ATTRIBUTE_HEADS_FILE))
+    again = AttributeHeads.load(str(tmp_path / ATTRIBUTE_HEADS_FILE))
+    assert torch.equal(again.weight, heads.weight) and torch.equal(again.bias, heads.bias)
+    assert (again.num_classes, again.embed_scale) == ((3, 2, 4), 5.0)
+
+
+def test_attribute_reader_errors(tmp_path):
+    adapter = attribute_adapter()
+    before = adapter.attribute_reader.weight.clone()
+    with pytest.raises(ValueError, match="This adapter reads no attributes"):
+        MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN).load_attribute_reader(random_heads())
+    with pytest.raises(TypeError, match="`heads` must be an AttributeHeads, got dict"):
+        adapter.load_attribute_reader({})
+    with pytest.raises(ValueError, match=r"The heads read fields of \(3, 4, 2\) classes but the adapter's"):
+        adapter.load_attribute_reader(random_heads(num_classes=[3, 4, 2]))
+    wide = AttributeHeads(torch.randn(9, EMBED_DIM + 1), torch.randn(9), (3, 2, 4), 5.0)
+    with pytest.raises(ValueError, match="The heads read 9-d embeddings but the adapter's `embed_dim` is 8"):
+        adapter.load_attribute_reader(wide)
+    for scale in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="`heads.embed_scale` must be a positive number"):
+            adapter.load_attribute_reader(random_heads(embed_scale=scale))
+    assert torch.equal(adapter.attribute_reader.weight, before)  # nothing loaded by the failed calls
+    assert adapter.attribute_reader.weight.requires_grad
+    with pytest.raises(ValueError, match="No attribute heads file at"):
+        AttributeHeads.load(str(tmp_path / "missing.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(9, 8)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="is not an attribute heads file: it needs tensors `weight` and `bias`"):
+        AttributeHeads.load(str(tmp_path / "bad.safetensors"))
+    save_file(
+        {"weight": torch.zeros(8, 8), "bias": torch.zeros(8)}, str(tmp_path / "rows.safetensors"),
+        metadata={"num_classes": "3,2,4", "embed_scale": "5.0"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"do not match num_classes \(3, 2, 4\) \(sum 9 rows\)"):
+        AttributeHeads.load(str(tmp_path / "rows.safetensors"))
+    save_file(
+        {"weight": torch.zeros(9, 8), "bias": torch.zeros(9)}, str(tmp_path / "meta.safetensors"),
+        metadata={"num_classes": "3,two,4", "embed_scale": "5.0"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unreadable metadata"):
+        AttributeHeads.load(str(tmp_path / "meta.safetensors"))
+
+
+def test_injection_with_attribute_tokens_fills_every_medium_in_order(setup):
+    tokenizer, llm, _, token_ids = setup
+    adapter = attribute_adapter(image_patch_tokens=1, patch_embed_dim=6, resampler_hidden_size=16, resampler_heads=2)
+    # Two media of 1 + 3 tokens, the second an image with patches: 1 + 3 + 1.
+    ids = tokenizer("a " + "<video>" * 4 + " b " + "<video>" * 5 + " c", add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    embeds = llm.get_input_embeddings()(input_ids)
+    vectors, patches = [media(2, seed=4)], torch.randn(5, 6)
+    out = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video, image_patches=[[None, patches]])
+    tokens, resampled = adapter.project_tokens(vectors[0]), adapter.resample_patches(patches[None])[0]
+    expected = [*tokens[0], *tokens[1], resampled[0]]
+    positions = (input_ids[0] == token_ids.video).nonzero().flatten().tolist()
+    assert len(positions) == len(expected) == 9
+    for position, vector in zip(positions, expected):
+        torch.testing.assert_close(out[0, position], embeds[0, position] + vector)
+    others = [p for p in range(len(ids)) if p not in positions]
+    assert torch.equal(out[0, others], embeds[0, others])
+    expected_error = r"contains 9 <video> tokens but `media_embeds\[0\]` has 2 embeddings and each takes 4 \(the pooled"
+    with pytest.raises(ValueError, match=expected_error + r" vector and 3 attribute tokens\)"):
+        inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video)
 
 
 # ----------------------------------------------------------------------------------------------- tokens

@@ -234,6 +234,34 @@ def test_image_patch_tokens_reach_the_llm(monkeypatch):
     assert pipe.llm_prompt(parsed) == build_vicuna_prompt("put " + "<video>" * 4 + " on " + "<video>" * 4)
 
 
+def test_attribute_tokens_reach_the_llm(monkeypatch, tmp_path):
+    """An adapter with attribute fields gives every medium, audio included, 1 + fields <video> tokens; the pipeline
+    saves and reloads it."""
+    components = tiny_pipeline_components("imagebind")
+    torch.manual_seed(0)
+    adapter = MultimodalAdapter.from_config(components["mm_adapter"].config, attribute_classes=[3, 2])
+    adapter.load_state_dict(components["mm_adapter"].state_dict(), strict=False)
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter.eval()})
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    real = pipeline_module.generate_with_media
+    monkeypatch.setattr(pipeline_module, "generate_with_media", lambda *a, **k: calls.append(k) or real(*a, **k))
+    out = run(pipe, "add [audio1] to [image1]", output_type="np")
+    assert calls[0]["prompts"] == [build_vicuna_prompt("add " + "<video>" * 3 + " to " + "<video>" * 3)]
+    assert calls[0]["image_patches"] is None and calls[0]["media_embeds"][0].shape == (2, TINY_EMBED_DIM)
+    # The field tokens are injected: another embedding table gives other hidden states, hence other embeddings.
+    with torch.no_grad():
+        pipe.mm_adapter.attribute_embedding.weight.mul_(-3.0)
+    changed = run(pipe, "add [audio1] to [image1]", output_type="np")
+    assert not torch.allclose(out.generation_embeds, changed.generation_embeds)
+    pipe.save_pretrained(tmp_path)
+    loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.mm_adapter.attribute_tokens == 2
+    again = run(loaded, "add [audio1] to [image1]", output_type="np")
+    assert np.array_equal(again.images, changed.images) and again.captions == changed.captions
+
+
 def test_patch_tokens_change_what_the_llm_sees():
     """The resampler's vectors are injected: another resampler gives other hidden states, hence other embeddings."""
     a = run(patch_pipe(), seed=0)

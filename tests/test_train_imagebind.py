@@ -12,6 +12,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import (
     ATTRIBUTE_CLASSES,
@@ -342,12 +343,19 @@ def test_attribute_loss_trains_the_embedding_and_saves_a_plain_encoder(tmp_path,
     assert resumed["global_step"] == 4
     for name, value in _weights(tmp_path / "heads2" / "image_encoder").items():
         assert torch.equal(value, heads[name]), name
+    # The trained heads are saved beside the encoder (for train_llm.py --attribute_reader); resumed, the same ones.
+    assert not (tmp_path / "plain" / ATTRIBUTE_HEADS_FILE).exists()
+    saved = AttributeHeads.load(str(tmp_path / "heads" / ATTRIBUTE_HEADS_FILE))
+    again = AttributeHeads.load(str(tmp_path / "heads2" / ATTRIBUTE_HEADS_FILE))
+    assert (saved.num_classes, saved.embed_scale, saved.weight.shape) == (ATTRIBUTE_CLASSES, 1.0, (43, 16))
+    assert torch.equal(saved.weight, again.weight) and torch.equal(saved.bias, again.bias)
     # Heads reading the embedding at norm 20 train the tower differently.
     train_imagebind.main(
         argv[:1] + [str(tmp_path / "scaled")] + argv[2:] + ["--max_train_steps", "2", "--attribute_embed_scale", "20"]
     )  # fmt: skip
     scaled = _weights(tmp_path / "scaled" / "image_encoder")
     assert any(not torch.equal(scaled[k], two[k]) for k in scaled if k.startswith("vision_"))
+    assert AttributeHeads.load(str(tmp_path / "scaled" / ATTRIBUTE_HEADS_FILE)).embed_scale == 20.0
 
 
 @pytest.fixture(scope="module")

@@ -541,6 +541,31 @@ def test_feature_store_patch_errors_name_the_file_and_the_fix(data):
         _patch_features(data, width=7).load_patches(key, "ctx")
 
 
+def test_llm_dataset_gives_every_medium_its_attribute_tokens(data, tokenizer):
+    tokenizer, token_ids = tokenizer
+    examples = load_instructions(os.path.join(data, "train", "instruction.json"), _features(data))
+    plain = MMInstLLMDataset(examples, _features(data), tokenizer, token_ids, seed=0)
+    fields = MMInstLLMDataset(examples, _features(data), tokenizer, token_ids, seed=0, attribute_tokens=2)
+    extra_tokens = 0
+    for index, example in enumerate(examples):
+        a, b = plain[(1, index)], fields[(1, index)]
+        # The same draw of the official rules; each input medium's <video> becomes 1 + 2 of them.
+        sample = build_llm_sample(example, np.random.default_rng([0, 1, index]))
+        instruction = expand_media_tokens(sample.instruction, [3] * len(sample.input_captions))
+        conversation = build_vicuna_prompt(instruction, sample.answer, eos_token=tokenizer.eos_token)
+        assert b["input_ids"].tolist() == [token_ids.bos] + tokenizer(conversation, add_special_tokens=False)["input_ids"]
+        assert torch.equal(b["media_embeds"], a["media_embeds"])
+        shift = b["prompt_length"] - a["prompt_length"]
+        assert shift == 2 * len(sample.input_captions)
+        assert b["labels"][b["prompt_length"] :].tolist() == a["labels"][a["prompt_length"] :].tolist()
+        assert b["target_positions"].tolist() == (a["target_positions"] + shift).tolist()
+        extra_tokens += shift
+    assert extra_tokens > 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="`attribute_tokens` must be a non-negative integer"):
+            MMInstLLMDataset(examples, _features(data), tokenizer, token_ids, seed=0, attribute_tokens=bad)
+
+
 def test_llm_dataset_gives_each_image_its_patches_and_tokens(data, tokenizer):
     tokenizer, token_ids = tokenizer
     _add_patches(data)

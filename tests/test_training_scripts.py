@@ -23,7 +23,7 @@ from diffusers_any2pix.models.prior import Any2PixPrior
 from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import generate_dataset
-from diffusers_any2pix.testing_utils import _tiny_clip_tokenizer, tiny_pipeline_components
+from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, _tiny_clip_tokenizer, tiny_pipeline_components
 from diffusers_any2pix.training_utils import NonFiniteLossError
 from test_training_data import _edit_record
 
@@ -687,6 +687,53 @@ def test_train_llm_adds_a_patch_resampler_to_a_pipeline_and_it_edits(workspace, 
         "--resampler_hidden_size", "16", "--resampler_heads", "2",
     )  # fmt: skip
     with pytest.raises(MMInstDataError, match=r"features/media/.*\.npz .*has no array 'clip_patches'.*--image_patches"):
+        train_llm.main(argv)
+
+
+def test_train_llm_gives_a_pipeline_attribute_tokens_from_heads_and_keeps_them_frozen(workspace, tmp_path):
+    from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
+
+    g = torch.Generator().manual_seed(0)
+    heads = AttributeHeads(torch.randn(5, TINY_EMBED_DIM, generator=g), torch.randn(5, generator=g), (3, 2), 4.0)
+    (tmp_path / "imagebind").mkdir()
+    heads.save(str(tmp_path / "imagebind" / ATTRIBUTE_HEADS_FILE))
+    argv = _common(
+        tmp_path / "llm", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+        "--max_train_steps", "2", "--train_batch_size", "2", "--attribute_reader", str(tmp_path / "imagebind"),
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 2
+    before = _weights(os.path.join(workspace["pipelines"]["imagebind"], "mm_adapter"))
+    after = _weights(tmp_path / "llm" / "mm_adapter")
+    assert {k for k in after if k not in before} == {
+        "attribute_reader.weight", "attribute_reader.bias", "attribute_embedding.weight"
+    }
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # the loaded projector and head trained on
+    # The reader holds the heads, rescaled from their norm (4) to the adapter's (20), and did not train.
+    assert torch.equal(after["attribute_reader.weight"], heads.weight * (4.0 / 20.0))
+    assert torch.equal(after["attribute_reader.bias"], heads.bias)
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "llm"))
+    assert pipeline.mm_adapter.config.attribute_classes == [3, 2] and pipeline.mm_adapter.tokens_per_medium == 3
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+    # Trained on without heads, a loaded reader stays as it is (it was fitted to labels; the LLM's loss has none).
+    argv = _common(
+        tmp_path / "more", "--pipeline", str(tmp_path / "llm"), "--data_dir", workspace["data"],
+        "--max_train_steps", "1", "--train_batch_size", "2",
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 1
+    more = _weights(tmp_path / "more" / "mm_adapter")
+    assert torch.equal(more["attribute_reader.weight"], after["attribute_reader.weight"])
+    assert not torch.equal(more["attribute_embedding.weight"], after["attribute_embedding.weight"])
+    # Heads of other fields do not fit the adapter trained with these.
+    other = AttributeHeads(torch.randn(6, TINY_EMBED_DIM), torch.randn(6), (4, 2), 4.0)
+    other.save(str(tmp_path / "other.safetensors"))
+    argv = _common(
+        tmp_path / "again", "--pipeline", str(tmp_path / "llm"), "--data_dir", workspace["data"],
+        "--max_train_steps", "1", "--attribute_reader", str(tmp_path / "other.safetensors"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"The heads read fields of \(4, 2\) classes but the adapter's"):
+        train_llm.main(argv)
+    argv[argv.index("--attribute_reader") + 1] = str(tmp_path)  # a folder without a heads file
+    with pytest.raises(ValueError, match="No attribute heads file at .*attribute_heads.safetensors"):
         train_llm.main(argv)
 
 

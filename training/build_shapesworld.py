@@ -128,6 +128,10 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     text_map = os.path.join(data, "train", "text_media.json")
     out = {name: os.path.join(work, name) for name in STAGES}
 
+    # `"attribute_reader": true` in llm: the attribute heads the imagebind stage saved beside its encoder.
+    if settings["llm"].get("attribute_reader") is True:
+        settings["llm"] = {**settings["llm"], "attribute_reader": imagebind}
+
     def training_stage(name: str, script: str, component: str, model_args: list[str]) -> Stage:
         """A training script on the generated data, saving ``component`` in ``<work_dir>/<name>``."""
         command = [py, _script(script), *model_args, "--data_dir", data, "--output_dir", out[name], *common]

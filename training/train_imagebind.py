@@ -26,9 +26,10 @@ Data, one of:
 cross-entropy of linear read-outs of the scene's attributes (background, each slot's shape and colour:
 `diffusers_any2pix.shapes.ATTRIBUTE_FIELDS`) from the image embedding. Contrastive pairs alone never ask the
 embedding of a scene to be a sum of its parts; one linear head per attribute does, which is what an embedding needs to
-place combinations it never saw (measured in ``benchmarks/imagebind_compositionality.py``). The heads are dropped
-after training: the saved encoder is a plain `ImageBindModel`. ``--attribute_embed_scale S`` has the heads read S times
-the unit-norm embedding (a linear head on a unit vector stays soft under weight decay).
+place combinations it never saw (measured in ``benchmarks/imagebind_compositionality.py``). The saved encoder is a
+plain `ImageBindModel`; the heads are saved beside it as ``attribute_heads.safetensors`` (`AttributeHeads`), which
+``train_llm.py --attribute_reader`` gives the LLM as one token per attribute. ``--attribute_embed_scale S`` has the
+heads read S times the unit-norm embedding (a linear head on a unit vector stays soft under weight decay).
 
 Binding a new modality on real data: start from a trained encoder (``--pretrained_image_encoder``, e.g. Meta's
 checkpoint converted with `ImageBindModel.from_meta_checkpoint` and saved, or ``--pipeline``), give (image, x) pairs
@@ -67,6 +68,7 @@ from torch.utils.data import Dataset
 
 from diffusers_any2pix import training_utils
 from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor, clip_tokenizer_from_bpe, load_clip_tokenizer
 from diffusers_any2pix.shapes import (
     BACKGROUNDS,
@@ -300,6 +302,15 @@ class ImageBindWithAttributeHeads(torch.nn.Module):
         self.num_classes = tuple(num_classes)
         self.embed_scale = float(embed_scale)
         self.attribute_heads = torch.nn.Linear(encoder.config.out_embed_dim, sum(self.num_classes))
+
+    def attribute_heads_file(self) -> AttributeHeads:
+        """The read-outs as an [`AttributeHeads`] (saved as ``attribute_heads.safetensors`` after training)."""
+        return AttributeHeads(
+            weight=self.attribute_heads.weight.detach().cpu(),
+            bias=self.attribute_heads.bias.detach().cpu(),
+            num_classes=self.num_classes,
+            embed_scale=self.embed_scale,
+        )
 
     def forward(self, pixel_values: torch.Tensor, **inputs) -> tuple[Any, tuple[torch.Tensor, ...]]:
         """The encoder's output and one ``(N, num_classes[k])`` logits tensor per attribute of the N images."""
@@ -1009,6 +1020,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     training_utils.save_trained_components(args, accelerator, **components())
     retrieval = {}
     if accelerator.is_main_process:
+        if args.attribute_loss_weight:  # the read-outs, for `train_llm.py --attribute_reader`
+            accelerator.unwrap_model(setup.model).attribute_heads_file().save(
+                os.path.join(args.output_dir, ATTRIBUTE_HEADS_FILE)
+            )
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(args.output_dir, TOKENIZER_FOLDER))
         retrieval = measure(result.global_step)

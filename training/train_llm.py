@@ -9,7 +9,9 @@ and the norm-20 ImageBind targets, weight 1 each. Samples follow the official ru
 caption text otherwise — drawn per (seed, epoch, sample), so runs are reproducible. Two auxiliary samplings, off by
 default, help an LLM trained from scratch read its media: ``--answer_noise_prob`` (answer words of the teacher-forced
 input swapped for other words of the answer) and ``--reproduce_prob`` (the base image alone, answered unchanged);
-``--image_patch_tokens K`` lets the adapter read K more vectors per image from ImageBind's patch tokens.
+``--image_patch_tokens K`` lets the adapter read K more vectors per image from ImageBind's patch tokens;
+``--attribute_reader`` gives every medium one more token per attribute field, read by linear heads (e.g. those
+``train_imagebind.py --attribute_loss_weight`` saves).
 
 Full fine-tuning (default), LoRA (``--lora``, via peft; merged into the saved LLM) or adapter-only
 (``--freeze_llm``). The LLM comes from ``--pretrained_llm`` (any transformers causal LM folder; the multimodal tokens
@@ -45,7 +47,7 @@ from diffusers_any2pix.data import (
     conversation_texts,
     load_instructions,
 )
-from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
+from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads, MultimodalAdapter
 from diffusers_any2pix.multimodal_llm import (
     MULTIMODAL_SPECIAL_TOKENS,
     MultimodalTokenIds,
@@ -151,6 +153,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     patches.add_argument("--resampler_hidden_size", type=int, default=768, help="Width inside the resampler.")
     patches.add_argument("--resampler_depth", type=int, default=2, help="Perceiver blocks of the resampler.")
     patches.add_argument("--resampler_heads", type=int, default=4, help="Attention heads of the resampler.")
+    attributes = parser.add_argument_group("attribute tokens (not in the official recipe)")
+    attributes.add_argument(
+        "--attribute_reader",
+        type=str,
+        default=None,
+        help="Linear attribute heads (an attribute_heads.safetensors file, or the train_imagebind.py output folder\n"
+        "holding one): every medium also becomes one <video> token per attribute field, that field's class\n"
+        "distribution read by the (frozen) heads and embedded by the adapter. Needs a new adapter or one that reads\n"
+        "the same fields.",
+    )
     training_utils.add_common_training_args(parser, learning_rate=2e-5, train_batch_size=4)
     args = training_utils.check_common_args(parser.parse_args(argv))
     training_utils.resolve_data_paths(args)
@@ -289,9 +301,13 @@ def build_model(
     token_ids = add_multimodal_tokens(tokenizer, llm)
     if args.llm_config is not None:  # the pad token is only settled once the multimodal tokens are in
         llm.config.pad_token_id = tokenizer.pad_token_id
+    heads = load_attribute_heads(args.attribute_reader) if args.attribute_reader is not None else None
+    attribute_classes = None if heads is None else list(heads.num_classes)
     adapter = None
     if args.llm_config is None:  # a new LLM gets a new adapter
         adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)
+    if adapter is not None and heads is not None and adapter.config.attribute_classes is None:
+        adapter = _extended_adapter(adapter, attribute_classes=attribute_classes)
     if adapter is None:
         embed_dim, patch_embed_dim = args.embed_dim, args.patch_embed_dim
         if args.pipeline is not None:
@@ -301,10 +317,15 @@ def build_model(
             embed_dim=embed_dim,
             llm_hidden_size=llm.config.get_text_config().hidden_size,
             **_resampler_config(args, patch_embed_dim, args.image_patch_tokens or 0),
+            attribute_classes=attribute_classes,
         )
     elif args.image_patch_tokens not in (None, adapter.config.image_patch_tokens):
         adapter = _with_patch_resampler(args, adapter)
     adapter = adapter.to(torch.float32)
+    if heads is not None:
+        adapter.load_attribute_reader(heads)
+    elif adapter.attribute_reader is not None:  # a loaded reader was fitted to labels: it stays as it is
+        adapter.attribute_reader.requires_grad_(False)
     if args.gradient_checkpointing:
         # transformers 5 renamed gradient checkpointing to activation checkpointing.
         (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
@@ -337,12 +358,22 @@ def _with_patch_resampler(args: argparse.Namespace, adapter: MultimodalAdapter) 
     if patch_embed_dim is None and args.pipeline is not None:
         patch_embed_dim = training_utils.load_component(args, "image_encoder", _image_encoder_config)["vision_embed_dim"]
     logger.warning(f"Adding a patch resampler ({args.image_patch_tokens} tokens per image) to the loaded mm_adapter.")
-    extended = MultimodalAdapter.from_config(
-        adapter.config, **_resampler_config(args, patch_embed_dim, args.image_patch_tokens)
-    )
+    return _extended_adapter(adapter, **_resampler_config(args, patch_embed_dim, args.image_patch_tokens))
+
+
+def _extended_adapter(adapter: MultimodalAdapter, **config) -> MultimodalAdapter:
+    """The adapter with ``config`` changed (new modules), its existing weights kept."""
+    extended = MultimodalAdapter.from_config(adapter.config, **config)
     missing, unexpected = extended.load_state_dict(adapter.state_dict(), strict=False)
-    assert not unexpected and all(key.startswith("patch_resampler.") for key in missing)
+    assert not unexpected and not any(key in adapter.state_dict() for key in missing)
     return extended
+
+
+def load_attribute_heads(path: str) -> AttributeHeads:
+    """``--attribute_reader``: a heads file, or a folder holding ``attribute_heads.safetensors``."""
+    if os.path.isdir(path):
+        path = os.path.join(path, ATTRIBUTE_HEADS_FILE)
+    return AttributeHeads.load(path)
 
 
 def _image_encoder_config(path: str, subfolder: str | None = None) -> dict:
@@ -418,6 +449,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         answer_swap_prob=args.answer_swap_prob,
         reproduce_prob=args.reproduce_prob,
         image_patch_tokens=model.mm_adapter.config.image_patch_tokens,
+        attribute_tokens=model.mm_adapter.attribute_tokens,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     collate = partial(collate_llm_batch, pad_token_id=token_ids.pad)

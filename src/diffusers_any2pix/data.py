@@ -734,6 +734,8 @@ class MMInstLLMDataset(Dataset):
             with): what follows has to be read from the instruction and its media. Applied after
             `answer_noise_prob`, to the positions whose true word is in a group, with a generator of its own.
         answer_swap_prob (`float`, defaults to 1.0): see `answer_swap_words`; no effect without groups.
+        attribute_tokens (`int`, defaults to 0):
+            The adapter's `attribute_tokens`: every medium takes that many more ``<video>`` tokens in the prompt.
     """
 
     def __init__(
@@ -753,7 +755,10 @@ class MMInstLLMDataset(Dataset):
         answer_noise_source: str = "answer",
         answer_swap_words: Sequence[Sequence[str]] = (),
         answer_swap_prob: float = 1.0,
+        attribute_tokens: int = 0,
     ):
+        if isinstance(attribute_tokens, bool) or not isinstance(attribute_tokens, int) or attribute_tokens < 0:
+            raise ValueError(f"`attribute_tokens` must be a non-negative integer, got {attribute_tokens!r}.")
         for name, value in (
             ("base_drop_prob", base_drop_prob),
             ("caption_text_prob", caption_text_prob),
@@ -780,6 +785,7 @@ class MMInstLLMDataset(Dataset):
                 "`patch_embed_dim` is None)."
             )
         self.image_patch_tokens = image_patch_tokens
+        self.attribute_tokens = attribute_tokens
         self._protected_ids = set(token_ids.special_token_ids) | {token_ids.eos, token_ids.pad, token_ids.bos}
         if answer_noise_source not in ANSWER_NOISE_SOURCES:
             raise ValueError(f"`answer_noise_source` must be one of {ANSWER_NOISE_SOURCES}, got {answer_noise_source!r}.")
@@ -892,11 +898,12 @@ class MMInstLLMDataset(Dataset):
             sample = build_llm_sample(
                 example, np.random.default_rng([self.seed, epoch, index]), self.base_drop_prob, self.caption_text_prob
             )
-        # With patch tokens, an image takes 1 + image_patch_tokens <video> tokens (see `inject_media_embeds`).
+        # A medium takes 1 + attribute_tokens <video> tokens, an image with patches image_patch_tokens more (see
+        # `inject_media_embeds`).
         patches = [
             self.features.load_patches(c, where) if self.image_patch_tokens else None for c in sample.input_captions
         ]
-        counts = [1 if p is None else 1 + self.image_patch_tokens for p in patches]
+        counts = [self.attribute_tokens + (1 if p is None else 1 + self.image_patch_tokens) for p in patches]
         instruction = expand_media_tokens(sample.instruction, counts)
         bos = [] if self.token_ids.bos is None else [self.token_ids.bos]
         prompt_ids = bos + self._encode(build_vicuna_prompt(instruction))

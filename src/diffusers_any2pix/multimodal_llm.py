@@ -6,8 +6,9 @@ what InstructAny2Pix needs around it:
 - the nine special tokens of the official release (`add_multimodal_tokens`, `get_multimodal_token_ids`);
 - the vicuna_v1 prompt (`build_vicuna_prompt`);
 - media injection: every `<video>` placeholder of the prompt gets `embed(<video>) + adapter.project(e_i)`
-  (`inject_media_embeds`, `prepare_multimodal_inputs`); optionally an image also gives the LLM `K` vectors read
-  from its patch tokens by the adapter's resampler, at `K` further `<video>` tokens (`expand_media_tokens`);
+  (`inject_media_embeds`, `prepare_multimodal_inputs`); optionally every medium also gives one token per attribute
+  field read from its vector by the adapter's attribute reader, and an image `K` vectors read from its patch tokens
+  by the adapter's resampler, at further `<video>` tokens (`expand_media_tokens`);
 - generation with the KV cache, media injected once at prefill, randomness through the caller's
   `torch.Generator` (`generate_with_media`);
 - the read-out rule: the final-layer hidden state *preceding* a `<video>` token, through `adapter.predict`, gives
@@ -297,7 +298,8 @@ def expand_media_tokens(text: str, tokens_per_medium: list[int]) -> str:
         text (`str`):
             An instruction with one `<video>` per medium.
         tokens_per_medium (`list[int]`):
-            Positive counts, one per `<video>` of ``text``, in order (see `MultimodalAdapter.tokens_per_image`).
+            Positive counts, one per `<video>` of ``text``, in order (see `MultimodalAdapter.tokens_per_medium` and
+            `MultimodalAdapter.tokens_per_image`).
 
     Returns:
         `str`: ``text`` unchanged when every count is 1.
@@ -365,11 +367,14 @@ def _check_image_patches(image_patches, media_embeds: list[torch.Tensor], adapte
 def _media_token_counts(
     image_patches: list | None, media_embeds: list[torch.Tensor], adapter: MultimodalAdapter
 ) -> list[list[int]]:
-    """``<video>`` tokens each medium takes, per prompt: 1, or ``adapter.tokens_per_image`` for an image given with
-    its patch tokens."""
+    """``<video>`` tokens each medium takes, per prompt: ``adapter.tokens_per_medium`` (1 without attribute tokens),
+    or ``adapter.tokens_per_image`` for an image given with its patch tokens."""
     if image_patches is None:
-        return [[1] * embeds.shape[0] for embeds in media_embeds]
-    return [[1 if patches is None else adapter.tokens_per_image for patches in row] for row in image_patches]
+        return [[adapter.tokens_per_medium] * embeds.shape[0] for embeds in media_embeds]
+    return [
+        [adapter.tokens_per_medium if patches is None else adapter.tokens_per_image for patches in row]
+        for row in image_patches
+    ]
 
 
 def inject_media_embeds(
@@ -384,10 +389,11 @@ def inject_media_embeds(
     """Adds `adapter.project(e)` to the token embeddings at the `<video>` positions, in order.
 
     Row `i`'s `k`-th medium `media_embeds[i][k]` (rescaled to the adapter's norm and projected) goes to its `<video>`;
-    the official weights were trained with this additive injection. An image given with patch tokens
-    (`image_patches[i][k]`, for an adapter with `image_patch_tokens = K`) takes `1 + K` consecutive `<video>` tokens:
-    its projected pooled vector, then the `K` vectors of `adapter.resample_patches`. Differentiable, so training uses
-    it too.
+    the official weights were trained with this additive injection. With `attribute_classes` (A fields) every medium
+    takes `1 + A` consecutive `<video>` tokens: its projected pooled vector, then its attribute tokens (see
+    `MultimodalAdapter.project_tokens`). An image given with patch tokens (`image_patches[i][k]`, for an adapter with
+    `image_patch_tokens = K`) takes `K` more: the vectors of `adapter.resample_patches`. Differentiable, so training
+    uses it too.
 
     Args:
         inputs_embeds (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`):
@@ -437,10 +443,15 @@ def inject_media_embeds(
             positions = positions[positions < prompt_lengths[i]]
         if positions.numel() != sum(counts[i]):
             found = f"Prompt {i} contains {positions.numel()} {VIDEO_TOKEN} tokens but"
-            if image_patches is None:
+            if image_patches is None and adapter.tokens_per_medium == 1:
                 raise ValueError(
                     f"{found} `media_embeds[{i}]` has {media_embeds[i].shape[0]} embeddings; each {VIDEO_TOKEN} needs "
                     "exactly one medium."
+                )
+            if image_patches is None:
+                raise ValueError(
+                    f"{found} `media_embeds[{i}]` has {media_embeds[i].shape[0]} embeddings and each takes "
+                    f"{adapter.tokens_per_medium} (the pooled vector and {adapter.attribute_tokens} attribute tokens)."
                 )
             raise ValueError(
                 f"{found} its media need {sum(counts[i])} (`media_embeds[{i}]` has {media_embeds[i].shape[0]}; an image "
@@ -452,14 +463,14 @@ def inject_media_embeds(
     if rows.numel() == 0:
         return inputs_embeds.clone()
     # One projector call (and one resampler call) for the whole batch, then each medium's vectors in prompt order.
-    projected = adapter.project(torch.cat([embeds.to(adapter.device) for embeds in media_embeds]))
+    projected = adapter.project_tokens(torch.cat([embeds.to(adapter.device) for embeds in media_embeds]))
     flat_patches = [p for row in image_patches or [] for p in row if p is not None]
     resampled = adapter.resample_patches(torch.stack(flat_patches)) if flat_patches else None
     pieces, medium, image = [], 0, 0
     for row in counts:
         for count in row:
-            pieces.append(projected[medium : medium + 1])
-            if count > 1:
+            pieces.append(projected[medium])
+            if count > adapter.tokens_per_medium:
                 pieces.append(resampled[image])
                 image += 1
             medium += 1

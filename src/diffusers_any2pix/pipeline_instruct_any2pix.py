@@ -552,7 +552,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
     def llm_prompt(self, parsed: ParsedInstruction) -> str:
         """The vicuna prompt of an instruction, each image with as many ``<video>`` tokens as the adapter reads."""
-        counts = [self.mm_adapter.tokens_per_image if ref.kind == "image" else 1 for ref in parsed.references]
+        adapter = self.mm_adapter
+        read_patches = adapter.patch_resampler is not None
+        counts = [
+            adapter.tokens_per_image if read_patches and ref.kind == "image" else adapter.tokens_per_medium
+            for ref in parsed.references
+        ]
         return build_vicuna_prompt(expand_media_tokens(parsed.llm_text, counts))
 
     @staticmethod

@@ -75,7 +75,7 @@ def tiny_llm_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_llm(
     embed_dim: int = TINY_EMBED_DIM,
     answer: str | None = TINY_ANSWER,
-    fit_steps: int = 80,
+    fit_steps: int = 150,
     seed: int = 0,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, MultimodalAdapter]:
     """A 2-layer Llama, its tokenizer (multimodal tokens added) and a `MultimodalAdapter`.

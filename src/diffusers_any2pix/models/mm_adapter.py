@@ -7,13 +7,86 @@ two MLPs inside the LLM as `model.vae_projector_image.*` and `model.vae_predicto
 standalone diffusers component so that the LLM stays a plain transformers model.
 """
 
+import os
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+
+# Linear attribute heads saved by `train_imagebind.py --attribute_loss_weight` next to the trained encoder.
+ATTRIBUTE_HEADS_FILE = "attribute_heads.safetensors"
+
+
+@dataclass
+class AttributeHeads:
+    """Linear read-outs of attribute fields from an embedding: ``weight @ (embed_scale * unit_embedding) + bias``,
+    split into ``num_classes`` logits per field.
+
+    Args:
+        weight (`torch.Tensor`): shape `(sum(num_classes), embed_dim)`.
+        bias (`torch.Tensor`): shape `(sum(num_classes),)`.
+        num_classes (`tuple[int, ...]`): classes of each field.
+        embed_scale (`float`): the norm of the embeddings the heads read.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    num_classes: tuple[int, ...]
+    embed_scale: float
+
+    def save(self, path: str) -> None:
+        """Writes the heads as one safetensors file (``num_classes`` and ``embed_scale`` in its metadata)."""
+        metadata = {
+            "num_classes": ",".join(str(n) for n in self.num_classes),
+            "embed_scale": repr(float(self.embed_scale)),
+        }
+        tensors = {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float().contiguous()}
+        save_file(tensors, path, metadata=metadata)
+
+    def logits(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-field logits of embeddings given at any norm (rescaled to `embed_scale` first).
+
+        Args:
+            embeds (`torch.Tensor`): shape `(..., embed_dim)`.
+
+        Returns:
+            `tuple[torch.Tensor, ...]`: one `(..., num_classes[k])` tensor per field.
+        """
+        scaled = rescale_to_norm(embeds.float(), self.embed_scale)
+        return torch.split(scaled @ self.weight.float().T + self.bias.float(), list(self.num_classes), dim=-1)
+
+    @classmethod
+    def load(cls, path: str) -> "AttributeHeads":
+        """Reads a file written by `save`; raises `ValueError` naming what is missing or inconsistent."""
+        if not os.path.isfile(path):
+            raise ValueError(f"No attribute heads file at {path!r} (train_imagebind.py writes {ATTRIBUTE_HEADS_FILE}).")
+        with safe_open(path, framework="pt") as f:
+            metadata, keys = f.metadata() or {}, set(f.keys())
+            if keys != {"weight", "bias"} or not {"num_classes", "embed_scale"} <= set(metadata):
+                raise ValueError(
+                    f"{path} is not an attribute heads file: it needs tensors `weight` and `bias` and metadata "
+                    f"`num_classes` and `embed_scale`, got tensors {sorted(keys)} and metadata {sorted(metadata)}."
+                )
+            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+        try:
+            num_classes = tuple(int(n) for n in metadata["num_classes"].split(","))
+            embed_scale = float(metadata["embed_scale"])
+        except ValueError as error:
+            raise ValueError(f"{path}: unreadable metadata {metadata}: {error}") from None
+        if weight.ndim != 2 or bias.shape != (weight.shape[0],) or weight.shape[0] != sum(num_classes):
+            raise ValueError(
+                f"{path}: `weight` {tuple(weight.shape)} and `bias` {tuple(bias.shape)} do not match num_classes "
+                f"{num_classes} (sum {sum(num_classes)} rows)."
+            )
+        return cls(weight=weight, bias=bias, num_classes=num_classes, embed_scale=embed_scale)
+
 
 
 def rescale_to_norm(x: torch.Tensor, norm: float, eps: float = 1e-9) -> torch.Tensor:
@@ -82,6 +155,15 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             Perceiver blocks of the resampler.
         resampler_heads (`int`, *optional*, defaults to 4):
             Attention heads of the resampler (they must divide `resampler_hidden_size`).
+        attribute_classes (`list[int]`, *optional*):
+            `None` (the official recipe): a medium's pooled vector is its only input. A list of class counts, one per
+            attribute field (e.g. ShapesWorld's `ATTRIBUTE_CLASSES`): every medium also takes one `<video>` token per
+            field, after its pooled one, holding `attribute_embedding` of that field's class distribution as read by
+            `attribute_reader`, a linear classifier on the rescaled vector (typically the attribute heads
+            `train_imagebind.py` trains with the encoder, loaded by `load_attribute_reader`). A field is then one
+            token the LLM can copy from, whatever the other fields hold, which an MLP projection of the whole vector
+            into one token does not give for combinations never seen in training. An extension: an LLM trained
+            without it cannot use it.
     """
 
     @register_to_config
@@ -95,6 +177,7 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         resampler_hidden_size: int = 768,
         resampler_depth: int = 2,
         resampler_heads: int = 4,
+        attribute_classes: list[int] | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -124,6 +207,16 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"`resampler_heads` ({resampler_heads}) must divide `resampler_hidden_size` ({resampler_hidden_size})."
             )
+        if attribute_classes is not None:
+            if (
+                not isinstance(attribute_classes, (list, tuple))
+                or not attribute_classes
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in attribute_classes)
+            ):
+                raise ValueError(
+                    f"`attribute_classes` must be a non-empty list of class counts (integers >= 2), one per attribute "
+                    f"field, got {attribute_classes!r}."
+                )
         self.input_projector = nn.Sequential(
             nn.Linear(embed_dim, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, llm_hidden_size)
         )
@@ -141,6 +234,11 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
                 heads=resampler_heads,
                 num_queries=image_patch_tokens,
             )
+        self.attribute_reader = self.attribute_embedding = None
+        if attribute_classes is not None:
+            self.attribute_reader = nn.Linear(embed_dim, sum(attribute_classes))
+            # One row per class of every field: a field's token is its class distribution times its own rows.
+            self.attribute_embedding = nn.Embedding(sum(attribute_classes), llm_hidden_size)
 
     @staticmethod
     def _check_last_dim(tensor: torch.Tensor, expected: int, argument: str, meaning: str) -> None:
@@ -154,9 +252,22 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"`{argument}` must be a floating-point tensor, got dtype {tensor.dtype}.")
 
     @property
+    def attribute_tokens(self) -> int:
+        """`<video>` tokens of attribute fields each medium takes after its pooled one (0 without
+        `attribute_classes`)."""
+        return len(self.config.attribute_classes or ())
+
+    @property
+    def tokens_per_medium(self) -> int:
+        """How many `<video>` tokens a medium given by its pooled vector alone (audio, or an image without patch
+        tokens) takes in the LLM's prompt: 1 + `attribute_tokens`."""
+        return 1 + self.attribute_tokens
+
+    @property
     def tokens_per_image(self) -> int:
-        """How many `<video>` tokens an image takes in the LLM's prompt: 1, or 1 + `image_patch_tokens`."""
-        return 1 + self.config.image_patch_tokens
+        """How many `<video>` tokens an image given with its patch tokens takes: `tokens_per_medium` +
+        `image_patch_tokens`."""
+        return self.tokens_per_medium + self.config.image_patch_tokens
 
     def resample_patches(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """Reads `image_patch_tokens` LLM input vectors from each image's patch tokens (added, like `project`'s
@@ -197,6 +308,77 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         self._check_last_dim(media_embeds, self.config.embed_dim, "media_embeds", "embed_dim")
         rescaled = rescale_to_norm(media_embeds.to(self.device), self.config.media_embed_norm)
         return self.input_projector(rescaled.to(self.dtype))
+
+    def read_attributes(self, media_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """The attribute reader's class probabilities of media embeddings, one tensor per field.
+
+        Args:
+            media_embeds (`torch.Tensor`):
+                ImageBind embeddings of shape `(..., embed_dim)`, at any norm (rescaled like `project`'s input).
+
+        Returns:
+            `list[torch.Tensor]`: one `(..., attribute_classes[k])` tensor per field, rows summing to 1.
+        """
+        if self.attribute_reader is None:
+            raise ValueError("This adapter reads no attributes (`attribute_classes` is None).")
+        self._check_last_dim(media_embeds, self.config.embed_dim, "media_embeds", "embed_dim")
+        rescaled = rescale_to_norm(media_embeds.to(self.device), self.config.media_embed_norm)
+        logits = self.attribute_reader(rescaled.to(self.dtype))
+        return [field.softmax(dim=-1) for field in logits.split(list(self.config.attribute_classes), dim=-1)]
+
+    def project_tokens(self, media_embeds: torch.Tensor) -> torch.Tensor:
+        """All input vectors of media given by their pooled embedding: `project`'s, then one per attribute field.
+
+        Args:
+            media_embeds (`torch.Tensor`):
+                ImageBind embeddings of shape `(num_media, embed_dim)`, at any norm.
+
+        Returns:
+            `torch.Tensor`: shape `(num_media, tokens_per_medium, llm_hidden_size)`.
+        """
+        pooled = self.project(media_embeds).unsqueeze(-2)
+        if self.attribute_reader is None:
+            return pooled
+        fields = self.read_attributes(media_embeds)
+        offsets = [0]
+        for n in self.config.attribute_classes[:-1]:
+            offsets.append(offsets[-1] + n)
+        tokens = [
+            probs @ self.attribute_embedding.weight[offset : offset + probs.shape[-1]]
+            for offset, probs in zip(offsets, fields)
+        ]
+        return torch.cat([pooled, torch.stack(tokens, dim=-2)], dim=-2)
+
+    def load_attribute_reader(self, heads: AttributeHeads) -> None:
+        """Sets `attribute_reader` from linear heads (e.g. those `train_imagebind.py --attribute_loss_weight` trains
+        with the encoder, see `AttributeHeads.load`), rescaled to read the `media_embed_norm` vector this adapter
+        gives them; the reader's parameters stop training (they were fitted to labels, the LLM's loss has none).
+
+        Args:
+            heads ([`AttributeHeads`]): heads of the adapter's `attribute_classes` on its `embed_dim`.
+        """
+        if self.attribute_reader is None:
+            raise ValueError("This adapter reads no attributes (`attribute_classes` is None).")
+        if not isinstance(heads, AttributeHeads):
+            raise TypeError(f"`heads` must be an AttributeHeads, got {type(heads).__name__}.")
+        if tuple(heads.num_classes) != tuple(self.config.attribute_classes):
+            raise ValueError(
+                f"The heads read fields of {tuple(heads.num_classes)} classes but the adapter's `attribute_classes` "
+                f"are {tuple(self.config.attribute_classes)}."
+            )
+        if heads.weight.shape[1] != self.config.embed_dim:
+            raise ValueError(
+                f"The heads read {heads.weight.shape[1]}-d embeddings but the adapter's `embed_dim` is "
+                f"{self.config.embed_dim}."
+            )
+        if isinstance(heads.embed_scale, bool) or not isinstance(heads.embed_scale, Real) or not heads.embed_scale > 0:
+            raise ValueError(f"`heads.embed_scale` must be a positive number, got {heads.embed_scale!r}.")
+        with torch.no_grad():
+            # W·(s·u) = (W·s/n)·(n·u): the same logits from the vector at norm n.
+            scale = heads.embed_scale / self.config.media_embed_norm
+            self.attribute_reader.weight.copy_(heads.weight.float() * scale)
+            self.attribute_reader.bias.copy_(heads.bias.float())
+        self.attribute_reader.requires_grad_(False)
 
     def predict(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Maps final-layer LLM hidden states to ImageBind embeddings (trained against norm-20 targets).

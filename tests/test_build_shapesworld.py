@@ -148,7 +148,8 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
     assert build.main(argv) == 0
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.decoder_family == "sd" and pipeline.ip_adapter is not None
-    assert pipeline.mm_adapter.tokens_per_image == 3  # the LLM reads 2 resampled patch vectors per image
+    # An image is its pooled vector, its 7 attribute fields and 2 resampled patch vectors.
+    assert (pipeline.mm_adapter.tokens_per_medium, pipeline.mm_adapter.tokens_per_image) == (8, 10)
     # The decoder reads captions with the ImageBind tokenizer (one token per ShapesWorld word).
     assert pipeline.tokenizer.tokenize("a green triangle on the left") == ["a</w>", "green</w>", "triangle</w>", "on</w>",
                                                                           "the</w>", "left</w>"]  # fmt: skip

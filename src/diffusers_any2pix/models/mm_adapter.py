@@ -88,7 +88,6 @@ class AttributeHeads:
         return cls(weight=weight, bias=bias, num_classes=num_classes, embed_scale=embed_scale)
 
 
-
 def rescale_to_norm(x: torch.Tensor, norm: float, eps: float = 1e-9) -> torch.Tensor:
     """Rescales vectors (along the last dimension) to a given L2 norm, as `x / (||x|| + eps) * norm`.
 
@@ -339,14 +338,8 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         pooled = self.project(media_embeds).unsqueeze(-2)
         if self.attribute_reader is None:
             return pooled
-        fields = self.read_attributes(media_embeds)
-        offsets = [0]
-        for n in self.config.attribute_classes[:-1]:
-            offsets.append(offsets[-1] + n)
-        tokens = [
-            probs @ self.attribute_embedding.weight[offset : offset + probs.shape[-1]]
-            for offset, probs in zip(offsets, fields)
-        ]
+        rows = self.attribute_embedding.weight.split(list(self.config.attribute_classes))
+        tokens = [probs @ field_rows for probs, field_rows in zip(self.read_attributes(media_embeds), rows)]
         return torch.cat([pooled, torch.stack(tokens, dim=-2)], dim=-2)
 
     def load_attribute_reader(self, heads: AttributeHeads) -> None:

@@ -79,7 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.attribute_embed_scale > 0:
         parser.error(f"--attribute_embed_scale must be positive, got {args.attribute_embed_scale}.")
     if args.attribute_heads is not None and not os.path.isfile(args.attribute_heads):
-        parser.error(f"--attribute_heads {args.attribute_heads!r} is not a file (attribute_heads.safetensors or a checkpoint's model.safetensors).")
+        parser.error(
+            f"--attribute_heads {args.attribute_heads!r} is not a file (attribute_heads.safetensors or a checkpoint's "
+            "model.safetensors)."
+        )
     for split in args.splits:
         if not os.path.isfile(os.path.join(args.data, split, "scenes.json")):
             parser.error(f"--data {args.data!r} has no {split}/scenes.json (generate it with shapes.generate).")

@@ -47,7 +47,7 @@ from diffusers_any2pix.data import (
     conversation_texts,
     load_instructions,
 )
-from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads, MultimodalAdapter
+from diffusers_any2pix.models.mm_adapter import AttributeHeads, MultimodalAdapter
 from diffusers_any2pix.multimodal_llm import (
     MULTIMODAL_SPECIAL_TOKENS,
     MultimodalTokenIds,
@@ -301,7 +301,7 @@ def build_model(
     token_ids = add_multimodal_tokens(tokenizer, llm)
     if args.llm_config is not None:  # the pad token is only settled once the multimodal tokens are in
         llm.config.pad_token_id = tokenizer.pad_token_id
-    heads = load_attribute_heads(args.attribute_reader) if args.attribute_reader is not None else None
+    heads = AttributeHeads.load(args.attribute_reader) if args.attribute_reader is not None else None
     attribute_classes = None if heads is None else list(heads.num_classes)
     adapter = None
     if args.llm_config is None:  # a new LLM gets a new adapter
@@ -364,16 +364,11 @@ def _with_patch_resampler(args: argparse.Namespace, adapter: MultimodalAdapter) 
 def _extended_adapter(adapter: MultimodalAdapter, **config) -> MultimodalAdapter:
     """The adapter with ``config`` changed (new modules), its existing weights kept."""
     extended = MultimodalAdapter.from_config(adapter.config, **config)
-    missing, unexpected = extended.load_state_dict(adapter.state_dict(), strict=False)
-    assert not unexpected and not any(key in adapter.state_dict() for key in missing)
+    weights = adapter.state_dict()
+    missing, unexpected = extended.load_state_dict(weights, strict=False)
+    assert not unexpected and not any(key in weights for key in missing)
     return extended
 
-
-def load_attribute_heads(path: str) -> AttributeHeads:
-    """``--attribute_reader``: a heads file, or a folder holding ``attribute_heads.safetensors``."""
-    if os.path.isdir(path):
-        path = os.path.join(path, ATTRIBUTE_HEADS_FILE)
-    return AttributeHeads.load(path)
 
 
 def _image_encoder_config(path: str, subfolder: str | None = None) -> dict:

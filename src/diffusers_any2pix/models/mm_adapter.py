@@ -64,7 +64,10 @@ class AttributeHeads:
 
     @classmethod
     def load(cls, path: str) -> "AttributeHeads":
-        """Reads a file written by `save`; raises `ValueError` naming what is missing or inconsistent."""
+        """Reads a file written by `save` (or the ``attribute_heads.safetensors`` of a folder, e.g. the output of
+        `train_imagebind.py`); raises `ValueError` naming what is missing or inconsistent."""
+        if os.path.isdir(path):
+            path = os.path.join(path, ATTRIBUTE_HEADS_FILE)
         if not os.path.isfile(path):
             raise ValueError(f"No attribute heads file at {path!r} (train_imagebind.py writes {ATTRIBUTE_HEADS_FILE}).")
         with safe_open(path, framework="pt") as f:

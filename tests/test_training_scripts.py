@@ -24,7 +24,7 @@ from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import generate_dataset
 from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, _tiny_clip_tokenizer, tiny_pipeline_components
-from diffusers_any2pix.training_utils import NonFiniteLossError
+from diffusers_any2pix.training_utils import NonFiniteLossError, parameters_digest
 from test_training_data import _edit_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,12 +126,15 @@ def test_prepare_data_fills_the_media_map_and_resumes(workspace, capsys):
     data = workspace["data"]
     with open(f"{data}/train/media.json") as f:
         media = json.load(f)
+    model = ImageBindModel.from_pretrained(workspace["pipelines"]["imagebind"], subfolder="image_encoder").eval()
+    digest = parameters_digest({"image_encoder": model})
     for entry in media.values():
         with np.load(os.path.join(data, entry["fpath"])) as npz:
-            assert npz.files == ["clip"] and npz["clip"].shape == (1, 16) and npz["clip"].dtype == np.float32
+            assert npz.files == ["clip", "encoder_digest"]
+            assert npz["clip"].shape == (1, 16) and npz["clip"].dtype == np.float32
+            assert str(npz["encoder_digest"]) == digest  # which encoder wrote it
     # The stored vector is ImageBind's embedding of the medium.
     key, entry = next((k, e) for k, e in media.items() if e["media_path"].endswith(".png"))
-    model = ImageBindModel.from_pretrained(workspace["pipelines"]["imagebind"], subfolder="image_encoder").eval()
     pixels = ImageBindProcessor(image_size=model.config.vision_image_size).preprocess_image(
         f"{data}/{entry['media_path']}"
     )
@@ -173,10 +176,10 @@ def test_prepare_data_adds_patch_tokens_to_images_only(workspace, patch_data, ca
         with np.load(os.path.join(patch_data, entry["fpath"])) as npz:
             assert np.array_equal(npz["clip"], pooled)  # the pooled vector is unchanged
             if not entry["media_path"].endswith(".png"):
-                assert npz.files == ["clip"]
+                assert npz.files == ["clip", "encoder_digest"]
                 continue
             images += 1
-            assert npz.files == ["clip", "clip_patches"]
+            assert npz.files == ["clip", "encoder_digest", "clip_patches"]
             assert npz["clip_patches"].shape == (4, 16) and npz["clip_patches"].dtype == np.float16
             with torch.no_grad():
                 _, patches = model.encode_image_patches(processor.preprocess_image(f"{patch_data}/{entry['media_path']}"))
@@ -187,6 +190,46 @@ def test_prepare_data_adds_patch_tokens_to_images_only(workspace, patch_data, ca
     capsys.readouterr()
     argv = ["--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", patch_data, "--no_progress"]
     assert prepare_data.main(argv + ["--media_map", f"{patch_data}/train/media.json", "--image_patches"]) == 0
+    assert f"Encoded 0 feature(s), skipped {len(media)} existing." in capsys.readouterr().out
+
+
+def test_prepare_data_encodes_again_what_another_encoder_wrote(workspace, tmp_path, capsys):
+    data = str(tmp_path / "data")
+    shutil.copytree(workspace["data"], data)
+    with open(f"{data}/train/media.json") as f:
+        media = json.load(f)
+    # Another encoder: the workspace's with one weight changed (a retrained ImageBind, as far as the files can tell).
+    pipeline = str(tmp_path / "retrained")
+    shutil.copytree(workspace["pipelines"]["imagebind"], pipeline)
+    retrained = ImageBindModel.from_pretrained(pipeline, subfolder="image_encoder")
+    with torch.no_grad():
+        retrained.vision_head.projection.weight.mul_(-1.0)
+    retrained.save_pretrained(os.path.join(pipeline, "image_encoder"))
+    # A hand-made file without the record (as the official release's are) must be kept as it is.
+    kept_key, kept = next((k, e) for k, e in media.items() if e["media_path"].endswith(".png"))
+    hand_made = np.full((1, 16), 7.0, dtype=np.float32)
+    np.savez(os.path.join(data, kept["fpath"]), clip=hand_made)
+    capsys.readouterr()
+    argv = ["--pipeline", pipeline, "--data_dir", data, "--no_progress", "--media_map", f"{data}/train/media.json"]
+    assert prepare_data.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"Encoded {len(media) - 1} feature(s), skipped 1 existing." in out
+    assert f"{len(media) - 1} of them replaced features written by another image encoder." in out
+    retrained.eval()
+    digest = parameters_digest({"image_encoder": retrained})
+    processor = ImageBindProcessor(image_size=retrained.config.vision_image_size)
+    for key, entry in media.items():
+        with np.load(os.path.join(data, entry["fpath"])) as npz:
+            if key == kept_key:
+                assert npz.files == ["clip"] and np.array_equal(npz["clip"], hand_made)
+                continue
+            assert str(npz["encoder_digest"]) == digest
+            if entry["media_path"].endswith(".png"):
+                with torch.no_grad():
+                    expected = retrained.encode_image(processor.preprocess_image(f"{data}/{entry['media_path']}"))
+                np.testing.assert_allclose(npz["clip"], expected.numpy(), rtol=1e-5, atol=1e-6)
+    # The same encoder again: nothing to do.
+    assert prepare_data.main(argv) == 0
     assert f"Encoded 0 feature(s), skipped {len(media)} existing." in capsys.readouterr().out
 
 

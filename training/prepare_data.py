@@ -16,7 +16,9 @@ Each feature file holds the ImageBind vector under ``clip``, shape ``(1, D)`` (t
 ``train_llm.py --image_patch_tokens`` reads; image files without them are encoded again.
 ``--text_media_map`` also encodes every caption of the map(s) with ImageBind's text tower (the text → image pairs of
 train_prior.py). Work is batched, shows a progress bar and is resumable: existing outputs are skipped (unless
-``--overwrite``) and each file is written atomically. Unreadable media are reported by name, the rest is still
+``--overwrite``) and each file is written atomically. Every file also records, under ``encoder_digest``, a SHA-256 of
+the encoder's weights; a file written by another encoder (e.g. after retraining ImageBind) is stale and encoded
+again, while files without that record (the official release's, or hand-made ones) are kept as they are. Unreadable media are reported by name, the rest is still
 encoded, and the script exits with status 1 listing them.
 
 Example (ShapesWorld)::
@@ -48,9 +50,11 @@ from diffusers_any2pix.data import (
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor, load_clip_tokenizer
 from diffusers_any2pix.shapes.generate import FEATURE_KEY, media_key
-from diffusers_any2pix.training_utils import load_component
+from diffusers_any2pix.training_utils import load_component, parameters_digest
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The array of a feature file naming the encoder that wrote it (`parameters_digest` of the loaded ImageBindModel).
+ENCODER_DIGEST_KEY = "encoder_digest"
 
 
 @dataclass(frozen=True)
@@ -74,18 +78,22 @@ class PrepareDataSummary:
 
     Args:
         encoded (`int`): vectors written.
-        skipped (`int`): outputs that already existed.
+        skipped (`int`): outputs that already existed (written by the same encoder, or by an unrecorded one).
+        stale (`int`): outputs written by another encoder, encoded again (counted in ``encoded`` too).
         failed (`list[tuple[str, str]]`): ``(medium, reason)`` of each unreadable medium.
         media_maps (`list[str]`): media maps written.
     """
 
     encoded: int = 0
     skipped: int = 0
+    stale: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     media_maps: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [f"Encoded {self.encoded} feature(s), skipped {self.skipped} existing."]
+        if self.stale:
+            lines.append(f"{self.stale} of them replaced features written by another image encoder.")
         lines += [f"Wrote {path}" for path in self.media_maps]
         if self.failed:
             lines.append(f"{len(self.failed)} medium/media could not be read:")
@@ -251,10 +259,10 @@ def plan_text_jobs(args: argparse.Namespace, captions_by_map: dict[str, list[str
     return jobs
 
 
-def _save_feature(path: str, vector: np.ndarray, patches: np.ndarray | None = None) -> None:
+def _save_feature(path: str, vector: np.ndarray, encoder_digest: str, patches: np.ndarray | None = None) -> None:
     # Written under a temporary name and renamed, so an interrupted run never leaves a truncated file behind.
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    arrays = {FEATURE_KEY: vector[None].astype(np.float32)}
+    arrays = {FEATURE_KEY: vector[None].astype(np.float32), ENCODER_DIGEST_KEY: np.array(encoder_digest)}
     if patches is not None:
         # float16 halves the files (a 64-patch image: 16 KB at width 128); FeatureStore loads them as float32.
         arrays[patch_array_name(FEATURE_KEY)] = patches.astype(np.float16)
@@ -264,17 +272,20 @@ def _save_feature(path: str, vector: np.ndarray, patches: np.ndarray | None = No
     os.replace(temporary, path)
 
 
-def _is_done(job: EncodingJob, image_patches: bool) -> bool:
-    """Whether ``job``'s output exists, with patch tokens for an image when they are asked for."""
+def _existing_output(job: EncodingJob, image_patches: bool, encoder_digest: str) -> str | None:
+    """What ``job``'s output file is: ``None`` (missing, unreadable, or without the patch tokens asked for),
+    ``"stale"`` (written by another encoder) or ``"done"``."""
     if not os.path.isfile(job.output):
-        return False
-    if job.kind != "image" or not image_patches:
-        return True
+        return None
     try:
         with np.load(job.output, allow_pickle=False) as data:
-            return patch_array_name(FEATURE_KEY) in data.files
+            if ENCODER_DIGEST_KEY in data.files and str(data[ENCODER_DIGEST_KEY]) != encoder_digest:
+                return "stale"
+            if job.kind == "image" and image_patches and patch_array_name(FEATURE_KEY) not in data.files:
+                return None
+            return "done"
     except Exception:  # unreadable: encode it again
-        return False
+        return None
 
 
 def _preprocess(job: EncodingJob, processor: ImageBindProcessor) -> torch.Tensor:
@@ -294,9 +305,12 @@ def encode_jobs(
     summary: PrepareDataSummary,
     progress: bool = True,
     image_patches: bool = False,
+    encoder_digest: str | None = None,
 ) -> None:
     """Encodes ``jobs`` in batches of one kind, writing each vector (and, with ``image_patches``, each image's patch
-    tokens); unreadable media go to ``summary.failed``."""
+    tokens) with ``encoder_digest`` (default: `parameters_digest` of ``model``); unreadable media go to
+    ``summary.failed``."""
+    encoder_digest = encoder_digest or parameters_digest({"image_encoder": model})
     encoders = {"image": model.encode_image, "audio": model.encode_audio, "text": model.encode_text}
     bar = tqdm(total=len(jobs), desc="ImageBind", disable=not progress)
     for kind in ("image", "audio", "text"):
@@ -320,7 +334,7 @@ def encode_jobs(
                 else:
                     vectors = encoders[kind](stacked.to(model.device))
                 for job, vector, tokens in zip(batch, vectors.float().cpu().numpy(), patches):
-                    _save_feature(job.output, vector, tokens)
+                    _save_feature(job.output, vector, encoder_digest, tokens)
                 summary.encoded += len(batch)
             bar.update(len(todo[start : start + batch_size]))
     bar.close()
@@ -338,13 +352,17 @@ def prepare_features(args: argparse.Namespace) -> PrepareDataSummary:
         tokenizer = load_clip_tokenizer(args.imagebind_tokenizer)
         jobs += plan_text_jobs(args, captions_by_map)
         summary.media_maps.append(args.text_media_map)
+    if not jobs:
+        return summary
+    model = load_component(args, "image_encoder", ImageBindModel.from_pretrained, dtype=DTYPES[args.dtype])
+    model = model.to(args.device).eval()
+    encoder_digest = parameters_digest({"image_encoder": model})
     if not args.overwrite:
-        pending = [job for job in jobs if not _is_done(job, args.image_patches)]
-        summary.skipped = len(jobs) - len(pending)
-        jobs = pending
+        states = [_existing_output(job, args.image_patches, encoder_digest) for job in jobs]
+        summary.skipped = states.count("done")
+        summary.stale = states.count("stale")
+        jobs = [job for job, state in zip(jobs, states) if state != "done"]
     if jobs:
-        model = load_component(args, "image_encoder", ImageBindModel.from_pretrained, dtype=DTYPES[args.dtype])
-        model = model.to(args.device).eval()
         processor = ImageBindProcessor.for_model(model, tokenizer=tokenizer)
         encode_jobs(
             jobs,
@@ -354,6 +372,7 @@ def prepare_features(args: argparse.Namespace) -> PrepareDataSummary:
             summary,
             progress=not args.no_progress,
             image_patches=args.image_patches,
+            encoder_digest=encoder_digest,
         )
     return summary
 

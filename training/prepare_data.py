@@ -18,8 +18,8 @@ Each feature file holds the ImageBind vector under ``clip``, shape ``(1, D)`` (t
 train_prior.py). Work is batched, shows a progress bar and is resumable: existing outputs are skipped (unless
 ``--overwrite``) and each file is written atomically. Every file also records, under ``encoder_digest``, a SHA-256 of
 the encoder's weights; a file written by another encoder (e.g. after retraining ImageBind) is stale and encoded
-again, while files without that record (the official release's, or hand-made ones) are kept as they are. Unreadable media are reported by name, the rest is still
-encoded, and the script exits with status 1 listing them.
+again, while files without that record (the official release's, or hand-made ones) are kept as they are. Unreadable
+media are reported by name, the rest is still encoded, and the script exits with status 1 listing them.
 
 Example (ShapesWorld)::
 

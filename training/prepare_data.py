@@ -303,14 +303,12 @@ def encode_jobs(
     processor: ImageBindProcessor,
     batch_size: int,
     summary: PrepareDataSummary,
+    encoder_digest: str,
     progress: bool = True,
     image_patches: bool = False,
-    encoder_digest: str | None = None,
 ) -> None:
     """Encodes ``jobs`` in batches of one kind, writing each vector (and, with ``image_patches``, each image's patch
-    tokens) with ``encoder_digest`` (default: `parameters_digest` of ``model``); unreadable media go to
-    ``summary.failed``."""
-    encoder_digest = encoder_digest or parameters_digest({"image_encoder": model})
+    tokens) with ``encoder_digest``, the record of which encoder wrote it; unreadable media go to ``summary.failed``."""
     encoders = {"image": model.encode_image, "audio": model.encode_audio, "text": model.encode_text}
     bar = tqdm(total=len(jobs), desc="ImageBind", disable=not progress)
     for kind in ("image", "audio", "text"):

@@ -412,6 +412,47 @@ def test_injection_with_attribute_tokens_fills_every_medium_in_order(setup):
         inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video)
 
 
+def test_injection_leaves_out_the_pooled_vectors_flagged_and_keeps_the_rest(setup):
+    tokenizer, llm, _, token_ids = setup
+    adapter = attribute_adapter()
+    # Two rows: one medium, then two media, each 1 pooled + 3 attribute tokens.
+    rows = ["a " + "<video>" * 4 + " b", "a " + "<video>" * 4 + " b " + "<video>" * 4]
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rows]
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
+    embeds = llm.get_input_embeddings()(input_ids)
+    original = embeds.clone()
+    vectors = [media(1, seed=5), media(2, seed=6)]
+    drop = torch.tensor([True, False, True])
+    out = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video, drop_pooled=drop)
+    full = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video)
+    assert torch.equal(embeds, original)
+    positions = [(input_ids[i] == token_ids.video).nonzero().flatten().tolist() for i in range(2)]
+    dropped_at = {(0, positions[0][0]), (1, positions[1][4])}  # the first token of media 0 and 2
+    for i in range(2):
+        for position in range(input_ids.shape[1]):
+            if (i, position) in dropped_at:
+                assert torch.equal(out[i, position], embeds[i, position])
+                assert not torch.equal(full[i, position], embeds[i, position])
+            else:
+                assert torch.equal(out[i, position], full[i, position])
+    nothing = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video, drop_pooled=torch.zeros(3) > 0)
+    assert torch.equal(nothing, full)
+
+
+def test_drop_pooled_errors(setup):
+    tokenizer, llm, adapter, token_ids = setup
+    input_ids = torch.tensor([tokenizer("a <video> b", add_special_tokens=False)["input_ids"]])
+    embeds = llm.get_input_embeddings()(input_ids)
+    with pytest.raises(ValueError, match=r"`drop_pooled` needs an adapter with attribute tokens"):
+        inject_media_embeds(embeds, input_ids, [media(1, seed=0)], adapter, token_ids.video, drop_pooled=torch.tensor([True]))
+    ids = torch.tensor([tokenizer("a " + "<video>" * 4, add_special_tokens=False)["input_ids"]])
+    embeds = llm.get_input_embeddings()(ids)
+    for bad in (torch.tensor([1]), torch.tensor([True, False]), [True]):
+        with pytest.raises(ValueError, match=r"`drop_pooled` must be a boolean tensor of shape \(1,\)"):
+            inject_media_embeds(embeds, ids, [media(1, seed=0)], attribute_adapter(), token_ids.video, drop_pooled=bad)
+
+
 # ----------------------------------------------------------------------------------------------- tokens
 
 

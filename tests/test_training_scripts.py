@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from diffusers_any2pix.data import MMInstDataError
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.models.prior import Any2PixPrior
+from diffusers_any2pix.multimodal_llm import get_multimodal_token_ids
 from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import generate_dataset
@@ -780,10 +781,62 @@ def test_train_llm_gives_a_pipeline_attribute_tokens_from_heads_and_keeps_them_f
         train_llm.main(argv)
 
 
+def test_train_llm_pooled_drop_leaves_out_pooled_vectors_in_training_only(workspace, tmp_path, monkeypatch):
+    from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
+
+    heads = AttributeHeads(torch.randn(5, TINY_EMBED_DIM), torch.randn(5), (3, 2), 4.0)
+    heads.save(str(tmp_path / ATTRIBUTE_HEADS_FILE))
+    calls = []
+    inject = train_llm.inject_media_embeds
+
+    def recording_inject(inputs_embeds, input_ids, media_embeds, *args, **kwargs):
+        calls.append((sum(e.shape[0] for e in media_embeds), kwargs.get("drop_pooled")))
+        return inject(inputs_embeds, input_ids, media_embeds, *args, **kwargs)
+
+    monkeypatch.setattr(train_llm, "inject_media_embeds", recording_inject)
+    argv = _common(
+        tmp_path / "llm", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+        "--max_train_steps", "4", "--train_batch_size", "2", "--attribute_reader", str(tmp_path),
+        "--pooled_drop_prob", "0.5",
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 4
+    assert len(calls) == 4
+    flags = []
+    for num_media, drop in calls:  # one flag per medium of the batch, drawn afresh each step
+        assert drop.dtype == torch.bool and drop.shape == (num_media,)
+        flags += drop.tolist()
+    assert 0 < sum(flags) < len(flags)
+    # Out of training mode (evaluation) every pooled vector is read.
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "llm"))
+    token_ids = get_multimodal_token_ids(pipeline.llm_tokenizer)
+    model = train_llm.MultimodalLLMForTraining(pipeline.llm, pipeline.mm_adapter, token_ids, pooled_drop_prob=0.5)
+    ids = [token_ids.bos] + [token_ids.video] * 2 * pipeline.mm_adapter.tokens_per_medium + [token_ids.video]
+    input_ids = torch.tensor([ids])
+    batch = dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids, prompt_lengths=[len(ids) - 1],
+        media_embeds=[torch.randn(2, TINY_EMBED_DIM)], target_rows=torch.tensor([0]),
+        target_positions=torch.tensor([len(ids) - 2]), target_embeds=torch.randn(1, TINY_EMBED_DIM),
+    )  # fmt: skip
+    calls.clear()
+    losses = [model.eval()(**batch).loss, model.eval()(**batch).loss]
+    assert [drop for _, drop in calls] == [None, None] and torch.equal(losses[0], losses[1])
+    model.train()(**batch)
+    assert calls[-1][1].shape == (2,)
+    # Without attribute tokens a dropped pooled vector would leave a sound unread.
+    argv = _common(
+        tmp_path / "plain", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+        "--max_train_steps", "1", "--pooled_drop_prob", "0.5",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"`pooled_drop_prob` .* the adapter has no attribute tokens"):
+        train_llm.main(argv)
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
         (["--image_patch_tokens", "-2"], r"`--image_patch_tokens` must be >= 0, got -2"),
+        (["--pooled_drop_prob", "1.0"], r"`--pooled_drop_prob` must be in \[0, 1\), got 1.0"),
+        (["--pooled_drop_prob", "-0.1"], r"`--pooled_drop_prob` must be in \[0, 1\), got -0.1"),
         (["--pretrained_llm", "x"], "exclude each other"),
         (["--lora"], "trains fully"),
     ],

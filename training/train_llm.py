@@ -163,6 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "distribution read by the (frozen) heads and embedded by the adapter. Needs a new adapter or one that reads\n"
         "the same fields.",
     )
+    attributes.add_argument(
+        "--pooled_drop_prob",
+        type=float,
+        default=0.0,
+        help="Share of input media whose pooled vector is left out of a training sample (their attribute tokens\n"
+        "stay), so the LLM learns to name what it is shown from the per-field read-outs. Needs attribute tokens.",
+    )
     training_utils.add_common_training_args(parser, learning_rate=2e-5, train_batch_size=4)
     args = training_utils.check_common_args(parser.parse_args(argv))
     training_utils.resolve_data_paths(args)
@@ -176,6 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("A new LLM from `--llm_config` trains fully; drop `--lora` / `--freeze_llm`.")
     if args.lora and args.freeze_llm:
         raise ValueError("`--lora` and `--freeze_llm` exclude each other.")
+    if not 0.0 <= args.pooled_drop_prob < 1.0:
+        raise ValueError(f"`--pooled_drop_prob` must be in [0, 1), got {args.pooled_drop_prob}.")
     if args.image_patch_tokens is not None and args.image_patch_tokens < 0:
         raise ValueError(f"`--image_patch_tokens` must be >= 0, got {args.image_patch_tokens}.")
     return args
@@ -206,13 +215,23 @@ class MultimodalLLMForTraining(torch.nn.Module):
         llm (`PreTrainedModel`): the causal LM (possibly a peft model).
         mm_adapter (`MultimodalAdapter`): projector, output head (and patch resampler).
         token_ids (`MultimodalTokenIds`): special token ids.
+        pooled_drop_prob (`float`, defaults to 0.0): in training mode, the chance of each input medium's pooled vector
+            being left out (`inject_media_embeds`' `drop_pooled`); needs an adapter with attribute tokens.
     """
 
-    def __init__(self, llm, mm_adapter: MultimodalAdapter, token_ids: MultimodalTokenIds):
+    def __init__(
+        self, llm, mm_adapter: MultimodalAdapter, token_ids: MultimodalTokenIds, pooled_drop_prob: float = 0.0
+    ):
         super().__init__()
+        if pooled_drop_prob > 0 and not mm_adapter.attribute_tokens:
+            raise ValueError(
+                "`pooled_drop_prob` leaves pooled vectors out so the attribute tokens are read; the adapter has no "
+                "attribute tokens (train with `--attribute_reader`)."
+            )
         self.llm = llm
         self.mm_adapter = mm_adapter
         self.token_ids = token_ids
+        self.pooled_drop_prob = pooled_drop_prob
 
     def forward(
         self,
@@ -229,6 +248,10 @@ class MultimodalLLMForTraining(torch.nn.Module):
         """Teacher-forced forward of a `collate_llm_batch` batch: prompt media injected additively (answer
         ``<video>`` tokens keep their plain embedding, as at inference), CE on the answer, L1 on the read-outs."""
         embeds = self.llm.get_input_embeddings()(input_ids)
+        drop_pooled = None
+        if self.training and self.pooled_drop_prob > 0:
+            num_media = sum(e.shape[0] for e in media_embeds)
+            drop_pooled = torch.rand(num_media) < self.pooled_drop_prob
         embeds = inject_media_embeds(
             embeds,
             input_ids,
@@ -237,6 +260,7 @@ class MultimodalLLMForTraining(torch.nn.Module):
             self.token_ids.video,
             prompt_lengths=prompt_lengths,
             image_patches=image_patches,
+            drop_pooled=drop_pooled,
         )
         output = self.llm(
             inputs_embeds=embeds,
@@ -333,7 +357,7 @@ def build_model(
         llm.requires_grad_(False)
     elif args.lora:
         llm = _wrap_lora(args, llm, token_ids)
-    return MultimodalLLMForTraining(llm, adapter, token_ids), tokenizer, token_ids
+    return MultimodalLLMForTraining(llm, adapter, token_ids, args.pooled_drop_prob), tokenizer, token_ids
 
 
 def _resampler_config(args: argparse.Namespace, patch_embed_dim: int | None, image_patch_tokens: int) -> dict:

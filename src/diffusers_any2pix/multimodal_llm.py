@@ -364,6 +364,16 @@ def _check_image_patches(image_patches, media_embeds: list[torch.Tensor], adapte
                 )
 
 
+def _check_drop_pooled(drop_pooled, num_media: int, adapter: MultimodalAdapter) -> None:
+    if not isinstance(drop_pooled, torch.Tensor) or drop_pooled.dtype != torch.bool or drop_pooled.shape != (num_media,):
+        raise ValueError(
+            f"`drop_pooled` must be a boolean tensor of shape ({num_media},), one flag per medium of `media_embeds`."
+        )
+    if not adapter.attribute_tokens:
+        # Without attribute tokens the pooled vector is all the LLM reads of an audio clip (or of any medium).
+        raise ValueError("`drop_pooled` needs an adapter with attribute tokens (`attribute_classes`); this one has none.")
+
+
 def _media_token_counts(
     image_patches: list | None, media_embeds: list[torch.Tensor], adapter: MultimodalAdapter
 ) -> list[list[int]]:
@@ -385,6 +395,7 @@ def inject_media_embeds(
     video_token_id: int,
     prompt_lengths: list[int] | None = None,
     image_patches: list[list[torch.Tensor | None]] | None = None,
+    drop_pooled: torch.BoolTensor | None = None,
 ) -> torch.Tensor:
     """Adds `adapter.project(e)` to the token embeddings at the `<video>` positions, in order.
 
@@ -434,6 +445,8 @@ def inject_media_embeds(
         _check_image_patches(image_patches, media_embeds, adapter)
     if prompt_lengths is not None and len(prompt_lengths) != batch_size:
         raise ValueError(f"`prompt_lengths` has {len(prompt_lengths)} entries but the batch has {batch_size} rows.")
+    if drop_pooled is not None:
+        _check_drop_pooled(drop_pooled, sum(embeds.shape[0] for embeds in media_embeds), adapter)
 
     counts = _media_token_counts(image_patches, media_embeds, adapter)
     rows, cols = [], []
@@ -464,6 +477,9 @@ def inject_media_embeds(
         return inputs_embeds.clone()
     # One projector call (and one resampler call) for the whole batch, then each medium's vectors in prompt order.
     projected = adapter.project_tokens(torch.cat([embeds.to(adapter.device) for embeds in media_embeds]))
+    if drop_pooled is not None:
+        keep = (~drop_pooled).to(device=projected.device, dtype=projected.dtype)[:, None, None]
+        projected = torch.cat([projected[:, :1] * keep, projected[:, 1:]], dim=1)
     flat_patches = [p for row in image_patches or [] for p in row if p is not None]
     resampled = adapter.resample_patches(torch.stack(flat_patches)) if flat_patches else None
     pieces, medium, image = [], 0, 0

@@ -445,7 +445,9 @@ def test_drop_pooled_errors(setup):
     input_ids = torch.tensor([tokenizer("a <video> b", add_special_tokens=False)["input_ids"]])
     embeds = llm.get_input_embeddings()(input_ids)
     with pytest.raises(ValueError, match=r"`drop_pooled` needs an adapter with attribute tokens"):
-        inject_media_embeds(embeds, input_ids, [media(1, seed=0)], adapter, token_ids.video, drop_pooled=torch.tensor([True]))
+        inject_media_embeds(
+            embeds, input_ids, [media(1, seed=0)], adapter, token_ids.video, drop_pooled=torch.tensor([True])
+        )
     ids = torch.tensor([tokenizer("a " + "<video>" * 4, add_special_tokens=False)["input_ids"]])
     embeds = llm.get_input_embeddings()(ids)
     for bad in (torch.tensor([1]), torch.tensor([True, False]), [True]):

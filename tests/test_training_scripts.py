@@ -813,7 +813,8 @@ def test_train_llm_pooled_drop_leaves_out_pooled_vectors_in_training_only(worksp
     ids = [token_ids.bos] + [token_ids.video] * 2 * pipeline.mm_adapter.tokens_per_medium + [token_ids.video]
     input_ids = torch.tensor([ids])
     batch = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids, prompt_lengths=[len(ids) - 1],
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids,
+        prompt_lengths=[len(ids) - 1],
         media_embeds=[torch.randn(2, TINY_EMBED_DIM)], target_rows=torch.tensor([0]),
         target_positions=torch.tensor([len(ids) - 2]), target_embeds=torch.randn(1, TINY_EMBED_DIM),
     )  # fmt: skip

@@ -365,13 +365,16 @@ def _check_image_patches(image_patches, media_embeds: list[torch.Tensor], adapte
 
 
 def _check_drop_pooled(drop_pooled, num_media: int, adapter: MultimodalAdapter) -> None:
-    if not isinstance(drop_pooled, torch.Tensor) or drop_pooled.dtype != torch.bool or drop_pooled.shape != (num_media,):
+    is_flags = isinstance(drop_pooled, torch.Tensor) and drop_pooled.dtype == torch.bool
+    if not is_flags or drop_pooled.shape != (num_media,):
         raise ValueError(
             f"`drop_pooled` must be a boolean tensor of shape ({num_media},), one flag per medium of `media_embeds`."
         )
     if not adapter.attribute_tokens:
         # Without attribute tokens the pooled vector is all the LLM reads of an audio clip (or of any medium).
-        raise ValueError("`drop_pooled` needs an adapter with attribute tokens (`attribute_classes`); this one has none.")
+        raise ValueError(
+            "`drop_pooled` needs an adapter with attribute tokens (`attribute_classes`); this one has none."
+        )
 
 
 def _media_token_counts(

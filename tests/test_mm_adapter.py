@@ -390,6 +390,79 @@ def test_attribute_reader_errors(tmp_path):
         AttributeHeads.load(str(tmp_path / "meta.safetensors"))
 
 
+def test_class_permutation_renames_each_mediums_classes_before_they_become_tokens():
+    adapter = attribute_adapter()
+    e = media(3, seed=7)
+    identity = torch.arange(9).expand(3, 9).clone()
+    assert torch.equal(adapter.project_tokens(e, class_permutation=identity), adapter.project_tokens(e))
+    # Medium 0 swaps classes 0 and 2 of field 0, medium 2 reverses field 2 (classes 5..8); medium 1 stays.
+    permutation = identity.clone()
+    permutation[0, [0, 2]] = torch.tensor([2, 0])
+    permutation[2, 5:] = torch.tensor([8, 7, 6, 5])
+    tokens = adapter.project_tokens(e, class_permutation=permutation)
+    probs = torch.cat(adapter.read_attributes(e), dim=-1)
+    table = adapter.attribute_embedding.weight
+    renamed = torch.stack([probs[i, permutation[i]] for i in range(3)])
+    torch.testing.assert_close(tokens[:, 0], adapter.project(e))  # the pooled token is untouched
+    torch.testing.assert_close(tokens[:, 1], renamed[:, :3] @ table[:3])
+    torch.testing.assert_close(tokens[:, 3], renamed[:, 5:] @ table[5:])
+    torch.testing.assert_close(tokens[0, 1], probs[0, [2, 1, 0]] @ table[:3])
+    assert torch.equal(tokens[1], adapter.project_tokens(e)[1])
+    plain = MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN)
+    with pytest.raises(ValueError, match=r"`class_permutation` needs an adapter with attribute tokens"):
+        plain.project_tokens(e, class_permutation=identity)
+    for bad in (identity[:2], identity.float(), identity[:, :8], [list(range(9))] * 3):
+        with pytest.raises(ValueError, match=r"`class_permutation` must be a long tensor of shape \(3, 9\)"):
+            adapter.project_tokens(e, class_permutation=bad)
+    across = identity.clone()
+    across[1, [2, 3]] = torch.tensor([3, 2])  # class 2 of field 0 and class 0 of field 1 trade places
+    repeated = identity.clone()
+    repeated[0, 1] = 0
+    for bad in (across, repeated):
+        with pytest.raises(ValueError, match="must permute the classes within each attribute field"):
+            adapter.project_tokens(e, class_permutation=bad)
+
+
+def test_injection_passes_each_mediums_class_permutation(setup):
+    tokenizer, llm, _, token_ids = setup
+    adapter = attribute_adapter()
+    ids = tokenizer("a " + "<video>" * 4 + " b " + "<video>" * 4, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    embeds = llm.get_input_embeddings()(input_ids)
+    vectors = [media(2, seed=8)]
+    permutation = torch.arange(9).expand(2, 9).clone()
+    permutation[1, 3:5] = torch.tensor([4, 3])
+    out = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video, class_permutation=permutation)
+    tokens = adapter.project_tokens(vectors[0], class_permutation=permutation)
+    positions = (input_ids[0] == token_ids.video).nonzero().flatten().tolist()
+    for position, vector in zip(positions, [*tokens[0], *tokens[1]]):
+        torch.testing.assert_close(out[0, position], embeds[0, position] + vector)
+    plain = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video)
+    assert torch.equal(out[0, positions[:6]], plain[0, positions[:6]])  # medium 0 and medium 1's first field
+    assert not torch.equal(out[0, positions[6]], plain[0, positions[6]])
+
+
+def test_attribute_heads_class_names_round_trip_and_errors(tmp_path):
+    names = (("plain", "striped", "dotted"), ("", "circle"), ("", "red", "green", "blue"))
+    heads = random_heads()
+    named = AttributeHeads(heads.weight, heads.bias, heads.num_classes, heads.embed_scale, class_names=names)
+    named.save(str(tmp_path / "named.safetensors"))
+    heads.save(str(tmp_path / "plain.safetensors"))
+    assert AttributeHeads.load(str(tmp_path / "named.safetensors")).class_names == names
+    assert AttributeHeads.load(str(tmp_path / "plain.safetensors")).class_names is None
+    for bad in (names[:2], (names[0], ("", "circle", "star"), names[2]), (names[0], ("", 3), names[2])):
+        with pytest.raises(ValueError, match=r"`class_names` must give one string per class of each field"):
+            AttributeHeads(heads.weight, heads.bias, heads.num_classes, heads.embed_scale, class_names=bad)
+    from safetensors.torch import save_file
+
+    save_file(
+        {"weight": heads.weight, "bias": heads.bias}, str(tmp_path / "short.safetensors"),
+        metadata={"num_classes": "3,2,4", "embed_scale": "5.0", "class_names": '[["a", "b", "c"]]'},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"short.safetensors: `class_names` must give one string per class"):
+        AttributeHeads.load(str(tmp_path / "short.safetensors"))
+
+
 def test_injection_with_attribute_tokens_fills_every_medium_in_order(setup):
     tokenizer, llm, _, token_ids = setup
     adapter = attribute_adapter(image_patch_tokens=1, patch_embed_dim=6, resampler_hidden_size=16, resampler_heads=2)

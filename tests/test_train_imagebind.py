@@ -15,6 +15,7 @@ from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import (
+    ATTRIBUTE_CLASS_NAMES,
     ATTRIBUTE_CLASSES,
     SLOTS,
     Scene,
@@ -349,6 +350,8 @@ def test_attribute_loss_trains_the_embedding_and_saves_a_plain_encoder(tmp_path,
     again = AttributeHeads.load(str(tmp_path / "heads2" / ATTRIBUTE_HEADS_FILE))
     assert (saved.num_classes, saved.embed_scale, saved.weight.shape) == (ATTRIBUTE_CLASSES, 1.0, (43, 16))
     assert torch.equal(saved.weight, again.weight) and torch.equal(saved.bias, again.bias)
+    assert saved.class_names == ATTRIBUTE_CLASS_NAMES  # so train_llm.py --relabel_words can find a word's classes
+    assert saved.class_names[1] == ("", "circle", "square", "triangle", "star", "cross")
     # Heads reading the embedding at norm 20 train the tower differently.
     train_imagebind.main(
         argv[:1] + [str(tmp_path / "scaled")] + argv[2:] + ["--max_train_steps", "2", "--attribute_embed_scale", "20"]

@@ -37,7 +37,7 @@ from diffusers_any2pix.multimodal_llm import (
     expand_media_tokens,
     find_embedding_positions,
 )
-from diffusers_any2pix.shapes import generate_dataset
+from diffusers_any2pix.shapes import ATTRIBUTE_CLASS_NAMES, ATTRIBUTE_CLASSES, generate_dataset
 from diffusers_any2pix.testing_utils import tiny_llm_tokenizer
 from diffusers_any2pix.multimodal_llm import add_multimodal_tokens
 
@@ -460,6 +460,95 @@ def test_llm_dataset_answer_swap_errors(source_data, examples, tokenizer, groups
             examples, _features(source_data), tokenizer, token_ids, seed=0, answer_swap_words=groups,
             answer_swap_prob=prob,
         )  # fmt: skip
+
+
+RELABEL_GROUPS = SWAP_GROUPS  # every word one token of the tiny tokenizer; a group may leave classes out
+RELABEL = dict(attribute_tokens=len(ATTRIBUTE_CLASSES), attribute_class_names=ATTRIBUTE_CLASS_NAMES)
+
+
+def test_llm_dataset_relabel_renames_words_and_attribute_classes_alike(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    features = _features(source_data)
+    clean = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, **RELABEL)
+    off = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, relabel_words=RELABEL_GROUPS, **RELABEL)
+    always = MMInstLLMDataset(
+        examples, features, tokenizer, token_ids, seed=0, relabel_words=RELABEL_GROUPS, relabel_prob=1.0, **RELABEL
+    )
+    half = MMInstLLMDataset(
+        examples, features, tokenizer, token_ids, seed=0, relabel_words=RELABEL_GROUPS, relabel_prob=0.5, **RELABEL
+    )
+    group_of = {}
+    for group in RELABEL_GROUPS:
+        ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in group]
+        group_of.update({i: (group, ids) for i in ids})
+    starts = np.cumsum([0, *ATTRIBUTE_CLASSES])
+    identity = torch.arange(sum(ATTRIBUTE_CLASSES))
+    renamed_words = relabelled = 0
+    for index in range(len(clean)):
+        a, o, r = clean[(1, index)], off[(1, index)], always[(1, index)]
+        num_media = a["media_embeds"].shape[0]
+        # Probability 0 leaves the sample as it was: identity classes, full embedding weights, pooled vectors kept.
+        for key in ("input_ids", "labels", "media_embeds", "target_embeds"):
+            assert torch.equal(a[key], o[key]) and torch.equal(a[key], r[key] if key.endswith("embeds") else a[key])
+        assert a["class_permutation"] is None and not o["relabelled"]
+        assert torch.equal(o["class_permutation"], identity.expand(num_media, -1))
+        assert torch.equal(o["target_weights"], torch.ones(len(a["target_embeds"])))
+        # Probability 1: one renaming of each group applied at every position of the conversation, labels alike.
+        assert r["relabelled"] and torch.equal(r["target_weights"], torch.zeros(len(a["target_embeds"])))
+        mapping = {}
+        for before, after in [*zip(a["input_ids"].tolist(), r["input_ids"].tolist()), *zip(
+            a["labels"].tolist(), r["labels"].tolist()
+        )]:
+            if before in group_of:
+                assert after in group_of[before][1] and mapping.setdefault(before, after) == after
+            else:
+                assert before == after
+        assert len(set(mapping.values())) == len(mapping)  # a renaming, never two words to one
+        renamed_words += sum(before != after for before, after in mapping.items())
+        # The media read the new names: the class of a word's new name holds what the word's class held.
+        permutation = r["class_permutation"]
+        assert permutation.shape == (num_media, sum(ATTRIBUTE_CLASSES)) and permutation.dtype == torch.long
+        for before, after in mapping.items():
+            group, ids = group_of[before]
+            old, new = group[ids.index(before)], group[ids.index(after)]
+            for field, names in enumerate(ATTRIBUTE_CLASS_NAMES):
+                if old in names:
+                    assert (permutation[:, starts[field] + names.index(new)] == starts[field] + names.index(old)).all()
+        assert torch.equal(r["input_ids"], always[(1, index)]["input_ids"])  # deterministic
+        relabelled += half[(1, index)]["relabelled"] + half[(2, index)]["relabelled"]
+    assert renamed_words > 10
+    assert 0.25 < relabelled / (2 * len(clean)) < 0.75
+    assert collate_llm_batch([clean[(1, 0)], clean[(1, 1)]], token_ids.pad)["class_permutation"] is None
+    mixed = collate_llm_batch([clean[(1, 0)], always[(1, 1)]], pad_token_id=token_ids.pad)["class_permutation"]
+    assert torch.equal(mixed[: clean[(1, 0)]["media_embeds"].shape[0]], identity.expand(len(mixed) - len(
+        always[(1, 1)]["class_permutation"]), -1))
+    batch = collate_llm_batch([always[(1, 0)], off[(1, 1)]], pad_token_id=token_ids.pad)
+    counts = [always[(1, 0)]["media_embeds"].shape[0], off[(1, 1)]["media_embeds"].shape[0]]
+    assert batch["relabelled_media"].tolist() == [True] * counts[0] + [False] * counts[1]
+    assert torch.equal(batch["class_permutation"], torch.cat([always[(1, 0)]["class_permutation"], off[(1, 1)][
+        "class_permutation"]]))
+    assert batch["target_weights"].tolist() == [0.0] * len(always[(1, 0)]["target_embeds"]) + [1.0] * len(
+        off[(1, 1)]["target_embeds"]
+    )
+
+
+@pytest.mark.parametrize(
+    "groups, kwargs, message",
+    [
+        (RELABEL_GROUPS, dict(attribute_class_names=ATTRIBUTE_CLASS_NAMES), r"it needs `attribute_tokens` > 0"),
+        (RELABEL_GROUPS, dict(attribute_tokens=7), r"`relabel_words` needs `attribute_class_names`"),
+        (RELABEL_GROUPS, dict(RELABEL, attribute_tokens=6), r"`attribute_class_names` names 7 fields but the media"),
+        ([["red", "left"]], RELABEL, r"`relabel_words`: 'left' must name a class in the same attribute fields as"),
+        ([["red", "circle"]], RELABEL, r"'circle' must name a class in the same attribute fields as 'red'"),
+        ([["red", "zebra"]], RELABEL, r"`relabel_words`: 'zebra' must be one plain token"),
+        ([["red", "blue"], ["blue", "star"]], RELABEL, r"`relabel_words`: 'blue' is listed twice"),
+        ([["red", "blue"]], dict(RELABEL, relabel_prob=1.5), r"`relabel_prob` must lie in \[0, 1\], got 1.5"),
+    ],
+)
+def test_llm_dataset_relabel_errors(source_data, examples, tokenizer, groups, kwargs, message):
+    tokenizer, token_ids = tokenizer
+    with pytest.raises(ValueError, match=message):
+        MMInstLLMDataset(examples, _features(source_data), tokenizer, token_ids, seed=0, relabel_words=groups, **kwargs)
 
 
 def test_llm_dataset_reproduce_samples_ask_for_the_unchanged_base(source_data, examples, tokenizer):

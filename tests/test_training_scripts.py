@@ -832,12 +832,75 @@ def test_train_llm_pooled_drop_leaves_out_pooled_vectors_in_training_only(worksp
         train_llm.main(argv)
 
 
+def test_train_llm_relabel_renames_classes_and_leaves_out_what_still_shows_the_old_names(
+    workspace, tmp_path, monkeypatch
+):
+    from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
+    from diffusers_any2pix.shapes import ATTRIBUTE_CLASS_NAMES, ATTRIBUTE_CLASSES
+
+    rows = sum(ATTRIBUTE_CLASSES)
+    heads = AttributeHeads(
+        torch.randn(rows, TINY_EMBED_DIM), torch.randn(rows), ATTRIBUTE_CLASSES, 4.0, class_names=ATTRIBUTE_CLASS_NAMES
+    )
+    heads.save(str(tmp_path / ATTRIBUTE_HEADS_FILE))
+    calls = []
+    inject = train_llm.inject_media_embeds
+
+    def recording_inject(inputs_embeds, input_ids, media_embeds, *args, **kwargs):
+        calls.append((sum(e.shape[0] for e in media_embeds), kwargs.get("drop_pooled"), kwargs["class_permutation"]))
+        return inject(inputs_embeds, input_ids, media_embeds, *args, **kwargs)
+
+    monkeypatch.setattr(train_llm, "inject_media_embeds", recording_inject)
+    argv = _common(
+        tmp_path / "llm", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+        "--max_train_steps", "3", "--train_batch_size", "2", "--attribute_reader", str(tmp_path),
+        "--relabel_words", "red,green,blue,yellow", "circle,square,triangle,star", "--relabel_prob", "1.0",
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 3
+    assert len(calls) == 3
+    renamed = 0
+    for num_media, drop, permutation in calls:  # every medium relabelled: none keeps its pooled vector
+        assert torch.equal(drop, torch.ones(num_media, dtype=torch.bool))
+        assert permutation.shape == (num_media, rows)
+        renamed += int((permutation != torch.arange(rows)).any(dim=-1).sum())
+    assert renamed > 0
+    # The embedding loss weighs each target: all 1 is the plain mean, all 0 leaves only the LM loss.
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "llm"))
+    token_ids = get_multimodal_token_ids(pipeline.llm_tokenizer)
+    model = train_llm.MultimodalLLMForTraining(pipeline.llm, pipeline.mm_adapter, token_ids).eval()
+    ids = [token_ids.bos] + [token_ids.video] * pipeline.mm_adapter.tokens_per_medium + [token_ids.video] * 2
+    input_ids = torch.tensor([ids])
+    batch = dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids,
+        prompt_lengths=[len(ids) - 2],
+        media_embeds=[torch.randn(1, TINY_EMBED_DIM)], target_rows=torch.tensor([0, 0]),
+        target_positions=torch.tensor([len(ids) - 3, len(ids) - 2]), target_embeds=torch.randn(2, TINY_EMBED_DIM),
+    )  # fmt: skip
+    plain = model(**batch)
+    torch.testing.assert_close(model(**batch, target_weights=torch.ones(2)).embedding_loss, plain.embedding_loss)
+    zero = model(**batch, target_weights=torch.zeros(2))
+    assert zero.embedding_loss.item() == 0.0 and torch.equal(zero.loss, zero.lm_loss)
+    half = model(**batch, target_weights=torch.tensor([1.0, 0.0]))
+    first = dict(
+        batch, target_rows=torch.tensor([0]), target_positions=torch.tensor([len(ids) - 3]),
+        target_embeds=batch["target_embeds"][:1],
+    )  # fmt: skip
+    torch.testing.assert_close(half.embedding_loss, model(**first).embedding_loss)  # the weighted target alone
+    # Heads that do not name their classes cannot say which class a word is.
+    AttributeHeads(heads.weight, heads.bias, ATTRIBUTE_CLASSES, 4.0).save(str(tmp_path / "unnamed.safetensors"))
+    argv[argv.index("--attribute_reader") + 1] = str(tmp_path / "unnamed.safetensors")
+    with pytest.raises(ValueError, match=r"`relabel_words` needs `attribute_class_names`"):
+        train_llm.main(argv)
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
         (["--image_patch_tokens", "-2"], r"`--image_patch_tokens` must be >= 0, got -2"),
         (["--pooled_drop_prob", "1.0"], r"`--pooled_drop_prob` must be in \[0, 1\), got 1.0"),
         (["--pooled_drop_prob", "-0.1"], r"`--pooled_drop_prob` must be in \[0, 1\), got -0.1"),
+        (["--relabel_prob", "1.5"], r"`--relabel_prob` must be in \[0, 1\], got 1.5"),
+        (["--relabel_words", "red,green"], r"`--relabel_words` renames attribute classes: it needs `--attribute_"),
         (["--pretrained_llm", "x"], "exclude each other"),
         (["--lora"], "trains fully"),
     ],

@@ -84,7 +84,14 @@ from diffusers_any2pix.shapes import (
 )
 from diffusers_any2pix.shapes.generate import HELDOUT_COMBINATIONS
 from diffusers_any2pix.shapes.probe import random_scenes
-from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES, IGNORE_LABEL, SLOT_PHRASES, Scene, attribute_labels
+from diffusers_any2pix.shapes.world import (
+    ATTRIBUTE_CLASS_NAMES,
+    ATTRIBUTE_CLASSES,
+    IGNORE_LABEL,
+    SLOT_PHRASES,
+    Scene,
+    attribute_labels,
+)
 
 
 logger = get_logger(__name__)
@@ -310,6 +317,7 @@ class ImageBindWithAttributeHeads(torch.nn.Module):
             bias=self.attribute_heads.bias.detach().cpu(),
             num_classes=self.num_classes,
             embed_scale=self.embed_scale,
+            class_names=ATTRIBUTE_CLASS_NAMES if self.num_classes == ATTRIBUTE_CLASSES else None,
         )
 
     def forward(self, pixel_values: torch.Tensor, **inputs) -> tuple[Any, tuple[torch.Tensor, ...]]:

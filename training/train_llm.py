@@ -170,6 +170,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of input media whose pooled vector is left out of a training sample (their attribute tokens\n"
         "stay), so the LLM learns to name what it is shown from the per-field read-outs. Needs attribute tokens.",
     )
+    attributes.add_argument(
+        "--relabel_words",
+        nargs="+",
+        default=[],
+        metavar="WORD,WORD,...",
+        help="Groups of words naming attribute classes, one comma-separated group per value (e.g. the colours, the\n"
+        "shapes, the backgrounds): a relabelled sample (--relabel_prob) renames each group's words by a random\n"
+        "permutation in its whole conversation and its media's attribute classes alike, so words get paired as the\n"
+        "records never pair them. Needs --attribute_reader heads that name their classes.",
+    )
+    attributes.add_argument(
+        "--relabel_prob", type=float, default=0.0, help="Share of samples relabelled by --relabel_words."
+    )
     training_utils.add_common_training_args(parser, learning_rate=2e-5, train_batch_size=4)
     args = training_utils.check_common_args(parser.parse_args(argv))
     training_utils.resolve_data_paths(args)
@@ -185,6 +198,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("`--lora` and `--freeze_llm` exclude each other.")
     if not 0.0 <= args.pooled_drop_prob < 1.0:
         raise ValueError(f"`--pooled_drop_prob` must be in [0, 1), got {args.pooled_drop_prob}.")
+    if not 0.0 <= args.relabel_prob <= 1.0:
+        raise ValueError(f"`--relabel_prob` must be in [0, 1], got {args.relabel_prob}.")
+    if args.relabel_words and args.attribute_reader is None:
+        raise ValueError("`--relabel_words` renames attribute classes: it needs `--attribute_reader`.")
     if args.image_patch_tokens is not None and args.image_patch_tokens < 0:
         raise ValueError(f"`--image_patch_tokens` must be >= 0, got {args.image_patch_tokens}.")
     return args
@@ -217,6 +234,10 @@ class MultimodalLLMForTraining(torch.nn.Module):
         token_ids (`MultimodalTokenIds`): special token ids.
         pooled_drop_prob (`float`, defaults to 0.0): in training mode, the chance of each input medium's pooled vector
             being left out (`inject_media_embeds`' `drop_pooled`); needs an adapter with attribute tokens.
+
+    A batch of a dataset with `relabel_words` also brings each medium's ``class_permutation`` and ``relabelled``
+    flag (the pooled vectors of relabelled media are always left out: they show the scene under its old names) and
+    per-target ``target_weights`` of the embedding loss.
     """
 
     def __init__(
@@ -244,14 +265,20 @@ class MultimodalLLMForTraining(torch.nn.Module):
         target_positions: torch.LongTensor,
         target_embeds: torch.Tensor,
         image_patches: list[list[torch.Tensor | None]] | None = None,
+        target_weights: torch.Tensor | None = None,
+        relabelled_media: torch.BoolTensor | None = None,
+        class_permutation: torch.LongTensor | None = None,
     ) -> LLMTrainingOutput:
         """Teacher-forced forward of a `collate_llm_batch` batch: prompt media injected additively (answer
         ``<video>`` tokens keep their plain embedding, as at inference), CE on the answer, L1 on the read-outs."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         drop_pooled = None
+        num_media = sum(e.shape[0] for e in media_embeds)
         if self.training and self.pooled_drop_prob > 0:
-            num_media = sum(e.shape[0] for e in media_embeds)
             drop_pooled = torch.rand(num_media) < self.pooled_drop_prob
+        if class_permutation is not None and relabelled_media is not None and bool(relabelled_media.any()):
+            relabelled_media = relabelled_media.cpu()
+            drop_pooled = relabelled_media if drop_pooled is None else drop_pooled | relabelled_media
         embeds = inject_media_embeds(
             embeds,
             input_ids,
@@ -261,6 +288,7 @@ class MultimodalLLMForTraining(torch.nn.Module):
             prompt_lengths=prompt_lengths,
             image_patches=image_patches,
             drop_pooled=drop_pooled,
+            class_permutation=class_permutation,
         )
         output = self.llm(
             inputs_embeds=embeds,
@@ -272,7 +300,13 @@ class MultimodalLLMForTraining(torch.nn.Module):
         # The last entry of `hidden_states` is the final layer after the final norm, as read at inference.
         hidden = output.hidden_states[-1][target_rows, target_positions]
         predicted = self.mm_adapter.predict(hidden)
-        embedding_loss = F.l1_loss(predicted.float(), target_embeds.to(predicted.device).float())
+        per_target = F.l1_loss(predicted.float(), target_embeds.to(predicted.device).float(), reduction="none")
+        if target_weights is None:
+            embedding_loss = per_target.mean()
+        else:
+            # Mean over the weighted targets (0 when none has weight), the plain mean when all weigh 1.
+            weights = target_weights.to(per_target.device).float()
+            embedding_loss = (per_target.mean(dim=-1) * weights).sum() / weights.sum().clamp(min=1.0)
         return LLMTrainingOutput(loss=output.loss + embedding_loss, lm_loss=output.loss, embedding_loss=embedding_loss)
 
 
@@ -440,6 +474,11 @@ def trained_llm(model: MultimodalLLMForTraining, in_place: bool = False):
     return llm
 
 
+def _word_groups(values: list[str]) -> list[list[str]]:
+    """Comma-separated word groups, one per command-line value."""
+    return [[w.strip() for w in group.split(",") if w.strip()] for group in values]
+
+
 def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     """Runs the training; returns the training summary (see `write_training_summary`)."""
     if not isinstance(args, argparse.Namespace):
@@ -464,11 +503,14 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         caption_text_prob=args.caption_text_prob,
         answer_noise_prob=args.answer_noise_prob,
         answer_noise_source=args.answer_noise_source,
-        answer_swap_words=[[w.strip() for w in group.split(",") if w.strip()] for group in args.answer_swap_words],
+        answer_swap_words=_word_groups(args.answer_swap_words),
         answer_swap_prob=args.answer_swap_prob,
         reproduce_prob=args.reproduce_prob,
         image_patch_tokens=model.mm_adapter.config.image_patch_tokens,
         attribute_tokens=model.mm_adapter.attribute_tokens,
+        relabel_words=_word_groups(args.relabel_words),
+        relabel_prob=args.relabel_prob,
+        attribute_class_names=AttributeHeads.load(args.attribute_reader).class_names if args.relabel_words else None,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     collate = partial(collate_llm_batch, pad_token_id=token_ids.pad)

@@ -736,6 +736,21 @@ class MMInstLLMDataset(Dataset):
         answer_swap_prob (`float`, defaults to 1.0): see `answer_swap_words`; no effect without groups.
         attribute_tokens (`int`, defaults to 0):
             The adapter's `attribute_tokens`: every medium takes that many more ``<video>`` tokens in the prompt.
+        relabel_words (`Sequence[Sequence[str]]`, defaults to ``()``):
+            Groups of words that name attribute classes (e.g. the colours), each word one token of ``tokenizer``,
+            in one group only, and a class of the same fields of `attribute_class_names` as the rest of its group.
+            A relabelled sample (share `relabel_prob`) renames the words of each group by a random permutation
+            everywhere in its conversation (``input_ids`` and ``labels``) and its media's attribute classes alike
+            (item key ``class_permutation``, for `MultimodalAdapter.project_tokens`): a consistent sample of a world
+            where, say, red and green swapped names, which can pair words never paired in the records (e.g. a
+            held-out colour and shape). Its media carry only what the renamed attribute tokens say (item key
+            ``relabelled``: the pooled vectors must be left out) and its embedding targets, of the unrenamed
+            scene, get weight 0 (item key ``target_weights``). Drawn from a generator of its own, so 0 reproduces
+            the samples of a run without it.
+        relabel_prob (`float`, defaults to 0.0): see `relabel_words`.
+        attribute_class_names (`Sequence[Sequence[str]]`, *optional*):
+            Per attribute field, the word each class stands for (`AttributeHeads.class_names`); required by
+            `relabel_words`.
     """
 
     def __init__(
@@ -756,6 +771,9 @@ class MMInstLLMDataset(Dataset):
         answer_swap_words: Sequence[Sequence[str]] = (),
         answer_swap_prob: float = 1.0,
         attribute_tokens: int = 0,
+        relabel_words: Sequence[Sequence[str]] = (),
+        relabel_prob: float = 0.0,
+        attribute_class_names: Sequence[Sequence[str]] | None = None,
     ):
         if isinstance(attribute_tokens, bool) or not isinstance(attribute_tokens, int) or attribute_tokens < 0:
             raise ValueError(f"`attribute_tokens` must be a non-negative integer, got {attribute_tokens!r}.")
@@ -765,6 +783,7 @@ class MMInstLLMDataset(Dataset):
             ("answer_noise_prob", answer_noise_prob),
             ("reproduce_prob", reproduce_prob),
             ("answer_swap_prob", answer_swap_prob),
+            ("relabel_prob", relabel_prob),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must lie in [0, 1], got {value}.")
@@ -792,33 +811,84 @@ class MMInstLLMDataset(Dataset):
         self.answer_noise_source = answer_noise_source
         self._followers = self._answer_followers() if answer_noise_prob > 0 and answer_noise_source == "context" else {}
         self.answer_swap_prob = answer_swap_prob
-        self._swap_groups = self._swap_group_ids(answer_swap_words)
+        self._swap_groups = self._word_group_ids(answer_swap_words, "answer_swap_words")
+        self.relabel_prob = relabel_prob
+        self._relabel = self._relabel_tables(relabel_words, attribute_class_names)
 
-    def _swap_group_ids(self, groups: Sequence[Sequence[str]]) -> dict[int, list[int]]:
-        """Maps each token id of `answer_swap_words` to the ids of its group, checking every word is one plain token
-        of the tokenizer and in one group only."""
+    def _word_group_ids(self, groups: Sequence[Sequence[str]], argument: str) -> dict[int, list[int]]:
+        """Maps each token id of the word groups given as `argument` to the ids of its group, checking every word is
+        one plain token of the tokenizer and in one group only."""
         if isinstance(groups, str) or any(isinstance(group, str) for group in groups):
-            raise ValueError(
-                f"`answer_swap_words` must be a sequence of word groups (lists of words), got {groups!r}."
-            )
+            raise ValueError(f"`{argument}` must be a sequence of word groups (lists of words), got {groups!r}.")
         swap: dict[int, list[int]] = {}
         for group in groups:
             if len(group) < 2:
-                raise ValueError(f"`answer_swap_words`: each group needs at least two words, got {list(group)!r}.")
+                raise ValueError(f"`{argument}`: each group needs at least two words, got {list(group)!r}.")
             ids = []
             for word in group:
                 encoded = self._encode(word)
                 plain = len(encoded) == 1 and encoded[0] not in self._protected_ids
                 if not plain or encoded[0] == self.tokenizer.unk_token_id:
                     raise ValueError(
-                        f"`answer_swap_words`: {word!r} must be one plain token of the LLM's tokenizer, it encodes "
+                        f"`{argument}`: {word!r} must be one plain token of the LLM's tokenizer, it encodes "
                         f"to {encoded}."
                     )
                 if encoded[0] in swap or encoded[0] in ids:
-                    raise ValueError(f"`answer_swap_words`: {word!r} is listed twice.")
+                    raise ValueError(f"`{argument}`: {word!r} is listed twice.")
                 ids.append(encoded[0])
             swap.update({i: ids for i in ids})
         return swap
+
+    def _relabel_tables(
+        self, groups: Sequence[Sequence[str]], class_names: Sequence[Sequence[str]] | None
+    ) -> list[tuple[list[int], np.ndarray]] | None:
+        """Per `relabel_words` group: its token ids and a ``(num_words, num_fields)`` array of each word's class
+        index (all fields concatenated) in every field that names it; `None` without groups."""
+        ids_of = self._word_group_ids(groups, "relabel_words")
+        if not groups:
+            return None
+        if not self.attribute_tokens:
+            raise ValueError("`relabel_words` renames attribute classes: it needs `attribute_tokens` > 0.")
+        if class_names is None:
+            raise ValueError(
+                "`relabel_words` needs `attribute_class_names`, the word of each attribute class (heads trained by "
+                "train_imagebind.py on ShapesWorld carry them)."
+            )
+        if len(class_names) != self.attribute_tokens:
+            raise ValueError(
+                f"`attribute_class_names` names {len(class_names)} fields but the media take {self.attribute_tokens} "
+                "attribute tokens, one per field."
+            )
+        starts = np.cumsum([0] + [len(field) for field in class_names])
+        self._num_classes = int(starts[-1])
+        tables = []
+        for group in groups:
+            # Per word: (field, class index in all fields concatenated) of every class it names.
+            named = [
+                [(f, int(starts[f]) + list(field).index(word)) for f, field in enumerate(class_names) if word in field]
+                for word in group
+            ]
+            for word, classes in zip(group, named):
+                if not classes or [f for f, _ in classes] != [f for f, _ in named[0]]:
+                    raise ValueError(
+                        f"`relabel_words`: {word!r} must name a class in the same attribute fields as {group[0]!r}; "
+                        f"the class names are {[list(field) for field in class_names]}."
+                    )
+            ids = ids_of[self._encode(group[0])[0]]
+            tables.append((ids, np.array([[c for _, c in classes] for classes in named])))
+        return tables
+
+    def _relabelling(self, rng: np.random.Generator) -> tuple[dict[int, int], torch.LongTensor]:
+        """A random renaming of each `relabel_words` group: the token id map and the matching class permutation."""
+        token_map: dict[int, int] = {}
+        permutation = torch.arange(self._num_classes)
+        for ids, classes in self._relabel:
+            order = rng.permutation(len(ids))
+            for word, renamed in enumerate(order):
+                token_map[ids[word]] = ids[renamed]
+                # The word's classes now read as the classes of its new name.
+                permutation[classes[renamed]] = torch.from_numpy(classes[word])
+        return token_map, permutation
 
     def _swap_answer_words(
         self, noisy: list[int], true_ids: list[int], prompt_length: int, keep: list[int], rng: np.random.Generator
@@ -915,6 +985,18 @@ class MMInstLLMDataset(Dataset):
                 f"{where}: the tokenizer splits the conversation differently at the prompt/answer boundary, so the "
                 "training prompt would differ from the inference prompt."
             )
+        relabelled = self._relabel is not None and (
+            np.random.default_rng([self.seed, epoch, index, 4]).random() < self.relabel_prob
+        )
+        class_permutation = None
+        if self._relabel is not None:
+            token_map, class_permutation = (
+                self._relabelling(np.random.default_rng([self.seed, epoch, index, 5]))
+                if relabelled
+                else ({}, torch.arange(self._num_classes))
+            )
+            prompt_ids = [token_map.get(i, i) for i in prompt_ids]
+            full_ids = [token_map.get(i, i) for i in full_ids]
         if len(full_ids) > self.max_length:
             raise MMInstDataError(f"{where}: {len(full_ids)} tokens exceed --max_length {self.max_length}.")
         prompt_length = len(prompt_ids)
@@ -955,6 +1037,11 @@ class MMInstLLMDataset(Dataset):
             "image_patches": patches,
             "target_positions": torch.tensor(target_positions, dtype=torch.long),
             "target_embeds": rescale_to_norm(torch.stack(targets), self.target_norm),
+            "target_weights": torch.full((len(targets),), 0.0 if relabelled else 1.0),
+            "relabelled": relabelled,
+            "class_permutation": None
+            if class_permutation is None
+            else class_permutation.expand(len(inputs), -1).clone(),
         }
 
 
@@ -979,7 +1066,27 @@ def collate_llm_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[
         "target_rows": torch.cat([torch.full_like(s["target_positions"], row) for row, s in enumerate(samples)]),
         "target_positions": torch.cat([s["target_positions"] for s in samples]),
         "target_embeds": torch.cat([s["target_embeds"] for s in samples]),
+        "target_weights": torch.cat([s["target_weights"] for s in samples]),
+        "relabelled_media": torch.cat(
+            [torch.full((s["media_embeds"].shape[0],), s["relabelled"], dtype=torch.bool) for s in samples]
+        ),
+        "class_permutation": _collate_class_permutations(samples),
     }
+
+
+def _collate_class_permutations(samples: list[dict[str, Any]]) -> torch.LongTensor | None:
+    """The media's class permutations in batch order (identity rows for samples without one); `None` when no
+    sample has one."""
+    given = [s["class_permutation"] for s in samples if s["class_permutation"] is not None]
+    if not given:
+        return None
+    identity = torch.arange(given[0].shape[1])
+    return torch.cat(
+        [
+            identity.expand(len(s["media_embeds"]), -1) if s["class_permutation"] is None else s["class_permutation"]
+            for s in samples
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ prior pairs

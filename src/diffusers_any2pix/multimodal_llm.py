@@ -399,6 +399,7 @@ def inject_media_embeds(
     prompt_lengths: list[int] | None = None,
     image_patches: list[list[torch.Tensor | None]] | None = None,
     drop_pooled: torch.BoolTensor | None = None,
+    class_permutation: torch.LongTensor | None = None,
 ) -> torch.Tensor:
     """Adds `adapter.project(e)` to the token embeddings at the `<video>` positions, in order.
 
@@ -427,6 +428,13 @@ def inject_media_embeds(
         image_patches (`list[list[torch.Tensor | None]]`, *optional*):
             Per row, per medium: the image's `(num_patches, patch_embed_dim)` patch tokens, or `None` (audio, or an
             image given by its pooled vector alone). Default: no patches.
+        drop_pooled (`torch.BoolTensor`, *optional*):
+            One flag per medium (all rows' media in order): a flagged medium's pooled token gets no vector, only
+            its attribute tokens carry it (training's `pooled_drop_prob`). Needs an adapter with attribute tokens.
+        class_permutation (`torch.LongTensor`, *optional*):
+            Shape `(num_media, sum(attribute_classes))`, media in the same order: renames each medium's attribute
+            classes before they become tokens (see `MultimodalAdapter.project_tokens`; training's
+            `--relabel_words`). Needs an adapter with attribute tokens.
 
     Returns:
         `torch.Tensor`: a new tensor like `inputs_embeds`.
@@ -479,7 +487,9 @@ def inject_media_embeds(
     if rows.numel() == 0:
         return inputs_embeds.clone()
     # One projector call (and one resampler call) for the whole batch, then each medium's vectors in prompt order.
-    projected = adapter.project_tokens(torch.cat([embeds.to(adapter.device) for embeds in media_embeds]))
+    projected = adapter.project_tokens(
+        torch.cat([embeds.to(adapter.device) for embeds in media_embeds]), class_permutation=class_permutation
+    )
     if drop_pooled is not None:
         keep = (~drop_pooled).to(device=projected.device, dtype=projected.dtype)[:, None, None]
         projected = torch.cat([projected[:, :1] * keep, projected[:, 1:]], dim=1)

@@ -7,6 +7,7 @@ two MLPs inside the LLM as `model.vae_projector_image.*` and `model.vae_predicto
 standalone diffusers component so that the LLM stays a plain transformers model.
 """
 
+import json
 import os
 from dataclasses import dataclass
 from numbers import Real
@@ -34,12 +35,29 @@ class AttributeHeads:
         bias (`torch.Tensor`): shape `(sum(num_classes),)`.
         num_classes (`tuple[int, ...]`): classes of each field.
         embed_scale (`float`): the norm of the embeddings the heads read.
+        class_names (`tuple[tuple[str, ...], ...]`, *optional*): per field, the word each class stands for (``""``
+            for none), e.g. ShapesWorld's `ATTRIBUTE_CLASS_NAMES`; lets `train_llm.py --relabel_words` find the
+            classes of a caption word.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor
     num_classes: tuple[int, ...]
     embed_scale: float
+    class_names: tuple[tuple[str, ...], ...] | None = None
+
+    def __post_init__(self):
+        if self.class_names is not None:
+            names = tuple(tuple(field) for field in self.class_names)
+            if len(names) != len(self.num_classes) or any(
+                len(field) != n or not all(isinstance(name, str) for name in field)
+                for field, n in zip(names, self.num_classes)
+            ):
+                raise ValueError(
+                    f"`class_names` must give one string per class of each field ({tuple(self.num_classes)} "
+                    f"classes), got {self.class_names!r}."
+                )
+            self.class_names = names
 
     def save(self, path: str) -> None:
         """Writes the heads as one safetensors file (``num_classes`` and ``embed_scale`` in its metadata)."""
@@ -47,6 +65,8 @@ class AttributeHeads:
             "num_classes": ",".join(str(n) for n in self.num_classes),
             "embed_scale": repr(float(self.embed_scale)),
         }
+        if self.class_names is not None:
+            metadata["class_names"] = json.dumps(self.class_names)
         tensors = {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float().contiguous()}
         save_file(tensors, path, metadata=metadata)
 
@@ -81,6 +101,7 @@ class AttributeHeads:
         try:
             num_classes = tuple(int(n) for n in metadata["num_classes"].split(","))
             embed_scale = float(metadata["embed_scale"])
+            class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
         except ValueError as error:
             raise ValueError(f"{path}: unreadable metadata {metadata}: {error}") from None
         if weight.ndim != 2 or bias.shape != (weight.shape[0],) or weight.shape[0] != sum(num_classes):
@@ -88,7 +109,10 @@ class AttributeHeads:
                 f"{path}: `weight` {tuple(weight.shape)} and `bias` {tuple(bias.shape)} do not match num_classes "
                 f"{num_classes} (sum {sum(num_classes)} rows)."
             )
-        return cls(weight=weight, bias=bias, num_classes=num_classes, embed_scale=embed_scale)
+        try:
+            return cls(weight, bias, num_classes, embed_scale, class_names=class_names)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 def rescale_to_norm(x: torch.Tensor, norm: float, eps: float = 1e-9) -> torch.Tensor:
@@ -328,21 +352,49 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         logits = self.attribute_reader(rescaled.to(self.dtype))
         return [field.softmax(dim=-1) for field in logits.split(list(self.config.attribute_classes), dim=-1)]
 
-    def project_tokens(self, media_embeds: torch.Tensor) -> torch.Tensor:
+    def project_tokens(
+        self, media_embeds: torch.Tensor, class_permutation: torch.LongTensor | None = None
+    ) -> torch.Tensor:
         """All input vectors of media given by their pooled embedding: `project`'s, then one per attribute field.
 
         Args:
             media_embeds (`torch.Tensor`):
                 ImageBind embeddings of shape `(num_media, embed_dim)`, at any norm.
+            class_permutation (`torch.LongTensor`, *optional*):
+                Shape `(num_media, sum(attribute_classes))`: the read class probabilities of each medium, all fields
+                concatenated, are replaced by ``probs[class_permutation]`` (a permutation within each field), so a
+                medium reads as if its classes had been renamed (training's `--relabel_words`). Default: as read.
 
         Returns:
             `torch.Tensor`: shape `(num_media, tokens_per_medium, llm_hidden_size)`.
         """
         pooled = self.project(media_embeds).unsqueeze(-2)
         if self.attribute_reader is None:
+            if class_permutation is not None:
+                raise ValueError("`class_permutation` needs an adapter with attribute tokens (`attribute_classes`).")
             return pooled
-        rows = self.attribute_embedding.weight.split(list(self.config.attribute_classes))
-        tokens = [probs @ field_rows for probs, field_rows in zip(self.read_attributes(media_embeds), rows)]
+        fields = list(self.config.attribute_classes)
+        probs = self.read_attributes(media_embeds)
+        if class_permutation is not None:
+            if (
+                not isinstance(class_permutation, torch.Tensor)
+                or class_permutation.dtype != torch.long
+                or class_permutation.shape != (media_embeds.shape[0], sum(fields))
+            ):
+                raise ValueError(
+                    f"`class_permutation` must be a long tensor of shape ({media_embeds.shape[0]}, {sum(fields)}), "
+                    "one row of class indices per medium."
+                )
+            for start, n in zip(torch.tensor([0] + fields[:-1]).cumsum(0).tolist(), fields):
+                block = class_permutation[:, start : start + n].cpu() - start
+                if not torch.equal(block.sort(dim=-1).values, torch.arange(n).expand_as(block)):
+                    raise ValueError(
+                        "Each row of `class_permutation` must permute the classes within each attribute field."
+                    )
+            permutation = class_permutation.to(media_embeds.device)
+            probs = torch.cat(probs, dim=-1).gather(-1, permutation).split(fields, dim=-1)
+        rows = self.attribute_embedding.weight.split(fields)
+        tokens = [field_probs @ field_rows for field_probs, field_rows in zip(probs, rows)]
         return torch.cat([pooled, torch.stack(tokens, dim=-2)], dim=-2)
 
     def load_attribute_reader(self, heads: AttributeHeads) -> None:

@@ -7,6 +7,7 @@ whose every example has a known target scene, so edits can be scored exactly.
 from .instructions import INSTRUCTION_TYPES, InstructionExample, MediaItem, sample_instruction
 from .sounds import COLOUR_PITCH_HZ, SHAPE_TIMBRE, sound_caption, synthesize_sound, write_sound
 from .world import (
+    ATTRIBUTE_CLASS_NAMES,
     ATTRIBUTE_CLASSES,
     ATTRIBUTE_FIELDS,
     BACKGROUNDS,
@@ -49,6 +50,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ATTRIBUTE_CLASS_NAMES",
     "ATTRIBUTE_CLASSES",
     "ATTRIBUTE_FIELDS",
     "BACKGROUNDS",

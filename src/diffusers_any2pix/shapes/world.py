@@ -207,6 +207,8 @@ ATTRIBUTE_FIELDS: tuple[str, ...] = ("background",) + tuple(
     f"{slot}_{what}" for slot in SLOTS for what in ("shape", "colour")
 )
 ATTRIBUTE_CLASSES: tuple[int, ...] = (len(BACKGROUNDS),) + (len(SHAPES) + 1, len(COLOURS) + 1) * len(SLOTS)
+# The word each class stands for ("" for an empty slot), so a reader's classes can be matched to caption words.
+ATTRIBUTE_CLASS_NAMES: tuple[tuple[str, ...], ...] = (BACKGROUNDS,) + (("",) + SHAPES, ("",) + COLOURS) * len(SLOTS)
 IGNORE_LABEL = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 

@@ -178,7 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Groups of words naming attribute classes, one comma-separated group per value (e.g. the colours, the\n"
         "shapes, the backgrounds): a relabelled sample (--relabel_prob) renames each group's words by a random\n"
         "permutation in its whole conversation and its media's attribute classes alike, so words get paired as the\n"
-        "records never pair them. Needs --attribute_reader heads that name their classes.",
+        "records never pair them. Words are renamed as tokens (an article before them is not adjusted). Needs\n"
+        "--attribute_reader heads that name their classes.",
     )
     attributes.add_argument(
         "--relabel_prob", type=float, default=0.0, help="Share of samples relabelled by --relabel_words."

@@ -745,8 +745,9 @@ class MMInstLLMDataset(Dataset):
             where, say, red and green swapped names, which can pair words never paired in the records (e.g. a
             held-out colour and shape). Its media carry only what the renamed attribute tokens say (item key
             ``relabelled``: the pooled vectors must be left out) and its embedding targets, of the unrenamed
-            scene, get weight 0 (item key ``target_weights``). Drawn from a generator of its own, so 0 reproduces
-            the samples of a run without it.
+            scene, get weight 0 (item key ``target_weights``). Words are renamed as tokens: grammar that depends on
+            them (an article: "an orange") is not adjusted. Drawn from a generator of its own, so 0 reproduces the
+            samples of a run without it.
         relabel_prob (`float`, defaults to 0.0): see `relabel_words`.
         attribute_class_names (`Sequence[Sequence[str]]`, *optional*):
             Per attribute field, the word each class stands for (`AttributeHeads.class_names`); required by

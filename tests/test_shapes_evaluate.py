@@ -210,6 +210,38 @@ def test_score_example_counts_success_attributes_and_preservation():
     assert aggregate([score])["base_selection_accuracy"] is None and aggregate([score])["preservation"] is None
 
 
+def test_score_example_counts_objects_named_and_edits_given_a_right_caption():
+    # The target keeps SCENE's blue star (a held-out combination) and recolours the left circle blue (seen).
+    target = SCENE.with_object_at("left", "circle", "blue")
+    example = _example(SCENE, target)
+    base_reading = SceneReading.from_scene(SCENE)
+    exact = evaluate.caption(target)
+    star_wrong = exact.replace("a blue star", "a red star")
+    assert star_wrong != exact
+    cases = {
+        # caption: (success, heldout_named, seen_named)
+        exact: (True, 1, 1),
+        star_wrong: (True, 0, 1),  # the decoder drew the right scene anyway
+        "a cat": (False, 0, 0),  # outside the caption grammar: names nothing
+    }
+    scores = []
+    for text, (success, heldout, seen) in cases.items():
+        reading = SceneReading.from_scene(target) if success else base_reading
+        score = score_example(example, reading, base_reading, chosen_base=0, llm_caption=text)
+        assert (score.heldout_objects, score.seen_objects) == (1, 1)
+        assert (score.heldout_named, score.seen_named) == (heldout, seen)
+        scores.append(score)
+    wrong_render = score_example(example, base_reading, base_reading, chosen_base=0, llm_caption=exact)
+    summary = aggregate(scores + [wrong_render])
+    assert summary["heldout_naming"] == pytest.approx(2 / 4) and summary["seen_naming"] == pytest.approx(3 / 4)
+    # Two exact captions, one of them drawn right.
+    assert summary["success_given_caption"] == pytest.approx(1 / 2)
+    # Without an LLM nothing is counted, and the figures are absent rather than 0.
+    no_llm = score_example(example, base_reading, base_reading, chosen_base=0)
+    assert (no_llm.heldout_objects, no_llm.seen_objects) == (0, 0)
+    assert all(aggregate([no_llm])[k] is None for k in ("success_given_caption", "heldout_naming", "seen_naming"))
+
+
 def test_probe_accuracy_gate():
     check_probe_accuracy(_accuracy(0.98))
     with pytest.raises(ProbeAccuracyError, match=r"97\.9% .* at least 98%"):

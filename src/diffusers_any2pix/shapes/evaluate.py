@@ -14,7 +14,10 @@ example's known target scene. Reported per instruction type and overall:
   slot, shape and colour in the target) — that the output still shows, compared with the probe's reading of the base
   image itself (so probe errors on the input do not count against the edit; the unchanged base scores 100 %);
 - **base selection**: share of examples with several input images where the pipeline edited the right one;
-- **caption accuracy**: share of LLM answers whose caption is exactly the target scene's caption.
+- **caption accuracy**: share of LLM answers whose caption is exactly the target scene's caption, and the edit
+  success among those (``success_given_caption``: the decoder's part of the chain, given a right caption);
+- **object naming**: share of the target's objects in a held-out combination (``heldout_naming``) and of its other
+  objects (``seen_naming``) that the LLM's caption names right at their slot.
 
 Configurations, all run through the same pipeline with the same noise:
 
@@ -59,9 +62,10 @@ from tqdm.auto import tqdm
 from ..instruction import parse_instruction
 from ..models.mm_adapter import rescale_to_norm
 from ..multimodal_llm import parse_answer
+from .generate import HELDOUT_COMBINATIONS
 from .instructions import INSTRUCTION_TYPES
 from .probe import ProbeAccuracy, SceneReading, ShapesProbe, probe_accuracy, train_probe
-from .world import SLOTS, Scene, caption
+from .world import SLOTS, Scene, caption, parse_caption
 
 
 MIN_PROBE_ACCURACY = 0.98
@@ -86,6 +90,9 @@ METRICS: tuple[str, ...] = (
     "preservation",
     "base_selection_accuracy",
     "caption_accuracy",
+    "success_given_caption",
+    "heldout_naming",
+    "seen_naming",
 )
 _RECORD_FIELDS = ("id", "type", "instruction", "media", "base_index", "target_scene")
 
@@ -214,6 +221,10 @@ class ExampleScore:
         caption_correct (`bool`, *optional*): the LLM's caption is the target caption (``None``: no LLM).
         reading ([`SceneReading`]): what the probe read.
         chosen_base (`int`, *optional*), caption (`str`, *optional*), valid_answer (`bool`, *optional*): raw outputs.
+        heldout_objects (`int`), heldout_named (`int`): objects of the target in a held-out combination
+            (`HELDOUT_COMBINATIONS`: a shape in a held-out colour or on a held-out background), and how many of them
+            the LLM's caption names at their slot (0 and 0 without a caption).
+        seen_objects (`int`), seen_named (`int`): the same for the target's other objects.
     """
 
     type: str
@@ -228,6 +239,26 @@ class ExampleScore:
     chosen_base: Optional[int] = None
     caption: Optional[str] = None
     valid_answer: Optional[bool] = None
+    heldout_objects: int = 0
+    heldout_named: int = 0
+    seen_objects: int = 0
+    seen_named: int = 0
+
+
+def _named_objects(target: Scene, llm_caption: str) -> dict[str, int]:
+    """How many of ``target``'s objects, held-out combinations apart, the caption names at their slot (a caption
+    outside the ShapesWorld grammar names none)."""
+    try:
+        written = parse_caption(llm_caption)
+    except ValueError:
+        written = None
+    counts = dict.fromkeys(("heldout_objects", "heldout_named", "seen_objects", "seen_named"), 0)
+    for obj in target.objects:
+        pairs = {(obj.shape, obj.colour), (obj.shape, target.background)}
+        group = "heldout" if pairs & HELDOUT_COMBINATIONS else "seen"
+        counts[f"{group}_objects"] += 1
+        counts[f"{group}_named"] += written is not None and written.object_at(obj.slot) == obj
+    return counts
 
 
 def score_example(
@@ -263,6 +294,7 @@ def score_example(
     if chosen_base is not None and len(example.image_paths) > 1:
         base_correct = chosen_base == example.base_index
     caption_correct = None if llm_caption is None else llm_caption.strip() == caption(example.target_scene)
+    named = {} if llm_caption is None else _named_objects(example.target_scene, llm_caption)
     return ExampleScore(
         type=example.type,
         success=reading == target,
@@ -276,6 +308,7 @@ def score_example(
         chosen_base=chosen_base,
         caption=llm_caption,
         valid_answer=valid_answer,
+        **named,
     )
 
 
@@ -310,6 +343,12 @@ def aggregate(scores: Sequence[ExampleScore]) -> dict[str, Any]:
         "preservation": _fraction(sum(s.preserved for s in scores), untouched),
         "base_selection_accuracy": _fraction(sum(based), len(based)),
         "caption_accuracy": _fraction(sum(captioned), len(captioned)),
+        # The decoder's share: edits right where the LLM's caption was exact.
+        "success_given_caption": _fraction(
+            sum(s.success for s in scores if s.caption_correct), sum(s.caption_correct is True for s in scores)
+        ),
+        "heldout_naming": _fraction(sum(s.heldout_named for s in scores), sum(s.heldout_objects for s in scores)),
+        "seen_naming": _fraction(sum(s.seen_named for s in scores), sum(s.seen_objects for s in scores)),
         "num_untouched_objects": untouched,
         "num_multi_image": len(based),
         "invalid_answers": sum(s.valid_answer is False for s in scores),
@@ -814,6 +853,9 @@ def format_report(report: dict[str, Any]) -> str:
         "preservation": "preservation",
         "base_selection_accuracy": "base selection",
         "caption_accuracy": "LLM caption exact",
+        "success_given_caption": "  edits | exact caption",
+        "heldout_naming": "held-out objects named",
+        "seen_naming": "seen objects named",
     }
     for metric in METRICS:
         values = "".join(_percent(summaries[n]["overall"][metric]).rjust(width) for n in names)

@@ -327,6 +327,60 @@ def test_attribute_classes_errors(classes):
         MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, attribute_classes=classes)
 
 
+
+def test_media_position_embeddings_mark_every_token_of_each_medium_by_its_place(setup, tmp_path):
+    tokenizer, llm, _, token_ids = setup
+    torch.manual_seed(3)
+    adapter = attribute_adapter(max_media_positions=3)
+    assert adapter.media_position_embedding.weight.shape == (3, HIDDEN)
+    # A new table is zero, so the adapter starts as one without it.
+    assert torch.equal(adapter.media_position_embedding.weight, torch.zeros(3, HIDDEN))
+    with torch.no_grad():
+        adapter.media_position_embedding.weight.normal_()
+    # Two rows: three media (1 pooled + 3 attribute tokens each), then one.
+    rows = ["a " + " b ".join(["<video>" * 4] * 3), "a " + "<video>" * 4 + " b"]
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rows]
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
+    embeds = llm.get_input_embeddings()(input_ids)
+    vectors = [media(3, seed=8), media(1, seed=9)]
+    out = inject_media_embeds(embeds, input_ids, vectors, adapter, token_ids.video)
+    places = adapter.media_position_embedding.weight
+    for i, row_vectors in enumerate(vectors):
+        positions = (input_ids[i] == token_ids.video).nonzero().flatten().tolist()
+        tokens = adapter.project_tokens(row_vectors)
+        for k in range(row_vectors.shape[0]):
+            for j in range(4):
+                p = positions[4 * k + j]
+                torch.testing.assert_close(out[i, p], embeds[i, p] + tokens[k, j] + places[k])
+        others = [p for p in range(width) if p not in positions]
+        assert torch.equal(out[i, others], embeds[i, others])
+    # Gradients reach the table: a place the batch uses learns, one it does not use stays.
+    out.sum().backward()
+    grad = adapter.media_position_embedding.weight.grad
+    assert grad[:3].abs().sum() > 0
+    # Saved and loaded exactly, config included.
+    adapter.save_pretrained(tmp_path / "adapter")
+    loaded = MultimodalAdapter.from_pretrained(tmp_path / "adapter")
+    assert loaded.config.max_media_positions == 3
+    assert torch.equal(loaded.media_position_embedding.weight, adapter.media_position_embedding.weight)
+    # More media than places: refused before anything is projected.
+    four = "a " + " b ".join(["<video>" * 4] * 4)
+    four_ids = torch.tensor([tokenizer(four, add_special_tokens=False)["input_ids"]])
+    with pytest.raises(ValueError, match=r"Prompt 0 has 4 media .*\(`max_media_positions`\) have places for 3"):
+        four_embeds = llm.get_input_embeddings()(four_ids)
+        inject_media_embeds(four_embeds, four_ids, [media(4, seed=1)], adapter, token_ids.video)
+    # Without the table nothing is added.
+    plain = attribute_adapter()
+    assert plain.media_position_embedding is None and plain.config.max_media_positions == 0
+
+
+@pytest.mark.parametrize("places", [-1, 1.5, True, "2"])
+def test_max_media_positions_errors(places):
+    with pytest.raises(ValueError, match=r"`max_media_positions` must be a non-negative integer"):
+        MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, max_media_positions=places)
+
+
 def test_attribute_reader_loads_heads_at_their_scale_and_freezes(tmp_path):
     heads = random_heads(embed_scale=5.0)
     adapter = attribute_adapter()

@@ -262,6 +262,32 @@ def test_attribute_tokens_reach_the_llm(monkeypatch, tmp_path):
     assert np.array_equal(again.images, changed.images) and again.captions == changed.captions
 
 
+def test_media_position_embeddings_reach_the_llm_and_bound_the_media(tmp_path):
+    """An adapter with media position embeddings marks each medium's tokens by its place; the pipeline saves and
+    reloads it, and refuses an instruction with more media than places before any model runs."""
+    components = tiny_pipeline_components("imagebind")
+    adapter = MultimodalAdapter.from_config(components["mm_adapter"].config, max_media_positions=2)
+    adapter.load_state_dict(components["mm_adapter"].state_dict(), strict=False)
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter.eval()})
+    pipe.set_progress_bar_config(disable=True)
+    # Zero places: the pipeline of the plain adapter, exactly.
+    plain = InstructAny2PixPipeline(**components)
+    plain.set_progress_bar_config(disable=True)
+    assert torch.equal(run(pipe).generation_embeds, run(plain).generation_embeds)
+    with torch.no_grad():
+        torch.nn.init.normal_(pipe.mm_adapter.media_position_embedding.weight, std=1.0)
+    marked = run(pipe, output_type="np")
+    assert not torch.allclose(marked.generation_embeds, run(plain).generation_embeds)
+    pipe.save_pretrained(tmp_path)
+    loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.mm_adapter.config.max_media_positions == 2
+    again = run(loaded, output_type="np")
+    assert np.array_equal(again.images, marked.images) and again.captions == marked.captions
+    with pytest.raises(ValueError, match=r"`instruction` refers to 3 media but this pipeline's LLM reads at most 2"):
+        run(pipe, "put [image2] and [audio1] on [image1]", images=[image(0), image(1)])
+
+
 def test_patch_tokens_change_what_the_llm_sees():
     """The resampler's vectors are injected: another resampler gives other hidden states, hence other embeddings."""
     a = run(patch_pipe(), seed=0)

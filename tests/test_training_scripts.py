@@ -781,6 +781,38 @@ def test_train_llm_gives_a_pipeline_attribute_tokens_from_heads_and_keeps_them_f
         train_llm.main(argv)
 
 
+def test_train_llm_adds_media_position_embeddings_that_train(workspace, tmp_path):
+    argv = _common(
+        tmp_path / "llm", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
+        "--max_train_steps", "2", "--train_batch_size", "2", "--max_media_positions", "4",
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 2
+    before = _weights(os.path.join(workspace["pipelines"]["imagebind"], "mm_adapter"))
+    after = _weights(tmp_path / "llm" / "mm_adapter")
+    assert {k for k in after if k not in before} == {"media_position_embedding.weight"}
+    table = after["media_position_embedding.weight"]
+    # Zero at the start, trained since: the first place (every example has a base image) moved.
+    assert table.shape == (4, pipeline_hidden_size(workspace)) and table[0].abs().sum() > 0
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "llm"))
+    assert pipeline.mm_adapter.config.max_media_positions == 4
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+    # Going on with another number of places would not fit the trained table.
+    argv = _common(
+        tmp_path / "again", "--pipeline", str(tmp_path / "llm"), "--data_dir", workspace["data"],
+        "--max_train_steps", "1", "--max_media_positions", "2",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="`--max_media_positions` 2 differs from the loaded mm_adapter's 4"):
+        train_llm.main(argv)
+    argv[argv.index("--max_media_positions") + 1] = "-1"
+    with pytest.raises(ValueError, match="`--max_media_positions` must be >= 0, got -1"):
+        train_llm.main(argv)
+
+
+def pipeline_hidden_size(workspace) -> int:
+    config = json.load(open(os.path.join(workspace["pipelines"]["imagebind"], "mm_adapter", "config.json")))
+    return config["llm_hidden_size"]
+
+
 def test_train_llm_pooled_drop_leaves_out_pooled_vectors_in_training_only(workspace, tmp_path, monkeypatch):
     from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
 

@@ -11,7 +11,8 @@ default, help an LLM trained from scratch read its media: ``--answer_noise_prob`
 input swapped for other words of the answer) and ``--reproduce_prob`` (the base image alone, answered unchanged);
 ``--image_patch_tokens K`` lets the adapter read K more vectors per image from ImageBind's patch tokens;
 ``--attribute_reader`` gives every medium one more token per attribute field, read by linear heads (e.g. those
-``train_imagebind.py --attribute_loss_weight`` saves).
+``train_imagebind.py --attribute_loss_weight`` saves); ``--max_media_positions M`` adds a learned vector per
+medium's place in the prompt to all of its tokens.
 
 Full fine-tuning (default), LoRA (``--lora``, via peft; merged into the saved LLM) or adapter-only
 (``--freeze_llm``). The LLM comes from ``--pretrained_llm`` (any transformers causal LM folder; the multimodal tokens
@@ -138,6 +139,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Share of samples replaced by their base image alone, answered by the edit that keeps it unchanged\n"
         "(its caption and embedding): practice in reading an image into words.",
     )
+    places = parser.add_argument_group("media position embeddings (not in the official recipe)")
+    places.add_argument(
+        "--max_media_positions",
+        type=int,
+        default=None,
+        help="M > 0: the adapter adds a learned vector per medium's place in the prompt (first, second, ... up to M)\n"
+        "to all of that medium's tokens, so the LLM can tell several images apart (zero at the start). Default: a\n"
+        "loaded adapter's setting, 0 (none, official) for a new one.",
+    )
     patches = parser.add_argument_group("image patch tokens (not in the official recipe)")
     patches.add_argument(
         "--image_patch_tokens",
@@ -203,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--relabel_prob` must be in [0, 1], got {args.relabel_prob}.")
     if args.relabel_words and args.attribute_reader is None:
         raise ValueError("`--relabel_words` renames attribute classes: it needs `--attribute_reader`.")
+    if args.max_media_positions is not None and args.max_media_positions < 0:
+        raise ValueError(f"`--max_media_positions` must be >= 0, got {args.max_media_positions}.")
     if args.image_patch_tokens is not None and args.image_patch_tokens < 0:
         raise ValueError(f"`--image_patch_tokens` must be >= 0, got {args.image_patch_tokens}.")
     return args
@@ -380,6 +392,13 @@ def build_model(
         )
     elif args.image_patch_tokens not in (None, adapter.config.image_patch_tokens):
         adapter = _with_patch_resampler(args, adapter)
+    if args.max_media_positions is not None and args.max_media_positions != adapter.config.max_media_positions:
+        if adapter.config.max_media_positions:
+            raise ValueError(
+                f"`--max_media_positions` {args.max_media_positions} differs from the loaded mm_adapter's "
+                f"{adapter.config.max_media_positions}; its media position embeddings were trained for that number."
+            )
+        adapter = _extended_adapter(adapter, max_media_positions=args.max_media_positions)
     adapter = adapter.to(torch.float32)
     if heads is not None:
         adapter.load_attribute_reader(heads)

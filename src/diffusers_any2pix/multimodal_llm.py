@@ -390,6 +390,22 @@ def _media_token_counts(
     ]
 
 
+def check_media_positions(media_counts: list[int], adapter: MultimodalAdapter) -> None:
+    """Raises `ValueError` when a prompt has more media than an adapter with `max_media_positions` has places for.
+
+    Args:
+        media_counts (`list[int]`): the number of media of each prompt.
+        adapter (`MultimodalAdapter`): the adapter.
+    """
+    limit = adapter.config.max_media_positions
+    for i, count in enumerate(media_counts):
+        if limit and count > limit:
+            raise ValueError(
+                f"Prompt {i} has {count} media (images and audio) but the adapter's media position embeddings "
+                f"(`max_media_positions`) have places for {limit}; give at most {limit}."
+            )
+
+
 def inject_media_embeds(
     inputs_embeds: torch.Tensor,
     input_ids: torch.LongTensor,
@@ -407,8 +423,9 @@ def inject_media_embeds(
     the official weights were trained with this additive injection. With `attribute_classes` (A fields) every medium
     takes `1 + A` consecutive `<video>` tokens: its projected pooled vector, then its attribute tokens (see
     `MultimodalAdapter.project_tokens`). An image given with patch tokens (`image_patches[i][k]`, for an adapter with
-    `image_patch_tokens = K`) takes `K` more: the vectors of `adapter.resample_patches`. Differentiable, so training
-    uses it too.
+    `image_patch_tokens = K`) takes `K` more: the vectors of `adapter.resample_patches`. With `max_media_positions`, the
+    `k`-th medium of a row has `adapter.media_position_embedding`'s row `k` added to each of its tokens.
+    Differentiable, so training uses it too.
 
     Args:
         inputs_embeds (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`):
@@ -460,6 +477,7 @@ def inject_media_embeds(
         _check_drop_pooled(drop_pooled, sum(embeds.shape[0] for embeds in media_embeds), adapter)
 
     counts = _media_token_counts(image_patches, media_embeds, adapter)
+    check_media_positions([len(row) for row in counts], adapter)
     rows, cols = [], []
     for i in range(batch_size):
         positions = (input_ids[i] == video_token_id).nonzero().flatten()
@@ -495,13 +513,15 @@ def inject_media_embeds(
         projected = torch.cat([projected[:, :1] * keep, projected[:, 1:]], dim=1)
     flat_patches = [p for row in image_patches or [] for p in row if p is not None]
     resampled = adapter.resample_patches(torch.stack(flat_patches)) if flat_patches else None
+    places = adapter.media_position_embedding
     pieces, medium, image = [], 0, 0
     for row in counts:
-        for count in row:
-            pieces.append(projected[medium])
+        for place, count in enumerate(row):
+            vectors = projected[medium]
             if count > adapter.tokens_per_medium:
-                pieces.append(resampled[image])
+                vectors = torch.cat([vectors, resampled[image]])
                 image += 1
+            pieces.append(vectors if places is None else vectors + places.weight[place])
             medium += 1
     values = torch.cat(pieces).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
     delta = torch.zeros_like(inputs_embeds).index_put(

@@ -489,6 +489,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     f"`{name}` references no image. InstructAny2Pix edits a base image: pass it in `images=` and "
                     "reference it as [image1]."
                 )
+            places = self.mm_adapter.config.max_media_positions
+            if conditioning_embeds is None and places and len(instruction.references) > places:
+                raise ValueError(
+                    f"`{name}` refers to {len(instruction.references)} media but this pipeline's LLM reads at most "
+                    f"{places} per instruction (`mm_adapter.config.max_media_positions`)."
+                )
             parsed.append(instruction)
 
         if conditioning_embeds is not None:

@@ -190,6 +190,14 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             token the LLM can copy from, whatever the other fields hold, which an MLP projection of the whole vector
             into one token does not give for combinations never seen in training. An extension: an LLM trained
             without it cannot use it.
+        max_media_positions (`int`, *optional*, defaults to 0):
+            0 (the official recipe): a medium's tokens say nothing of where it stands among the prompt's media. `M >
+            0`: `media_position_embedding` holds one learned vector per place (first medium, second, ... up to `M`,
+            images and audio alike, in prompt order), added to every token of the medium in that place, so each
+            token carries which medium it belongs to and the LLM can take all of one medium's fields once an
+            instruction has pointed at it ("the one with a green star"). Zero at initialisation: a new table leaves
+            the LLM's inputs as they were. A prompt with more than `M` media is refused. An extension: an LLM
+            trained without it cannot use it.
     """
 
     @register_to_config
@@ -204,6 +212,7 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         resampler_depth: int = 2,
         resampler_heads: int = 4,
         attribute_classes: list[int] | None = None,
+        max_media_positions: int = 0,
     ):
         super().__init__()
         for name, value in (
@@ -228,6 +237,11 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"`image_patch_tokens` {image_patch_tokens} needs `patch_embed_dim`, the width of the image encoder's "
                 f"patch tokens (ImageBind's vision_embed_dim), as a positive integer; got {patch_embed_dim!r}."
+            )
+        if isinstance(max_media_positions, bool) or not isinstance(max_media_positions, int) or max_media_positions < 0:
+            raise ValueError(
+                f"`max_media_positions` must be a non-negative integer (0: no media position embeddings), got "
+                f"{max_media_positions!r}."
             )
         if resampler_hidden_size % resampler_heads:
             raise ValueError(
@@ -265,6 +279,10 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             self.attribute_reader = nn.Linear(embed_dim, sum(attribute_classes))
             # One row per class of every field: a field's token is its class distribution times its own rows.
             self.attribute_embedding = nn.Embedding(sum(attribute_classes), llm_hidden_size)
+        self.media_position_embedding = None
+        if max_media_positions:
+            self.media_position_embedding = nn.Embedding(max_media_positions, llm_hidden_size)
+            nn.init.zeros_(self.media_position_embedding.weight)
 
     @staticmethod
     def _check_last_dim(tensor: torch.Tensor, expected: int, argument: str, meaning: str) -> None:

@@ -389,9 +389,11 @@ def build_model(
             llm_hidden_size=llm.config.get_text_config().hidden_size,
             **_resampler_config(args, patch_embed_dim, args.image_patch_tokens or 0),
             attribute_classes=attribute_classes,
+            max_media_positions=args.max_media_positions or 0,
         )
     elif args.image_patch_tokens not in (None, adapter.config.image_patch_tokens):
         adapter = _with_patch_resampler(args, adapter)
+    # A loaded adapter: extended with the table, or refused when its table has another size.
     if args.max_media_positions is not None and args.max_media_positions != adapter.config.max_media_positions:
         if adapter.config.max_media_positions:
             raise ValueError(

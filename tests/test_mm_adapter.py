@@ -381,6 +381,84 @@ def test_max_media_positions_errors(places):
         MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, max_media_positions=places)
 
 
+def word_ids_for(tokenizer, words: list[str]) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(w) if w else -1 for w in words]
+
+
+# One word per class of ATTRIBUTE_CLASSES [3, 2, 4]; "" is a class no word names (an empty slot).
+CLASS_WORDS = ["red", "blue", "cat", "", "dog", "", "a", "cat", "red"]
+
+
+def test_attribute_word_tokens_add_the_llms_own_word_embeddings(setup, tmp_path):
+    tokenizer, llm, _, token_ids = setup
+    ids = word_ids_for(tokenizer, CLASS_WORDS)
+    assert all(i > 2 for i, w in zip(ids, CLASS_WORDS) if w)  # every word is a known token
+    adapter = attribute_adapter(attribute_word_ids=ids)
+    assert adapter.ties_attribute_words and not attribute_adapter().ties_attribute_words
+    # The learned rows start at a new LLM's word scale (std 0.02), not nn.Embedding's 1, so the words are not drowned.
+    assert adapter.attribute_embedding.weight.std() < 0.03 < attribute_adapter().attribute_embedding.weight.std()
+    words = llm.get_input_embeddings().weight.detach().clone().requires_grad_(True)
+    word_rows = adapter.attribute_word_rows(words)
+    assert word_rows.shape == (9, HIDDEN)
+    for k, (i, w) in enumerate(zip(ids, CLASS_WORDS)):
+        assert torch.equal(word_rows[k], words[i] if w else torch.zeros(HIDDEN))
+    # By hand: each field's distribution times (its rows + its words' embeddings).
+    e = media(4, seed=6)
+    tokens = adapter.project_tokens(e, word_embeddings=words)
+    probs = adapter.read_attributes(e)
+    table = adapter.attribute_embedding.weight + word_rows
+    torch.testing.assert_close(tokens[:, 0], adapter.project(e))
+    for field, (start, stop) in enumerate([(0, 3), (3, 5), (5, 9)]):
+        torch.testing.assert_close(tokens[:, 1 + field], probs[field] @ table[start:stop])
+    # The LLM's words train through the attribute tokens: only the rows of class words get a gradient.
+    tokens.sum().backward()
+    named = sorted({i for i in ids if i >= 0})
+    assert (words.grad[named].abs().sum(-1) > 0).all()
+    others = [i for i in range(words.shape[0]) if i not in named]
+    assert torch.equal(words.grad[others], torch.zeros(len(others), HIDDEN))
+    # inject_media_embeds and prepare_multimodal_inputs put exactly those tokens at the <video> positions.
+    prompt = build_vicuna_prompt("add " + "<video>" * 4 + " to the cat")
+    embeds, _, input_ids = prepare_multimodal_inputs(llm, tokenizer, adapter, [prompt], [e[:1]], token_ids)
+    positions = (input_ids[0] == token_ids.video).nonzero().flatten()
+    plain = llm.get_input_embeddings()(input_ids)
+    with torch.no_grad():
+        expected = adapter.project_tokens(e[:1], word_embeddings=llm.get_input_embeddings().weight)[0]
+    torch.testing.assert_close(embeds[0, positions] - plain[0, positions], expected)
+    # Saved and loaded exactly, word ids included.
+    adapter.save_pretrained(tmp_path / "adapter")
+    loaded = MultimodalAdapter.from_pretrained(tmp_path / "adapter")
+    assert loaded.config.attribute_word_ids == ids
+    assert torch.equal(loaded.project_tokens(e, word_embeddings=words), adapter.project_tokens(e, word_embeddings=words))
+
+
+def test_attribute_word_tokens_errors(setup):
+    tokenizer, llm, _, token_ids = setup
+    ids = word_ids_for(tokenizer, CLASS_WORDS)
+    adapter = attribute_adapter(attribute_word_ids=ids)
+    words = llm.get_input_embeddings().weight
+    e = media(2, seed=1)
+    with pytest.raises(TypeError, match="pass `word_embeddings`, the LLM's input embedding matrix"):
+        adapter.project_tokens(e)
+    with pytest.raises(ValueError, match=r"`word_embeddings` must be the LLM's \(vocab_size, 32\) floating-point"):
+        adapter.project_tokens(e, word_embeddings=words[:, :5])
+    with pytest.raises(ValueError, match=r"reach token id \d+ but `word_embeddings` has only 3 rows"):
+        adapter.project_tokens(e, word_embeddings=words[:3])
+    with pytest.raises(ValueError, match="attribute tokens hold no words"):
+        attribute_adapter().attribute_word_rows(words)
+    # inject_media_embeds refuses before projecting anything.
+    input_ids = torch.tensor([tokenizer("a " + "<video>" * 4, add_special_tokens=False)["input_ids"]])
+    with pytest.raises(ValueError, match=r"pass `word_embeddings`, the LLM's input embedding matrix \(`llm.get_input"):
+        inject_media_embeds(llm.get_input_embeddings()(input_ids), input_ids, [e[:1]], adapter, token_ids.video)
+    with pytest.raises(ValueError, match="`attribute_word_ids` names the words of attribute classes: it needs"):
+        MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, attribute_word_ids=ids)
+
+
+@pytest.mark.parametrize("ids", [[1] * 8, [1] * 10, [1] * 8 + [-2], [1] * 8 + [True], [1] * 8 + [1.0], "1,2"])
+def test_attribute_word_ids_must_name_one_token_per_class(ids):
+    with pytest.raises(ValueError, match=r"`attribute_word_ids` must be a list of 9 token ids \(integers >= 0, or -1"):
+        attribute_adapter(attribute_word_ids=ids)
+
+
 def test_attribute_reader_loads_heads_at_their_scale_and_freezes(tmp_path):
     heads = random_heads(embed_scale=5.0)
     adapter = attribute_adapter()

@@ -781,6 +781,50 @@ def test_train_llm_gives_a_pipeline_attribute_tokens_from_heads_and_keeps_them_f
         train_llm.main(argv)
 
 
+def test_train_llm_attribute_words_tie_attribute_tokens_to_the_llms_class_words(workspace, tmp_path):
+    from diffusers_any2pix.models.mm_adapter import AttributeHeads
+
+    pipeline_dir = workspace["pipelines"]["imagebind"]
+    tokenizer = train_llm.AutoTokenizer.from_pretrained(os.path.join(pipeline_dir, "llm_tokenizer"))
+    names = (("red", "blue", "green"), ("", "circle"))
+    expected_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] if w else -1 for f in names for w in f]
+    assert [tokenizer.decode([i]) if i >= 0 else "" for i in expected_ids] == ["red", "blue", "green", "", "circle"]
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(5, TINY_EMBED_DIM, generator=g), torch.randn(5, generator=g)
+    AttributeHeads(weight, bias, (3, 2), 4.0, class_names=names).save(str(tmp_path / "named.safetensors"))
+    argv = _common(
+        tmp_path / "llm", "--pipeline", pipeline_dir, "--data_dir", workspace["data"], "--max_train_steps", "2",
+        "--train_batch_size", "2", "--attribute_reader", str(tmp_path / "named.safetensors"), "--attribute_words",
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 2
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "llm"))
+    assert pipeline.mm_adapter.config.attribute_word_ids == expected_ids
+    assert pipeline.mm_adapter.ties_attribute_words
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+    # Trained on, the adapter keeps its words; heads without class names, or words the tokenizer does not know, are
+    # refused before training.
+    argv = _common(
+        tmp_path / "more", "--pipeline", str(tmp_path / "llm"), "--data_dir", workspace["data"],
+        "--max_train_steps", "1", "--train_batch_size", "2",
+    )  # fmt: skip
+    assert train_llm.main(argv)["global_step"] == 1
+    assert InstructAny2PixPipeline.from_pretrained(str(tmp_path / "more")).mm_adapter.config.attribute_word_ids == (
+        expected_ids
+    )
+    AttributeHeads(weight, bias, (3, 2), 4.0).save(str(tmp_path / "unnamed.safetensors"))
+    argv = _common(
+        tmp_path / "x", "--pipeline", pipeline_dir, "--data_dir", workspace["data"], "--max_train_steps", "1",
+        "--attribute_reader", str(tmp_path / "unnamed.safetensors"), "--attribute_words",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="`--attribute_words` needs attribute heads that name their classes"):
+        train_llm.main(argv)
+    unknown = (("red", "blue", "zyzzyva"), ("", "circle"))
+    AttributeHeads(weight, bias, (3, 2), 4.0, class_names=unknown).save(str(tmp_path / "unknown.safetensors"))
+    argv[argv.index("--attribute_reader") + 1] = str(tmp_path / "unknown.safetensors")
+    with pytest.raises(ValueError, match=r"the class word 'zyzzyva' is not one token of the LLM's tokenizer"):
+        train_llm.main(argv)
+
+
 def test_train_llm_adds_media_position_embeddings_that_train(workspace, tmp_path):
     argv = _common(
         tmp_path / "llm", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
@@ -933,6 +977,7 @@ def test_train_llm_relabel_renames_classes_and_leaves_out_what_still_shows_the_o
         (["--pooled_drop_prob", "-0.1"], r"`--pooled_drop_prob` must be in \[0, 1\), got -0.1"),
         (["--relabel_prob", "1.5"], r"`--relabel_prob` must be in \[0, 1\], got 1.5"),
         (["--relabel_words", "red,green"], r"`--relabel_words` renames attribute classes: it needs `--attribute_"),
+        (["--attribute_words"], r"`--attribute_words` ties attribute tokens to class words: it needs `--attribute_"),
         (["--pretrained_llm", "x"], "exclude each other"),
         (["--lora"], "trains fully"),
     ],

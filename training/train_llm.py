@@ -11,7 +11,8 @@ default, help an LLM trained from scratch read its media: ``--answer_noise_prob`
 input swapped for other words of the answer) and ``--reproduce_prob`` (the base image alone, answered unchanged);
 ``--image_patch_tokens K`` lets the adapter read K more vectors per image from ImageBind's patch tokens;
 ``--attribute_reader`` gives every medium one more token per attribute field, read by linear heads (e.g. those
-``train_imagebind.py --attribute_loss_weight`` saves); ``--max_media_positions M`` adds a learned vector per
+``train_imagebind.py --attribute_loss_weight`` saves), with ``--attribute_words`` each also holding the LLM's own
+embedding of its class's word; ``--max_media_positions M`` adds a learned vector per
 medium's place in the prompt to all of its tokens.
 
 Full fine-tuning (default), LoRA (``--lora``, via peft; merged into the saved LLM) or adapter-only
@@ -174,6 +175,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the same fields.",
     )
     attributes.add_argument(
+        "--attribute_words",
+        action="store_true",
+        help="Each attribute token also holds the LLM's own input embedding of its class's word (the heads' class\n"
+        "names, each one token of the LLM's tokenizer), so naming what a field reads is copying a word. Needs\n"
+        "--attribute_reader heads that name their classes; a loaded adapter keeps its setting.",
+    )
+    attributes.add_argument(
         "--pooled_drop_prob",
         type=float,
         default=0.0,
@@ -213,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--relabel_prob` must be in [0, 1], got {args.relabel_prob}.")
     if args.relabel_words and args.attribute_reader is None:
         raise ValueError("`--relabel_words` renames attribute classes: it needs `--attribute_reader`.")
+    if args.attribute_words and args.attribute_reader is None:
+        raise ValueError("`--attribute_words` ties attribute tokens to class words: it needs `--attribute_reader`.")
     if args.max_media_positions is not None and args.max_media_positions < 0:
         raise ValueError(f"`--max_media_positions` must be >= 0, got {args.max_media_positions}.")
     if args.image_patch_tokens is not None and args.image_patch_tokens < 0:
@@ -302,6 +312,7 @@ class MultimodalLLMForTraining(torch.nn.Module):
             image_patches=image_patches,
             drop_pooled=drop_pooled,
             class_permutation=class_permutation,
+            word_embeddings=self.llm.get_input_embeddings().weight,
         )
         output = self.llm(
             inputs_embeds=embeds,
@@ -374,11 +385,19 @@ def build_model(
         llm.config.pad_token_id = tokenizer.pad_token_id
     heads = AttributeHeads.load(args.attribute_reader) if args.attribute_reader is not None else None
     attribute_classes = None if heads is None else list(heads.num_classes)
+    word_ids = attribute_word_ids(heads, tokenizer) if args.attribute_words else None
     adapter = None
     if args.llm_config is None:  # a new LLM gets a new adapter
         adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)
     if adapter is not None and heads is not None and adapter.config.attribute_classes is None:
         adapter = _extended_adapter(adapter, attribute_classes=attribute_classes)
+    if adapter is not None and word_ids is not None and adapter.config.attribute_word_ids != word_ids:
+        if adapter.config.attribute_word_ids is not None:
+            raise ValueError(
+                f"`--attribute_words` gives token ids {word_ids} but the loaded mm_adapter was trained with "
+                f"{adapter.config.attribute_word_ids} (another tokenizer)."
+            )
+        adapter = _extended_adapter(adapter, attribute_word_ids=word_ids)
     if adapter is None:
         embed_dim, patch_embed_dim = args.embed_dim, args.patch_embed_dim
         if args.pipeline is not None:
@@ -390,6 +409,7 @@ def build_model(
             **_resampler_config(args, patch_embed_dim, args.image_patch_tokens or 0),
             attribute_classes=attribute_classes,
             max_media_positions=args.max_media_positions or 0,
+            attribute_word_ids=word_ids,
         )
     elif args.image_patch_tokens not in (None, adapter.config.image_patch_tokens):
         adapter = _with_patch_resampler(args, adapter)
@@ -414,6 +434,26 @@ def build_model(
     elif args.lora:
         llm = _wrap_lora(args, llm, token_ids)
     return MultimodalLLMForTraining(llm, adapter, token_ids, args.pooled_drop_prob), tokenizer, token_ids
+
+
+def attribute_word_ids(heads: AttributeHeads, tokenizer) -> list[int]:
+    """The LLM token id of every attribute class's word (`heads.class_names`, all fields concatenated), -1 for a
+    class named ``""`` (none); raises `ValueError` for heads without names or a word that is not one known token."""
+    if heads.class_names is None:
+        raise ValueError(
+            "`--attribute_words` needs attribute heads that name their classes (`class_names` in the heads file's "
+            "metadata, as train_imagebind.py writes for ShapesWorld)."
+        )
+    ids = []
+    for name in (name for field in heads.class_names for name in field):
+        token_ids = tokenizer(name, add_special_tokens=False)["input_ids"] if name else [-1]
+        if len(token_ids) != 1 or token_ids[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"`--attribute_words`: the class word {name!r} is not one token of the LLM's tokenizer (it gives "
+                f"{token_ids})."
+            )
+        ids.append(token_ids[0])
+    return ids
 
 
 def _resampler_config(args: argparse.Namespace, patch_embed_dim: int | None, image_patch_tokens: int) -> dict:

@@ -416,6 +416,7 @@ def inject_media_embeds(
     image_patches: list[list[torch.Tensor | None]] | None = None,
     drop_pooled: torch.BoolTensor | None = None,
     class_permutation: torch.LongTensor | None = None,
+    word_embeddings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adds `adapter.project(e)` to the token embeddings at the `<video>` positions, in order.
 
@@ -452,6 +453,9 @@ def inject_media_embeds(
             Shape `(num_media, sum(attribute_classes))`, media in the same order: renames each medium's attribute
             classes before they become tokens (see `MultimodalAdapter.project_tokens`; training's
             `--relabel_words`). Needs an adapter with attribute tokens.
+        word_embeddings (`torch.Tensor`, *optional*):
+            The LLM's input embedding matrix (`llm.get_input_embeddings().weight`): required by an adapter whose
+            attribute tokens hold the LLM's words (`attribute_word_ids`), not read by any other.
 
     Returns:
         `torch.Tensor`: a new tensor like `inputs_embeds`.
@@ -475,6 +479,11 @@ def inject_media_embeds(
         raise ValueError(f"`prompt_lengths` has {len(prompt_lengths)} entries but the batch has {batch_size} rows.")
     if drop_pooled is not None:
         _check_drop_pooled(drop_pooled, sum(embeds.shape[0] for embeds in media_embeds), adapter)
+    if adapter.ties_attribute_words and word_embeddings is None:
+        raise ValueError(
+            "The adapter's attribute tokens hold the LLM's words (`attribute_word_ids`): pass `word_embeddings`, the "
+            "LLM's input embedding matrix (`llm.get_input_embeddings().weight`)."
+        )
 
     counts = _media_token_counts(image_patches, media_embeds, adapter)
     check_media_positions([len(row) for row in counts], adapter)
@@ -506,7 +515,9 @@ def inject_media_embeds(
         return inputs_embeds.clone()
     # One projector call (and one resampler call) for the whole batch, then each medium's vectors in prompt order.
     projected = adapter.project_tokens(
-        torch.cat([embeds.to(adapter.device) for embeds in media_embeds]), class_permutation=class_permutation
+        torch.cat([embeds.to(adapter.device) for embeds in media_embeds]),
+        class_permutation=class_permutation,
+        word_embeddings=word_embeddings,
     )
     if drop_pooled is not None:
         keep = (~drop_pooled).to(device=projected.device, dtype=projected.dtype)[:, None, None]
@@ -602,7 +613,13 @@ def prepare_multimodal_inputs(
         raise ValueError("Every prompt must produce at least one token.")
 
     inputs_embeds = inject_media_embeds(
-        embedding(input_ids), input_ids, media_embeds, adapter, token_ids.video, image_patches=image_patches
+        embedding(input_ids),
+        input_ids,
+        media_embeds,
+        adapter,
+        token_ids.video,
+        image_patches=image_patches,
+        word_embeddings=embedding.weight,
     )
     return inputs_embeds, attention_mask, input_ids
 

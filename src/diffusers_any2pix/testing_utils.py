@@ -131,7 +131,9 @@ def _fit_constant_answer(llm, tokenizer, adapter, answer, token_ids, steps, seed
         prompt_ids = torch.tensor([prompt_ids])
         media = [torch.randn(instruction.count("<video>"), adapter.config.embed_dim, generator=generator)]
         # Prompt media injected; generated tokens (answer) keep plain embeddings, as with the KV cache at inference.
-        prompt_embeds = inject_media_embeds(embedding(prompt_ids), prompt_ids, media, adapter, token_ids.video)
+        prompt_embeds = inject_media_embeds(
+            embedding(prompt_ids), prompt_ids, media, adapter, token_ids.video, word_embeddings=embedding.weight
+        )
         inputs = torch.cat([prompt_embeds, embedding(torch.tensor([answer_ids[:-1]]))], dim=1)
         labels = torch.full(inputs.shape[:2], -100)
         labels[0, prompt_ids.shape[1] - 1 :] = torch.tensor(answer_ids)

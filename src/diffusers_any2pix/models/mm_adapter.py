@@ -198,6 +198,15 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             instruction has pointed at it ("the one with a green star"). Zero at initialisation: a new table leaves
             the LLM's inputs as they were. A prompt with more than `M` media is refused. An extension: an LLM
             trained without it cannot use it.
+        attribute_word_ids (`list[int]`, *optional*):
+            Needs `attribute_classes`: one LLM token id per class of every field, all fields concatenated (`-1` for
+            a class no word names, e.g. an empty slot), from the LLM's tokenizer and the words the classes stand for
+            (`AttributeHeads.class_names`). A field's token is then its class distribution times its own rows *plus*
+            the LLM's own input embeddings of the class words (`word_embeddings` of `project_tokens`), so the token
+            of a slot read as a circle holds the embedding of "circle" itself: copying it into the answer is the
+            same for every colour it comes with, which is what a combination never seen in training needs. The
+            rows then start at the scale of a new LLM's word embeddings (std 0.02) instead of 1, so the words are
+            not drowned. An extension: an LLM trained without it cannot use it.
     """
 
     @register_to_config
@@ -213,6 +222,7 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         resampler_heads: int = 4,
         attribute_classes: list[int] | None = None,
         max_media_positions: int = 0,
+        attribute_word_ids: list[int] | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -257,6 +267,19 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
                     f"`attribute_classes` must be a non-empty list of class counts (integers >= 2), one per attribute "
                     f"field, got {attribute_classes!r}."
                 )
+        if attribute_word_ids is not None:
+            if attribute_classes is None:
+                raise ValueError("`attribute_word_ids` names the words of attribute classes: it needs `attribute_classes`.")
+            if (
+                not isinstance(attribute_word_ids, (list, tuple))
+                or len(attribute_word_ids) != sum(attribute_classes)
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < -1 for i in attribute_word_ids)
+            ):
+                raise ValueError(
+                    f"`attribute_word_ids` must be a list of {sum(attribute_classes)} token ids (integers >= 0, or -1 "
+                    f"for a class with no word), one per class of `attribute_classes` {list(attribute_classes)}; got "
+                    f"{attribute_word_ids!r}."
+                )
         self.input_projector = nn.Sequential(
             nn.Linear(embed_dim, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, llm_hidden_size)
         )
@@ -279,6 +302,8 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             self.attribute_reader = nn.Linear(embed_dim, sum(attribute_classes))
             # One row per class of every field: a field's token is its class distribution times its own rows.
             self.attribute_embedding = nn.Embedding(sum(attribute_classes), llm_hidden_size)
+            if attribute_word_ids is not None:
+                nn.init.normal_(self.attribute_embedding.weight, std=0.02)
         self.media_position_embedding = None
         if max_media_positions:
             self.media_position_embedding = nn.Embedding(max_media_positions, llm_hidden_size)
@@ -300,6 +325,45 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         """`<video>` tokens of attribute fields each medium takes after its pooled one (0 without
         `attribute_classes`)."""
         return len(self.config.attribute_classes or ())
+
+    @property
+    def ties_attribute_words(self) -> bool:
+        """Whether attribute tokens include the LLM's word embeddings of their classes (`attribute_word_ids`), so
+        `project_tokens` needs the LLM's `word_embeddings`."""
+        return self.config.attribute_word_ids is not None
+
+    def attribute_word_rows(self, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """The LLM's input embedding of every attribute class's word (zero for a class with no word).
+
+        Args:
+            word_embeddings (`torch.Tensor`):
+                The LLM's input embedding matrix, `(vocab_size, llm_hidden_size)` (`llm.get_input_embeddings().weight`);
+                the result is differentiable in it, so the LLM's words train through the attribute tokens too.
+
+        Returns:
+            `torch.Tensor`: shape `(sum(attribute_classes), llm_hidden_size)`, on the adapter's device and in its dtype.
+        """
+        if not self.ties_attribute_words:
+            raise ValueError("This adapter's attribute tokens hold no words (`attribute_word_ids` is None).")
+        if not isinstance(word_embeddings, torch.Tensor):
+            raise TypeError(
+                "This adapter's attribute tokens hold the LLM's words (`attribute_word_ids`): pass `word_embeddings`, "
+                f"the LLM's input embedding matrix, as a torch.Tensor; got {type(word_embeddings).__name__}."
+            )
+        ids = torch.tensor(self.config.attribute_word_ids)
+        hidden = self.config.llm_hidden_size
+        if word_embeddings.ndim != 2 or word_embeddings.shape[1] != hidden or not word_embeddings.is_floating_point():
+            raise ValueError(
+                f"`word_embeddings` must be the LLM's (vocab_size, {hidden}) floating-point input embedding matrix, got "
+                f"shape {tuple(word_embeddings.shape)} and dtype {word_embeddings.dtype}."
+            )
+        if int(ids.max()) >= word_embeddings.shape[0]:
+            raise ValueError(
+                f"`attribute_word_ids` reach token id {int(ids.max())} but `word_embeddings` has only "
+                f"{word_embeddings.shape[0]} rows: the adapter was trained with another tokenizer."
+            )
+        rows = word_embeddings.to(device=self.device, dtype=self.dtype)[ids.clamp(min=0).to(self.device)]
+        return rows * (ids >= 0).to(device=self.device, dtype=self.dtype)[:, None]
 
     @property
     def tokens_per_medium(self) -> int:
@@ -371,7 +435,10 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         return [field.softmax(dim=-1) for field in logits.split(list(self.config.attribute_classes), dim=-1)]
 
     def project_tokens(
-        self, media_embeds: torch.Tensor, class_permutation: torch.LongTensor | None = None
+        self,
+        media_embeds: torch.Tensor,
+        class_permutation: torch.LongTensor | None = None,
+        word_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """All input vectors of media given by their pooled embedding: `project`'s, then one per attribute field.
 
@@ -382,6 +449,9 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
                 Shape `(num_media, sum(attribute_classes))`: the read class probabilities of each medium, all fields
                 concatenated, are replaced by ``probs[class_permutation]`` (a permutation within each field), so a
                 medium reads as if its classes had been renamed (training's `--relabel_words`). Default: as read.
+            word_embeddings (`torch.Tensor`, *optional*):
+                The LLM's input embedding matrix `(vocab_size, llm_hidden_size)`; required by an adapter with
+                `attribute_word_ids` (see `attribute_word_rows`), not read by any other.
 
         Returns:
             `torch.Tensor`: shape `(num_media, tokens_per_medium, llm_hidden_size)`.
@@ -411,7 +481,10 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
                     )
             permutation = class_permutation.to(media_embeds.device)
             probs = torch.cat(probs, dim=-1).gather(-1, permutation).split(fields, dim=-1)
-        rows = self.attribute_embedding.weight.split(fields)
+        rows = self.attribute_embedding.weight
+        if self.ties_attribute_words:
+            rows = rows + self.attribute_word_rows(word_embeddings)
+        rows = rows.split(fields)
         tokens = [field_probs @ field_rows for field_probs, field_rows in zip(probs, rows)]
         return torch.cat([pooled, torch.stack(tokens, dim=-2)], dim=-2)
 

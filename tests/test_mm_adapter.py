@@ -428,7 +428,8 @@ def test_attribute_word_tokens_add_the_llms_own_word_embeddings(setup, tmp_path)
     adapter.save_pretrained(tmp_path / "adapter")
     loaded = MultimodalAdapter.from_pretrained(tmp_path / "adapter")
     assert loaded.config.attribute_word_ids == ids
-    assert torch.equal(loaded.project_tokens(e, word_embeddings=words), adapter.project_tokens(e, word_embeddings=words))
+    reloaded = loaded.project_tokens(e, word_embeddings=words)
+    assert torch.equal(reloaded, adapter.project_tokens(e, word_embeddings=words))
 
 
 def test_attribute_word_tokens_errors(setup):

@@ -262,6 +262,37 @@ def test_attribute_tokens_reach_the_llm(monkeypatch, tmp_path):
     assert np.array_equal(again.images, changed.images) and again.captions == changed.captions
 
 
+def test_attribute_word_tokens_read_the_llms_own_word_embeddings(tmp_path):
+    """An adapter whose attribute tokens hold class words reads them from the pipeline's LLM (a change to the LLM's
+    embedding of a class word the prompt does not contain changes the answer's embeddings); a tokenizer that does not
+    reach the adapter's word ids is refused at construction."""
+    components = tiny_pipeline_components("imagebind")
+    tokenizer = components["llm_tokenizer"]
+    words = ["red", "blue", "green", "", "circle"]
+    ids = [tokenizer(w, add_special_tokens=False).input_ids[0] if w else -1 for w in words]
+    torch.manual_seed(0)
+    adapter = MultimodalAdapter.from_config(
+        components["mm_adapter"].config, attribute_classes=[3, 2], attribute_word_ids=ids
+    )
+    adapter.load_state_dict(components["mm_adapter"].state_dict(), strict=False)
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter.eval()})
+    pipe.set_progress_bar_config(disable=True)
+    out = run(pipe, "add [audio1] to [image1]", output_type="np")
+    with torch.no_grad():
+        pipe.llm.get_input_embeddings().weight[ids[-1]] += 1.0  # "circle": not a word of the prompt
+    changed = run(pipe, "add [audio1] to [image1]", output_type="np")
+    assert not torch.allclose(out.generation_embeds, changed.generation_embeds)
+    pipe.save_pretrained(tmp_path)
+    loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.mm_adapter.config.attribute_word_ids == ids
+    again = run(loaded, "add [audio1] to [image1]", output_type="np")
+    assert np.array_equal(again.images, changed.images) and again.captions == changed.captions
+    beyond = MultimodalAdapter.from_config(adapter.config, attribute_word_ids=ids[:-1] + [len(tokenizer)])
+    with pytest.raises(ValueError, match=r"attribute_word_ids reach token id \d+ but llm_tokenizer has only \d+ tok"):
+        InstructAny2PixPipeline(**{**components, "mm_adapter": beyond})
+
+
 def test_media_position_embeddings_reach_the_llm_and_bound_the_media(tmp_path):
     """An adapter with media position embeddings marks each medium's tokens by its place; the pipeline saves and
     reloads it, and refuses an instruction with more media than places before any model runs."""

@@ -95,6 +95,15 @@ def _weights(folder: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, name))
 
 
+def _train_llm_on(workspace, pipeline_dir, output_dir, steps: int = 1) -> dict:
+    """train_llm.py continued from a trained pipeline with nothing but the data and steps given."""
+    argv = _common(
+        output_dir, "--pipeline", str(pipeline_dir), "--data_dir", workspace["data"],
+        "--max_train_steps", str(steps), "--train_batch_size", "2",
+    )  # fmt: skip
+    return train_llm.main(argv)
+
+
 def _summary(output_dir) -> dict:
     with open(os.path.join(output_dir, "training_summary.json")) as f:
         return json.load(f)
@@ -759,11 +768,7 @@ def test_train_llm_gives_a_pipeline_attribute_tokens_from_heads_and_keeps_them_f
     assert pipeline.mm_adapter.config.attribute_classes == [3, 2] and pipeline.mm_adapter.tokens_per_medium == 3
     assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
     # Trained on without heads, a loaded reader stays as it is (it was fitted to labels; the LLM's loss has none).
-    argv = _common(
-        tmp_path / "more", "--pipeline", str(tmp_path / "llm"), "--data_dir", workspace["data"],
-        "--max_train_steps", "1", "--train_batch_size", "2",
-    )  # fmt: skip
-    assert train_llm.main(argv)["global_step"] == 1
+    assert _train_llm_on(workspace, tmp_path / "llm", tmp_path / "more")["global_step"] == 1
     more = _weights(tmp_path / "more" / "mm_adapter")
     assert torch.equal(more["attribute_reader.weight"], after["attribute_reader.weight"])
     assert not torch.equal(more["attribute_embedding.weight"], after["attribute_embedding.weight"])
@@ -803,11 +808,7 @@ def test_train_llm_attribute_words_tie_attribute_tokens_to_the_llms_class_words(
     assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
     # Trained on, the adapter keeps its words; heads without class names, or words the tokenizer does not know, are
     # refused before training.
-    argv = _common(
-        tmp_path / "more", "--pipeline", str(tmp_path / "llm"), "--data_dir", workspace["data"],
-        "--max_train_steps", "1", "--train_batch_size", "2",
-    )  # fmt: skip
-    assert train_llm.main(argv)["global_step"] == 1
+    assert _train_llm_on(workspace, tmp_path / "llm", tmp_path / "more")["global_step"] == 1
     assert InstructAny2PixPipeline.from_pretrained(str(tmp_path / "more")).mm_adapter.config.attribute_word_ids == (
         expected_ids
     )

@@ -307,6 +307,13 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 f"{c['llm'].get_input_embeddings().num_embeddings} rows; resize them after adding the special tokens "
                 "(see `add_multimodal_tokens`)."
             )
+        word_ids = c["mm_adapter"].config.attribute_word_ids
+        if word_ids is not None and max(word_ids) >= len(c["llm_tokenizer"]):
+            raise ValueError(
+                f"mm_adapter.config.attribute_word_ids reach token id {max(word_ids)} but llm_tokenizer has only "
+                f"{len(c['llm_tokenizer'])} tokens: the adapter's attribute tokens were trained on another tokenizer's "
+                "words."
+            )
         if (c["prior_text_encoder"] is None) != (c["prior_tokenizer"] is None):
             raise ValueError("`prior_text_encoder` and `prior_tokenizer` must be given together (or both omitted).")
         if c["prior_text_encoder"] is not None:

@@ -269,7 +269,9 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
                 )
         if attribute_word_ids is not None:
             if attribute_classes is None:
-                raise ValueError("`attribute_word_ids` names the words of attribute classes: it needs `attribute_classes`.")
+                raise ValueError(
+                    "`attribute_word_ids` names the words of attribute classes: it needs `attribute_classes`."
+                )
             if (
                 not isinstance(attribute_word_ids, (list, tuple))
                 or len(attribute_word_ids) != sum(attribute_classes)
@@ -354,8 +356,8 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         hidden = self.config.llm_hidden_size
         if word_embeddings.ndim != 2 or word_embeddings.shape[1] != hidden or not word_embeddings.is_floating_point():
             raise ValueError(
-                f"`word_embeddings` must be the LLM's (vocab_size, {hidden}) floating-point input embedding matrix, got "
-                f"shape {tuple(word_embeddings.shape)} and dtype {word_embeddings.dtype}."
+                f"`word_embeddings` must be the LLM's (vocab_size, {hidden}) floating-point input embedding matrix, "
+                f"got shape {tuple(word_embeddings.shape)} and dtype {word_embeddings.dtype}."
             )
         if int(ids.max()) >= word_embeddings.shape[0]:
             raise ValueError(

@@ -819,6 +819,16 @@ def test_train_llm_attribute_words_tie_attribute_tokens_to_the_llms_class_words(
     )  # fmt: skip
     with pytest.raises(ValueError, match="`--attribute_words` needs attribute heads that name their classes"):
         train_llm.main(argv)
+    # Heads naming the classes in another order give other ids than the loaded adapter was trained with.
+    AttributeHeads(weight, bias, (3, 2), 4.0, class_names=(("blue", "red", "green"), ("", "circle"))).save(
+        str(tmp_path / "reordered.safetensors")
+    )
+    argv_loaded = _common(
+        tmp_path / "y", "--pipeline", str(tmp_path / "llm"), "--data_dir", workspace["data"], "--max_train_steps", "1",
+        "--attribute_reader", str(tmp_path / "reordered.safetensors"), "--attribute_words",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"`--attribute_words` gives token ids .* but the loaded mm_adapter was"):
+        train_llm.main(argv_loaded)
     unknown = (("red", "blue", "zyzzyva"), ("", "circle"))
     AttributeHeads(weight, bias, (3, 2), 4.0, class_names=unknown).save(str(tmp_path / "unknown.safetensors"))
     argv[argv.index("--attribute_reader") + 1] = str(tmp_path / "unknown.safetensors")

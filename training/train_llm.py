@@ -395,7 +395,7 @@ def build_model(
         if adapter.config.attribute_word_ids is not None:
             raise ValueError(
                 f"`--attribute_words` gives token ids {word_ids} but the loaded mm_adapter was trained with "
-                f"{adapter.config.attribute_word_ids} (another tokenizer)."
+                f"{adapter.config.attribute_word_ids} (other class words, or another tokenizer)."
             )
         adapter = _extended_adapter(adapter, attribute_word_ids=word_ids)
     if adapter is None:

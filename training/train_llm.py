@@ -48,6 +48,8 @@ from diffusers_any2pix.data import (
     collate_llm_batch,
     conversation_texts,
     load_instructions,
+    parse_repeat_spec,
+    repeat_examples,
 )
 from diffusers_any2pix.models.mm_adapter import AttributeHeads, MultimodalAdapter
 from diffusers_any2pix.multimodal_llm import (
@@ -134,6 +136,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--answer_swap_prob", type=float, default=1.0, help="Chance of each --answer_swap_words replacement."
     )
     extra.add_argument(
+        "--repeat_records",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE:TIMES",
+        help="Records whose FIELD equals VALUE appear TIMES times per epoch (e.g. type=pick_base:3 for ShapesWorld's\n"
+        "instruction types), so the hard kinds get more of the steps; each copy draws its own sampling.",
+    )
+    extra.add_argument(
         "--reproduce_prob",
         type=float,
         default=0.0,
@@ -215,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("A new LLM from `--llm_config` trains fully; drop `--lora` / `--freeze_llm`.")
     if args.lora and args.freeze_llm:
         raise ValueError("`--lora` and `--freeze_llm` exclude each other.")
+    for spec in args.repeat_records:  # malformed specs fail before any loading
+        parse_repeat_spec(spec)
     if not 0.0 <= args.pooled_drop_prob < 1.0:
         raise ValueError(f"`--pooled_drop_prob` must be in [0, 1), got {args.pooled_drop_prob}.")
     if not 0.0 <= args.relabel_prob <= 1.0:
@@ -550,6 +562,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     features = FeatureStore.from_file(args.media_map, args.data_dir)
     examples = load_instructions(args.instruction_file, features, args.skip_missing_features)
     model, tokenizer, token_ids = build_model(args, accelerator, examples)
+    if args.repeat_records:  # after build_model: a new word-level tokenizer sees each record once
+        num_records = len(examples)
+        examples = repeat_examples(examples, args.repeat_records)
+        logger.info(f"--repeat_records: {num_records} records, {len(examples)} samples per epoch.")
     features.embed_dim = model.mm_adapter.config.embed_dim  # every feature file is checked against it
     if model.mm_adapter.config.image_patch_tokens:
         features.patch_embed_dim = model.mm_adapter.config.patch_embed_dim

@@ -561,6 +561,53 @@ def load_instructions(
     return examples
 
 
+def parse_repeat_spec(spec: str) -> tuple[str, str, int]:
+    """``"FIELD=VALUE:TIMES"`` (e.g. ``"type=pick_base:3"``) → ``(field, value, times)``; `ValueError` naming the
+    expected form otherwise."""
+    field_value, sep, times = spec.rpartition(":")
+    name, eq, value = field_value.partition("=")
+    if not (sep and eq and name and value) or not times.isdigit() or int(times) < 1:
+        raise ValueError(
+            f"A record repeat must read FIELD=VALUE:TIMES with TIMES >= 1 (e.g. type=pick_base:3), got {spec!r}."
+        )
+    return name, value, int(times)
+
+
+def repeat_examples(examples: Sequence[MMInstExample], specs: Sequence[str]) -> list[MMInstExample]:
+    """The examples with those whose record matches a spec listed that many times (each right after itself), so an
+    epoch holds more of them; the others once.
+
+    Args:
+        examples (`Sequence[MMInstExample]`): validated records (`load_instructions`).
+        specs (`Sequence[str]`): ``"FIELD=VALUE:TIMES"`` each: a record whose top-level ``FIELD`` equals ``VALUE``
+            (compared as text) appears ``TIMES`` times.
+
+    Raises:
+        `ValueError`: a malformed spec, two specs for the same field and value, a record matched by two specs, or a
+            spec that matches no record (a misspelt field or value would otherwise change nothing).
+    """
+    parsed = [parse_repeat_spec(spec) for spec in specs]
+    keys = [(name, value) for name, value, _ in parsed]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"Record repeats name the same FIELD=VALUE twice: {list(specs)}.")
+    counts = [0] * len(parsed)
+    repeated = []
+    for example in examples:
+        record = example.source.value
+        matches = [i for i, (name, value, _) in enumerate(parsed) if name in record and str(record[name]) == value]
+        if len(matches) > 1:
+            raise ValueError(
+                f"{example.source.where()}: matched by more than one record repeat ({[specs[i] for i in matches]})."
+            )
+        for i in matches:
+            counts[i] += 1
+        repeated.extend([example] * (parsed[matches[0]][2] if matches else 1))
+    unmatched = [spec for spec, count in zip(specs, counts) if count == 0]
+    if unmatched:
+        raise ValueError(f"Record repeats {unmatched} match no record (check the field name and value).")
+    return repeated
+
+
 # ------------------------------------------------------------------------------------------------ LLM samples
 
 

@@ -28,6 +28,7 @@ from diffusers_any2pix.data import (
     load_media_map,
     read_json_entries,
     read_prior_pairs,
+    repeat_examples,
 )
 from diffusers_any2pix.models.mm_adapter import rescale_to_norm
 from diffusers_any2pix.models.prior import Modality
@@ -266,6 +267,36 @@ def test_malformed_records_name_the_field(data, edit, field, match):
 @pytest.fixture(scope="module")
 def examples(source_data):
     return load_instructions(os.path.join(source_data, "train", "instruction.json"), _features(source_data))
+
+
+def test_repeat_examples_lists_matching_records_that_many_times_in_place(examples):
+    types = [e.source.value["type"] for e in examples]
+    repeated = repeat_examples(examples, ["type=pick_base:3", "type=remove:2"])
+    expected = [e for e in examples for _ in range({"pick_base": 3, "remove": 2}.get(e.source.value["type"], 1))]
+    assert [id(e) for e in repeated] == [id(e) for e in expected]
+    assert len(repeated) == len(examples) + 2 * types.count("pick_base") + types.count("remove") > len(examples)
+    assert repeat_examples(examples, []) == list(examples) and repeated is not examples
+    assert repeat_examples(examples, ["type=pick_base:1"]) == list(examples)
+
+
+@pytest.mark.parametrize(
+    "specs, match",
+    [
+        (["type=pick_base"], r"FIELD=VALUE:TIMES with TIMES >= 1 \(e.g. type=pick_base:3\), got 'type=pick_base'"),
+        (["type=pick_base:0"], r"TIMES >= 1.*got 'type=pick_base:0'"),
+        (["type=pick_base:x"], r"got 'type=pick_base:x'"),
+        (["pick_base:2"], r"got 'pick_base:2'"),
+        (["=pick_base:2"], r"got '=pick_base:2'"),
+        (["type=:2"], r"got 'type=:2'"),
+        (["type=remove:2", "type=remove:3"], r"name the same FIELD=VALUE twice"),
+        (["type=remove:2", "task=any2any:2"], r"entry \d+.*matched by more than one record repeat"),
+        (["type=pick_bas:2"], r"\['type=pick_bas:2'\] match no record \(check the field name and value\)"),
+        (["kind=remove:2"], r"\['kind=remove:2'\] match no record"),
+    ],
+)
+def test_repeat_examples_errors(examples, specs, match):
+    with pytest.raises(ValueError, match=match):
+        repeat_examples(examples, specs)
 
 
 def test_sample_with_everything_as_video(examples):

@@ -95,11 +95,11 @@ def _weights(folder: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, name))
 
 
-def _train_llm_on(workspace, pipeline_dir, output_dir, steps: int = 1) -> dict:
-    """train_llm.py continued from a trained pipeline with nothing but the data and steps given."""
+def _train_llm_on(workspace, pipeline_dir, output_dir, steps: int = 1, extra: tuple[str, ...] = ()) -> dict:
+    """train_llm.py continued from a trained pipeline with nothing but the data, steps and ``extra`` given."""
     argv = _common(
         output_dir, "--pipeline", str(pipeline_dir), "--data_dir", workspace["data"],
-        "--max_train_steps", str(steps), "--train_batch_size", "2",
+        "--max_train_steps", str(steps), "--train_batch_size", "2", *extra,
     )  # fmt: skip
     return train_llm.main(argv)
 
@@ -980,6 +980,30 @@ def test_train_llm_relabel_renames_classes_and_leaves_out_what_still_shows_the_o
         train_llm.main(argv)
 
 
+def test_train_llm_repeat_records_gives_the_chosen_records_more_samples_per_epoch(workspace, tmp_path, monkeypatch):
+    seen = []
+
+    class RecordingDataset(train_llm.MMInstLLMDataset):
+        def __init__(self, examples, *args, **kwargs):
+            seen.append([e.source.value["type"] for e in examples])
+            super().__init__(examples, *args, **kwargs)
+
+    monkeypatch.setattr(train_llm, "MMInstLLMDataset", RecordingDataset)
+    with open(os.path.join(workspace["data"], "train", "instruction.json")) as f:
+        types = [record["type"] for record in json.load(f)]
+    for name, extra in (("plain", []), ("repeated", ["--repeat_records", "type=pick_base:3", "type=add_text:2"])):
+        summary = _train_llm_on(workspace, workspace["pipelines"]["imagebind"], tmp_path / name, steps=2, extra=extra)
+        assert summary["global_step"] == 2
+    plain, repeated = seen
+    assert plain == types
+    assert repeated == [t for t in types for _ in range({"pick_base": 3, "add_text": 2}.get(t, 1))]
+    assert len(repeated) == len(types) + 2 * types.count("pick_base") + types.count("add_text") > len(types)
+    # A value no record has is refused before any step (a typo would otherwise change nothing).
+    with pytest.raises(ValueError, match=r"\['type=pickbase:3'\] match no record"):
+        typo = ["--repeat_records", "type=pickbase:3"]
+        _train_llm_on(workspace, workspace["pipelines"]["imagebind"], tmp_path / "typo", extra=typo)
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
@@ -991,6 +1015,7 @@ def test_train_llm_relabel_renames_classes_and_leaves_out_what_still_shows_the_o
         (["--attribute_words"], r"`--attribute_words` ties attribute tokens to class words: it needs `--attribute_"),
         (["--pretrained_llm", "x"], "exclude each other"),
         (["--lora"], "trains fully"),
+        (["--repeat_records", "type=pick_base"], r"FIELD=VALUE:TIMES with TIMES >= 1 .*got 'type=pick_base'"),
     ],
 )
 def test_train_llm_from_scratch_bad_arguments(workspace, tmp_path, extra, match):

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from diffusers_any2pix.data import MMInstDataError
 from diffusers_any2pix.models.imagebind import ImageBindModel
+from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
 from diffusers_any2pix.models.prior import Any2PixPrior
 from diffusers_any2pix.multimodal_llm import get_multimodal_token_ids
 from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
@@ -836,6 +837,49 @@ def test_train_llm_attribute_words_tie_attribute_tokens_to_the_llms_class_words(
         train_llm.main(argv)
 
 
+def test_train_llm_attribute_token_groups_sum_fields_into_shared_tokens(workspace, tmp_path):
+    from diffusers_any2pix.models.mm_adapter import AttributeHeads
+
+    g = torch.Generator().manual_seed(0)
+    heads = AttributeHeads(torch.randn(7, TINY_EMBED_DIM, generator=g), torch.randn(7, generator=g), (3, 2, 2), 4.0)
+    heads.save(str(tmp_path / "heads.safetensors"))
+    common = ("--data_dir", workspace["data"], "--max_train_steps", "2", "--train_batch_size", "2")
+    grouped = ("--attribute_reader", str(tmp_path / "heads.safetensors"), "--attribute_token_groups", "0", "1,2")
+    pipeline_dir = workspace["pipelines"]["imagebind"]
+    assert train_llm.main(_common(tmp_path / "llm", "--pipeline", pipeline_dir, *common, *grouped))["global_step"] == 2
+    pipeline = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "llm"))
+    adapter = pipeline.mm_adapter
+    # Three fields in two tokens: the background's, then one holding both other fields.
+    assert adapter.config.attribute_token_groups == [[0], [1, 2]]
+    assert adapter.attribute_tokens == 2 and adapter.tokens_per_medium == 3
+    media = torch.randn(4, TINY_EMBED_DIM, generator=g)
+    ungrouped = MultimodalAdapter.from_config(adapter.config, attribute_token_groups=None)
+    ungrouped.load_state_dict(adapter.state_dict())
+    with torch.no_grad():
+        tokens, fields = adapter.project_tokens(media), ungrouped.project_tokens(media)
+    assert tokens.shape == (4, 3, adapter.config.llm_hidden_size) and fields.shape[1] == 4
+    assert torch.equal(tokens[:, :2], fields[:, :2])
+    torch.testing.assert_close(tokens[:, 2], fields[:, 2] + fields[:, 3])
+    assert _edit(pipeline, workspace["scene"]).images[0].size == (32, 32)
+    # Trained on, the adapter keeps its groups; other groups for it are refused.
+    assert _train_llm_on(workspace, tmp_path / "llm", tmp_path / "more")["global_step"] == 1
+    more = InstructAny2PixPipeline.from_pretrained(str(tmp_path / "more")).mm_adapter
+    assert more.config.attribute_token_groups == [[0], [1, 2]]
+    argv = _common(
+        tmp_path / "again", "--pipeline", str(tmp_path / "llm"), *common, "--attribute_reader",
+        str(tmp_path / "heads.safetensors"), "--attribute_token_groups", "0,1", "2",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"`--attribute_token_groups` \[\[0, 1\], \[2\]\] differs from the loaded"):
+        train_llm.main(argv)
+    # Groups that do not cover the heads' fields exactly once are refused before training.
+    argv = _common(
+        tmp_path / "bad", "--pipeline", pipeline_dir, *common, "--attribute_reader",
+        str(tmp_path / "heads.safetensors"), "--attribute_token_groups", "0", "1",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"partition of the 3 attribute fields' indices 0..2"):
+        train_llm.main(argv)
+
+
 def test_train_llm_adds_media_position_embeddings_that_train(workspace, tmp_path):
     argv = _common(
         tmp_path / "llm", "--pipeline", workspace["pipelines"]["imagebind"], "--data_dir", workspace["data"],
@@ -1013,6 +1057,15 @@ def test_train_llm_repeat_records_gives_the_chosen_records_more_samples_per_epoc
         (["--relabel_prob", "1.5"], r"`--relabel_prob` must be in \[0, 1\], got 1.5"),
         (["--relabel_words", "red,green"], r"`--relabel_words` renames attribute classes: it needs `--attribute_"),
         (["--attribute_words"], r"`--attribute_words` ties attribute tokens to class words: it needs `--attribute_"),
+        (["--attribute_token_groups", "0", "1,2"], r"`--attribute_token_groups` groups attribute fields: it needs"),
+        (
+            ["--attribute_reader", "h", "--attribute_token_groups", "0", "1;2"],
+            r"`--attribute_token_groups`: '1;2' is not a comma-separated list of field indices",
+        ),
+        (
+            ["--attribute_reader", "h", "--attribute_token_groups", "0", "1,2", "--relabel_words", "red,green"],
+            r"`--relabel_words` renames classes field by field .* drop `--attribute_token_groups`",
+        ),
         (["--pretrained_llm", "x"], "exclude each other"),
         (["--lora"], "trains fully"),
         (["--repeat_records", "type=pick_base"], r"FIELD=VALUE:TIMES with TIMES >= 1 .*got 'type=pick_base'"),

@@ -192,6 +192,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attribute_reader heads that name their classes; a loaded adapter keeps its setting.",
     )
     attributes.add_argument(
+        "--attribute_token_groups",
+        nargs="+",
+        default=None,
+        metavar="FIELD,FIELD,...",
+        help="Fields that share one attribute token, one comma-separated group of field indices per value, covering\n"
+        "every field of the --attribute_reader heads once (ShapesWorld: 0 1,2 3,4 5,6 = the background, then one\n"
+        "token per slot holding its shape and colour). A group's token is the sum of its fields' tokens. Default:\n"
+        "one token per field; a loaded adapter keeps its setting.",
+    )
+    attributes.add_argument(
         "--pooled_drop_prob",
         type=float,
         default=0.0,
@@ -235,6 +245,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("`--relabel_words` renames attribute classes: it needs `--attribute_reader`.")
     if args.attribute_words and args.attribute_reader is None:
         raise ValueError("`--attribute_words` ties attribute tokens to class words: it needs `--attribute_reader`.")
+    if args.attribute_token_groups is not None:
+        args.attribute_token_groups = parse_token_groups(args.attribute_token_groups)
+        if args.attribute_reader is None:
+            raise ValueError("`--attribute_token_groups` groups attribute fields: it needs `--attribute_reader`.")
+        if args.relabel_words:
+            raise ValueError(
+                "`--relabel_words` renames classes field by field and needs one attribute token per field: drop "
+                "`--attribute_token_groups`."
+            )
     if args.max_media_positions is not None and args.max_media_positions < 0:
         raise ValueError(f"`--max_media_positions` must be >= 0, got {args.max_media_positions}.")
     if args.image_patch_tokens is not None and args.image_patch_tokens < 0:
@@ -380,6 +399,20 @@ def new_llm(args: argparse.Namespace, examples: list[MMInstExample]):
     return AutoModelForCausalLM.from_config(config), tokenizer
 
 
+def parse_token_groups(values: list[str]) -> list[list[int]]:
+    """``--attribute_token_groups`` values (``"1,2"``: fields 1 and 2 share a token) as lists of field indices; the
+    partition itself is checked against the heads' fields when the adapter is built."""
+    groups = []
+    for value in values:
+        try:
+            groups.append([int(field) for field in value.split(",")])
+        except ValueError:
+            raise ValueError(
+                f"`--attribute_token_groups`: {value!r} is not a comma-separated list of field indices (e.g. 1,2)."
+            ) from None
+    return groups
+
+
 def build_model(
     args: argparse.Namespace, accelerator, examples: list[MMInstExample]
 ) -> tuple[MultimodalLLMForTraining, object, MultimodalTokenIds]:
@@ -410,6 +443,14 @@ def build_model(
                 f"{adapter.config.attribute_word_ids} (other class words, or another tokenizer)."
             )
         adapter = _extended_adapter(adapter, attribute_word_ids=word_ids)
+    groups = args.attribute_token_groups
+    if adapter is not None and groups is not None and adapter.config.attribute_token_groups != groups:
+        if adapter.config.attribute_token_groups is not None:
+            raise ValueError(
+                f"`--attribute_token_groups` {groups} differs from the loaded mm_adapter's "
+                f"{adapter.config.attribute_token_groups}; its LLM was trained on those tokens."
+            )
+        adapter = _extended_adapter(adapter, attribute_token_groups=groups)
     if adapter is None:
         embed_dim, patch_embed_dim = args.embed_dim, args.patch_embed_dim
         if args.pipeline is not None:
@@ -422,6 +463,7 @@ def build_model(
             attribute_classes=attribute_classes,
             max_media_positions=args.max_media_positions or 0,
             attribute_word_ids=word_ids,
+            attribute_token_groups=groups,
         )
     elif args.image_patch_tokens not in (None, adapter.config.image_patch_tokens):
         adapter = _with_patch_resampler(args, adapter)

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from numbers import Real
+from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
@@ -115,6 +116,26 @@ class AttributeHeads:
             raise ValueError(f"{path}: {error}") from None
 
 
+def check_token_groups(groups: Any, num_fields: int) -> list[list[int]]:
+    """Checks that ``groups`` partitions the field indices ``0 .. num_fields - 1`` into non-empty lists of ints and
+    returns it as lists; raises `ValueError` naming what is wrong (see `MultimodalAdapter`'s
+    `attribute_token_groups`)."""
+    expected = f"a partition of the {num_fields} attribute fields' indices 0..{num_fields - 1} into non-empty lists"
+    if not isinstance(groups, (list, tuple)) or not groups or any(
+        not isinstance(group, (list, tuple))
+        or not group
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in group)
+        for group in groups
+    ):
+        raise ValueError(f"`attribute_token_groups` must be {expected}, e.g. [[0], [1, 2]]; got {groups!r}.")
+    fields = sorted(i for group in groups for i in group)
+    if fields != list(range(num_fields)):
+        raise ValueError(
+            f"`attribute_token_groups` must be {expected}, each field in exactly one group; got {groups!r}."
+        )
+    return [list(group) for group in groups]
+
+
 def rescale_to_norm(x: torch.Tensor, norm: float, eps: float = 1e-9) -> torch.Tensor:
     """Rescales vectors (along the last dimension) to a given L2 norm, as `x / (||x|| + eps) * norm`.
 
@@ -207,6 +228,12 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             same for every colour it comes with, which is what a combination never seen in training needs. The
             rows then start at the scale of a new LLM's word embeddings (std 0.02) instead of 1, so the words are
             not drowned. An extension: an LLM trained without it cannot use it.
+        attribute_token_groups (`list[list[int]]`, *optional*):
+            Needs `attribute_classes`: which fields share one `<video>` token, as a partition of the field indices in
+            token order (e.g. ShapesWorld's ``[[0], [1, 2], [3, 4], [5, 6]]``: the background, then one token per
+            slot holding its shape and colour). A group's token is the sum of its fields' tokens, so an object named
+            by two attributes ("the green star") is one token to match and copy instead of a conjunction across two.
+            `None`: one token per field. An extension: an LLM trained without it cannot use it.
     """
 
     @register_to_config
@@ -223,6 +250,7 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
         attribute_classes: list[int] | None = None,
         max_media_positions: int = 0,
         attribute_word_ids: list[int] | None = None,
+        attribute_token_groups: list[list[int]] | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -282,6 +310,10 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
                     f"for a class with no word), one per class of `attribute_classes` {list(attribute_classes)}; got "
                     f"{attribute_word_ids!r}."
                 )
+        if attribute_token_groups is not None:
+            if attribute_classes is None:
+                raise ValueError("`attribute_token_groups` groups attribute fields: it needs `attribute_classes`.")
+            check_token_groups(attribute_token_groups, len(attribute_classes))
         self.input_projector = nn.Sequential(
             nn.Linear(embed_dim, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, llm_hidden_size)
         )
@@ -325,7 +357,9 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
     @property
     def attribute_tokens(self) -> int:
         """`<video>` tokens of attribute fields each medium takes after its pooled one (0 without
-        `attribute_classes`)."""
+        `attribute_classes`; one per group of `attribute_token_groups` with them)."""
+        if self.config.attribute_token_groups is not None:
+            return len(self.config.attribute_token_groups)
         return len(self.config.attribute_classes or ())
 
     @property
@@ -488,6 +522,8 @@ class MultimodalAdapter(ModelMixin, ConfigMixin):
             rows = rows + self.attribute_word_rows(word_embeddings)
         rows = rows.split(fields)
         tokens = [field_probs @ field_rows for field_probs, field_rows in zip(probs, rows)]
+        if self.config.attribute_token_groups is not None:
+            tokens = [sum(tokens[field] for field in group) for group in self.config.attribute_token_groups]
         return torch.cat([pooled, torch.stack(tokens, dim=-2)], dim=-2)
 
     def load_attribute_reader(self, heads: AttributeHeads) -> None:

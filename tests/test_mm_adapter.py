@@ -321,6 +321,49 @@ def test_attribute_tokens_are_each_fields_distribution_times_its_rows():
     assert (both.tokens_per_medium, both.tokens_per_image) == (4, 6)
 
 
+def test_attribute_token_groups_sum_their_fields_tokens_and_round_trip(tmp_path):
+    fields = attribute_adapter()
+    grouped = attribute_adapter(attribute_token_groups=[[0, 2], [1]])
+    grouped.load_state_dict(fields.state_dict())  # the same modules: grouping adds no weights
+    assert (grouped.attribute_tokens, grouped.tokens_per_medium, grouped.tokens_per_image) == (2, 3, 3)
+    e = media(4, seed=3)
+    tokens, separate = grouped.project_tokens(e), fields.project_tokens(e)
+    assert tokens.shape == (4, 3, HIDDEN)
+    # The pooled token first, then the groups in their order, each the sum of its fields' tokens.
+    assert torch.equal(tokens[:, 0], separate[:, 0])
+    torch.testing.assert_close(tokens[:, 1], separate[:, 1] + separate[:, 3])
+    torch.testing.assert_close(tokens[:, 2], separate[:, 2])
+    grouped.save_pretrained(tmp_path / "adapter")
+    loaded = MultimodalAdapter.from_pretrained(tmp_path / "adapter").eval()
+    assert loaded.config.attribute_token_groups == [[0, 2], [1]]
+    assert torch.equal(loaded.project_tokens(e), tokens)
+
+
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        ([[0], [1]], r"each field in exactly one group; got \[\[0\], \[1\]\]"),
+        ([[0, 1], [1, 2]], "each field in exactly one group"),
+        ([[0], [1, 2, 3]], "each field in exactly one group"),
+        ([[0], [], [1, 2]], r"into non-empty lists, e.g. \[\[0\], \[1, 2\]\]"),
+        ([], "into non-empty lists, e.g."),
+        ([[0], [1, 2.0]], "into non-empty lists, e.g."),
+        ([[True], [1, 2]], "into non-empty lists, e.g."),
+        ("0,1,2", "into non-empty lists, e.g."),
+    ],
+)
+def test_attribute_token_groups_errors(groups, match):
+    with pytest.raises(ValueError, match=r"`attribute_token_groups` must be a partition of the 3 attribute fields"):
+        attribute_adapter(attribute_token_groups=groups)
+    with pytest.raises(ValueError, match=match):
+        attribute_adapter(attribute_token_groups=groups)
+
+
+def test_attribute_token_groups_need_attribute_classes():
+    with pytest.raises(ValueError, match="`attribute_token_groups` groups attribute fields: it needs `attribute_clas"):
+        MultimodalAdapter(embed_dim=EMBED_DIM, llm_hidden_size=HIDDEN, attribute_token_groups=[[0]])
+
+
 @pytest.mark.parametrize("classes", [[], [3, 1], [3, 2.0], [True, 3], (), "3,2"])
 def test_attribute_classes_errors(classes):
     with pytest.raises(ValueError, match=r"`attribute_classes` must be a non-empty list of class counts \(integers"):

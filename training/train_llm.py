@@ -436,21 +436,18 @@ def build_model(
         adapter = training_utils.load_component(args, "mm_adapter", MultimodalAdapter.from_pretrained, required=False)
     if adapter is not None and heads is not None and adapter.config.attribute_classes is None:
         adapter = _extended_adapter(adapter, attribute_classes=attribute_classes)
-    if adapter is not None and word_ids is not None and adapter.config.attribute_word_ids != word_ids:
-        if adapter.config.attribute_word_ids is not None:
-            raise ValueError(
-                f"`--attribute_words` gives token ids {word_ids} but the loaded mm_adapter was trained with "
-                f"{adapter.config.attribute_word_ids} (other class words, or another tokenizer)."
-            )
-        adapter = _extended_adapter(adapter, attribute_word_ids=word_ids)
     groups = args.attribute_token_groups
-    if adapter is not None and groups is not None and adapter.config.attribute_token_groups != groups:
-        if adapter.config.attribute_token_groups is not None:
-            raise ValueError(
-                f"`--attribute_token_groups` {groups} differs from the loaded mm_adapter's "
-                f"{adapter.config.attribute_token_groups}; its LLM was trained on those tokens."
-            )
-        adapter = _extended_adapter(adapter, attribute_token_groups=groups)
+    if adapter is not None:
+        adapter = _set_once(
+            adapter, "attribute_word_ids", word_ids,
+            "`--attribute_words` gives token ids {new} but the loaded mm_adapter was trained with {old} (other class "
+            "words, or another tokenizer).",
+        )  # fmt: skip
+        adapter = _set_once(
+            adapter, "attribute_token_groups", groups,
+            "`--attribute_token_groups` {new} differs from the loaded mm_adapter's {old}; its LLM was trained on "
+            "those tokens.",
+        )  # fmt: skip
     if adapter is None:
         embed_dim, patch_embed_dim = args.embed_dim, args.patch_embed_dim
         if args.pipeline is not None:
@@ -543,6 +540,17 @@ def _extended_adapter(adapter: MultimodalAdapter, **config) -> MultimodalAdapter
     assert not unexpected and not any(key in weights for key in missing)
     return extended
 
+
+
+def _set_once(adapter: MultimodalAdapter, name: str, value, message: str) -> MultimodalAdapter:
+    """The adapter with config ``name`` set to ``value`` (`None`: left as it is); a loaded adapter that already has
+    another value was trained with it, so that is refused with ``message`` (formatted with ``new`` and ``old``)."""
+    old = getattr(adapter.config, name)
+    if value is None or old == value:
+        return adapter
+    if old is not None:
+        raise ValueError(message.format(new=value, old=old))
+    return _extended_adapter(adapter, **{name: value})
 
 
 def _image_encoder_config(path: str, subfolder: str | None = None) -> dict:

@@ -944,6 +944,19 @@ def test_parse_answer():
     assert parse_answer("<base><video><im_gen_start><im_gen>[a red cube]<video> [other]") == ParsedAnswer(
         caption="a red cube", has_im_gen=True, has_base=True, base_null=False
     )
+    # An answer that describes its base (train_llm.py --describe_base): the result is the caption after <im_gen>,
+    # in the decoded spacing of a word-level tokenizer as well.
+    for text in (
+        "Sure. <base><video>[a blue cube]<im_gen_start><im_gen>[a red cube]<video>",
+        "Sure. <base> <video> [ a blue cube ] <im_gen_start> <im_gen> [ a red cube ] <video>",
+    ):
+        assert parse_answer(text) == ParsedAnswer(
+            caption="a red cube", has_im_gen=True, has_base=True, base_null=False, base_caption="a blue cube"
+        )
+    # Without <im_gen> the description is not taken for the result; a bracket elsewhere is not a description.
+    assert parse_answer("<base><video>[a blue cube]").caption is None
+    assert parse_answer("<base><video>[a blue cube] then [a red cube]").caption == "a red cube"
+    assert parse_answer("<base>[a blue cube]<im_gen>[a red cube]").base_caption is None
     # <im_gen_start> alone is not <im_gen>, <base_null> is not <base>.
     assert parse_answer("<base_null><im_gen_start> no caption") == ParsedAnswer(
         caption=None, has_im_gen=False, has_base=False, base_null=True

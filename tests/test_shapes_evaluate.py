@@ -11,6 +11,7 @@ import torch
 from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.shapes import INSTRUCTION_TYPES, Scene, SceneObject, generate_dataset, render_scene
 from diffusers_any2pix.shapes import evaluate
+from diffusers_any2pix.multimodal_llm import parse_answer
 from diffusers_any2pix.shapes.evaluate import (
     ABLATIONS,
     BASELINES,
@@ -572,6 +573,9 @@ def test_cli_reports_model_baselines_and_ablations_deterministically(workspace, 
     assert {e["best_baseline_name"] for e in criteria["per_type"].values()} <= set(BASELINES)
     assert report["probe"]["clean_accuracy"]["exact"] == 0.99
     assert len(report["examples"]) == 3 and set(report["examples"][0]) >= {"id", "target", MODEL, UNCHANGED_BASE}
+    for entry in report["examples"]:  # the LLM's whole answer is kept; its caption is the one parsed from it
+        assert entry[MODEL]["llm_caption"] == parse_answer(entry[MODEL]["llm_answer"]).caption
+        assert entry[UNCHANGED_BASE]["llm_answer"] is None and entry[PRIOR_WITHOUT_LLM]["llm_answer"] is None
 
     # Same seed: the same report (but for the timing).
     assert evaluate.main(argv + ["--output", str(tmp_path / "b.json")]) == 0

@@ -21,6 +21,7 @@ from diffusers_any2pix.data import (
     MissingFeatureError,
     PriorPairsDataset,
     build_llm_sample,
+    build_reproduce_sample,
     collate_llm_batch,
     default_prior_pairs,
     image_entries,
@@ -37,6 +38,7 @@ from diffusers_any2pix.multimodal_llm import (
     build_vicuna_prompt,
     expand_media_tokens,
     find_embedding_positions,
+    parse_answer,
 )
 from diffusers_any2pix.shapes import ATTRIBUTE_CLASS_NAMES, ATTRIBUTE_CLASSES, generate_dataset
 from diffusers_any2pix.testing_utils import tiny_llm_tokenizer
@@ -319,6 +321,31 @@ def test_sample_with_base_dropped_and_captions_as_text(examples):
     assert "<video>" not in sample.instruction and example.base[1:-1] in sample.instruction
     assert sample.answer == f"Sure. <base_null><im_gen_start><im_gen>{example.result}<video>"  # no additions
     assert sample.input_captions == [] and sample.targets == [(ROLE_GENERATION, example.result)]
+
+
+def test_sample_describing_the_base_writes_its_caption_before_the_result(examples):
+    example = next(e for e in examples if e.added)
+    plain = build_llm_sample(example, np.random.default_rng(0), base_drop_prob=0.0, caption_text_prob=0.0)
+    sample = build_llm_sample(
+        example, np.random.default_rng(0), base_drop_prob=0.0, caption_text_prob=0.0, describe_base=True
+    )
+    assert sample.answer == plain.answer.replace("<base><video>", f"<base><video>{example.base}", 1)
+    assert sample.answer.startswith(f"Sure. <base><video>{example.base}<im_gen_start><im_gen>{example.result}<video>")
+    assert (sample.instruction, sample.input_captions, sample.targets) == (
+        plain.instruction, plain.input_captions, plain.targets
+    )  # fmt: skip
+    # A dropped base is text in the instruction already: nothing to describe.
+    dropped = build_llm_sample(example, np.random.default_rng(0), base_drop_prob=1.0, describe_base=True)
+    assert dropped == build_llm_sample(example, np.random.default_rng(0), base_drop_prob=1.0)
+    # The same draws: the option changes the answer text only.
+    for seed in range(20):
+        a = build_llm_sample(example, np.random.default_rng(seed))
+        b = build_llm_sample(example, np.random.default_rng(seed), describe_base=True)
+        assert b.answer == a.answer.replace("<base><video>", f"<base><video>{example.base}", 1)
+        assert (b.instruction, b.targets) == (a.instruction, a.targets)
+    reproduce = build_reproduce_sample(example, describe_base=True)
+    assert reproduce.answer == f"Sure. <base><video>{example.base}<im_gen_start><im_gen>{example.base}<video>"
+    assert reproduce.targets == build_reproduce_sample(example).targets
 
 
 def test_sampling_rates_follow_the_official_80_20_rules(examples):
@@ -611,6 +638,43 @@ def test_llm_dataset_reproduce_samples_ask_for_the_unchanged_base(source_data, e
         MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, reproduce_prob=-0.1)
 
 
+def test_llm_dataset_describing_the_base_keeps_the_read_outs_and_parses_back(source_data, examples, tokenizer):
+    tokenizer, token_ids = tokenizer
+    features = _features(source_data)
+    for reproduce_prob in (0.0, 1.0):
+        plain = MMInstLLMDataset(examples, features, tokenizer, token_ids, seed=0, reproduce_prob=reproduce_prob)
+        described = MMInstLLMDataset(
+            examples, features, tokenizer, token_ids, seed=0, reproduce_prob=reproduce_prob, describe_base=True
+        )
+        longer = 0
+        for index, example in enumerate(examples):
+            a, b = plain[(1, index)], described[(1, index)]
+            n = b["prompt_length"]
+            assert n == a["prompt_length"] and torch.equal(b["input_ids"][:n], a["input_ids"][:n])
+            assert torch.equal(b["media_embeds"], a["media_embeds"])
+            assert torch.equal(b["target_embeds"], a["target_embeds"])
+            ids = b["input_ids"].tolist()
+            # Training reads the embeddings where inference will: the rule, not a shifted copy of the plain item.
+            positions = find_embedding_positions(ids, token_ids, start=n)
+            expected = [p for p in (positions.base, positions.generation) if p is not None]
+            assert b["target_positions"].tolist()[: len(expected)] == expected
+            assert len(b["target_positions"]) == len(a["target_positions"])
+            answer = parse_answer(tokenizer.decode(ids[n:], skip_special_tokens=False))
+
+            def as_decoded(caption: str) -> str:  # the tiny tokenizer has no word for some caption words
+                return parse_answer(tokenizer.decode(tokenizer(caption, add_special_tokens=False).input_ids)).caption
+
+            assert answer.caption == as_decoded(example.base if reproduce_prob else example.result)
+            if answer.base_null:
+                assert answer.base_caption is None and torch.equal(b["input_ids"], a["input_ids"])
+            else:
+                assert answer.base_caption == as_decoded(example.base)
+                longer += 1
+        assert longer > 0
+
+
+PATCH_DIM = 6
+NUM_PATCHES = 4
 PATCH_DIM = 6
 NUM_PATCHES = 4
 

@@ -21,7 +21,7 @@ from diffusers_any2pix.data import MMInstDataError
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
 from diffusers_any2pix.models.prior import Any2PixPrior
-from diffusers_any2pix.multimodal_llm import get_multimodal_token_ids
+from diffusers_any2pix.multimodal_llm import find_embedding_positions, get_multimodal_token_ids, parse_answer
 from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import generate_dataset
@@ -1046,6 +1046,40 @@ def test_train_llm_repeat_records_gives_the_chosen_records_more_samples_per_epoc
     with pytest.raises(ValueError, match=r"\['type=pickbase:3'\] match no record"):
         typo = ["--repeat_records", "type=pickbase:3"]
         _train_llm_on(workspace, workspace["pipelines"]["imagebind"], tmp_path / "typo", extra=typo)
+
+
+def test_train_llm_describe_base_trains_on_answers_that_write_out_the_base(workspace, tmp_path, monkeypatch):
+    datasets = []
+
+    class RecordingDataset(train_llm.MMInstLLMDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            datasets.append(self)
+
+    monkeypatch.setattr(train_llm, "MMInstLLMDataset", RecordingDataset)
+    summaries = [
+        _train_llm_on(workspace, workspace["pipelines"]["imagebind"], tmp_path / name, steps=2, extra=extra)
+        for name, extra in (("plain", []), ("described", ["--describe_base"]))
+    ]
+    plain, described = datasets
+    assert (plain.describe_base, described.describe_base) == (False, True)
+    token_ids = described.token_ids
+    descriptions = 0
+    for index, example in enumerate(described.examples):
+        a, b = plain[(0, index)], described[(0, index)]
+        answer = parse_answer(described.tokenizer.decode(b["input_ids"][b["prompt_length"] :]))
+        assert answer.caption == parse_answer(plain.tokenizer.decode(a["input_ids"][a["prompt_length"] :])).caption
+        if not answer.base_null:
+            # Compared as the tiny tokenizer spells it (<unk> for some words).
+            base = described.tokenizer(example.base, add_special_tokens=False).input_ids
+            assert answer.base_caption == parse_answer(described.tokenizer.decode(base)).caption
+            descriptions += 1
+        positions = find_embedding_positions(b["input_ids"].tolist(), token_ids, start=b["prompt_length"])
+        assert b["target_positions"].tolist()[0] == (positions.generation if answer.base_null else positions.base)
+    assert descriptions > 0
+    # Other answers, other losses; the trained components still edit in a pipeline.
+    assert summaries[0]["final_logs"]["lm_loss"] != summaries[1]["final_logs"]["lm_loss"]
+    assert _edit(InstructAny2PixPipeline.from_pretrained(str(tmp_path / "described")), workspace["scene"]).images
 
 
 @pytest.mark.parametrize(

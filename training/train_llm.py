@@ -13,7 +13,8 @@ input swapped for other words of the answer) and ``--reproduce_prob`` (the base 
 ``--attribute_reader`` gives every medium one more token per attribute field, read by linear heads (e.g. those
 ``train_imagebind.py --attribute_loss_weight`` saves), with ``--attribute_words`` each also holding the LLM's own
 embedding of its class's word; ``--max_media_positions M`` adds a learned vector per
-medium's place in the prompt to all of its tokens.
+medium's place in the prompt to all of its tokens; ``--describe_base`` makes the answer write out the base's caption
+before the result's.
 
 Full fine-tuning (default), LoRA (``--lora``, via peft; merged into the saved LLM) or adapter-only
 (``--freeze_llm``). The LLM comes from ``--pretrained_llm`` (any transformers causal LM folder; the multimodal tokens
@@ -149,6 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="Share of samples replaced by their base image alone, answered by the edit that keeps it unchanged\n"
         "(its caption and embedding): practice in reading an image into words.",
+    )
+    extra.add_argument(
+        "--describe_base",
+        action="store_true",
+        help="The answer writes out the base it edits: <base><video>[base caption]<im_gen_start><im_gen>[result]\n"
+        "(not the official format), so the result is a rewrite of words the LLM has just written. The pipeline\n"
+        "reads the result caption after the last <im_gen> either way.",
     )
     places = parser.add_argument_group("media position embeddings (not in the official recipe)")
     places.add_argument(
@@ -634,6 +642,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
         answer_swap_words=_word_groups(args.answer_swap_words),
         answer_swap_prob=args.answer_swap_prob,
         reproduce_prob=args.reproduce_prob,
+        describe_base=args.describe_base,
         image_patch_tokens=model.mm_adapter.config.image_patch_tokens,
         attribute_tokens=model.mm_adapter.attribute_tokens,
         relabel_words=_word_groups(args.relabel_words),

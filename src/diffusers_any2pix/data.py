@@ -630,7 +630,11 @@ class LLMSampleText:
 
 
 def build_llm_sample(
-    example: MMInstExample, rng: np.random.Generator, base_drop_prob: float = 0.2, caption_text_prob: float = 0.2
+    example: MMInstExample,
+    rng: np.random.Generator,
+    base_drop_prob: float = 0.2,
+    caption_text_prob: float = 0.2,
+    describe_base: bool = False,
 ) -> LLMSampleText:
     """Applies the official sampling rules (REFERENCE.md §5) to one record.
 
@@ -647,6 +651,12 @@ def build_llm_sample(
         rng (`numpy.random.Generator`): the sample's generator (one draw for the base, one per other medium).
         base_drop_prob (`float`, defaults to 0.2): probability of dropping the base.
         caption_text_prob (`float`, defaults to 0.2): probability of giving a non-base medium as text.
+        describe_base (`bool`, defaults to `False`):
+            Not in the official recipe: the BASE ``<video>`` is followed by the base's bracketed caption
+            (``<base><video>[base caption]<im_gen_start>...``), so the LLM first writes out the image it edits and
+            then derives the result from those words — the edit becomes a rewrite of text it has just written
+            instead of a read-out of the medium's tokens. No effect when the base is dropped (it is then text in
+            the instruction already).
 
     Returns:
         `LLMSampleText`
@@ -677,7 +687,7 @@ def build_llm_sample(
             if drop_base:
                 return ""
             targets.append((ROLE_BASE, caption))
-            return VIDEO_TOKEN
+            return VIDEO_TOKEN + caption if describe_base else VIDEO_TOKEN
         targets.append((ROLE_GENERATION, caption))
         return caption + VIDEO_TOKEN
 
@@ -694,7 +704,7 @@ def build_llm_sample(
     return LLMSampleText(instruction=instruction, answer=answer, input_captions=inputs, targets=targets)
 
 
-def build_reproduce_sample(example: MMInstExample) -> LLMSampleText:
+def build_reproduce_sample(example: MMInstExample, describe_base: bool = False) -> LLMSampleText:
     """An auxiliary sample built from ``example``: its base image alone as the instruction, and as the answer the edit
     that leaves it unchanged — ``<base><video><im_gen_start><im_gen>[base caption]<video>`` after the answer's own
     opening words (e.g. ``"Sure. "``), with the base embedding as both the BASE and the GEN target.
@@ -702,10 +712,18 @@ def build_reproduce_sample(example: MMInstExample) -> LLMSampleText:
     Nothing in the instruction text tells what the image holds, so the LLM must read the whole caption — every
     object, colour and position — from the medium; the edit samples let it guess much of the caption from the
     instruction words (e.g. the slots left free by "put a star in the middle").
+
+    Args:
+        example (`MMInstExample`): the record.
+        describe_base (`bool`, defaults to `False`):
+            As in `build_llm_sample`: the base caption also follows the BASE ``<video>``.
     """
     start = example.answer.find(BASE_TOKEN)
     opening = example.answer[:start] if start >= 0 else ""
-    answer = f"{opening}{BASE_TOKEN}{VIDEO_TOKEN}{IM_GEN_START_TOKEN}{IM_GEN_TOKEN}{example.base}{VIDEO_TOKEN}"
+    described = example.base if describe_base else ""
+    answer = (
+        f"{opening}{BASE_TOKEN}{VIDEO_TOKEN}{described}{IM_GEN_START_TOKEN}{IM_GEN_TOKEN}{example.base}{VIDEO_TOKEN}"
+    )
     return LLMSampleText(
         instruction=VIDEO_TOKEN,
         answer=answer,
@@ -799,6 +817,8 @@ class MMInstLLMDataset(Dataset):
         attribute_class_names (`Sequence[Sequence[str]]`, *optional*):
             Per attribute field, the word each class stands for (`AttributeHeads.class_names`); required by
             `relabel_words`.
+        describe_base (`bool`, defaults to `False`):
+            See `build_llm_sample` (also applied to the `reproduce_prob` samples).
     """
 
     def __init__(
@@ -822,6 +842,7 @@ class MMInstLLMDataset(Dataset):
         relabel_words: Sequence[Sequence[str]] = (),
         relabel_prob: float = 0.0,
         attribute_class_names: Sequence[Sequence[str]] | None = None,
+        describe_base: bool = False,
     ):
         if isinstance(attribute_tokens, bool) or not isinstance(attribute_tokens, int) or attribute_tokens < 0:
             raise ValueError(f"`attribute_tokens` must be a non-negative integer, got {attribute_tokens!r}.")
@@ -846,6 +867,7 @@ class MMInstLLMDataset(Dataset):
         self.caption_text_prob = caption_text_prob
         self.answer_noise_prob = answer_noise_prob
         self.reproduce_prob = reproduce_prob
+        self.describe_base = bool(describe_base)
         if image_patch_tokens and features.patch_embed_dim is None:
             raise ValueError(
                 f"`image_patch_tokens` {image_patch_tokens} needs a FeatureStore that reads patch tokens (its "
@@ -1011,10 +1033,14 @@ class MMInstLLMDataset(Dataset):
             np.random.default_rng([self.seed, epoch, index, 2]).random() < self.reproduce_prob
         )
         if reproduce:
-            sample = build_reproduce_sample(example)
+            sample = build_reproduce_sample(example, self.describe_base)
         else:
             sample = build_llm_sample(
-                example, np.random.default_rng([self.seed, epoch, index]), self.base_drop_prob, self.caption_text_prob
+                example,
+                np.random.default_rng([self.seed, epoch, index]),
+                self.base_drop_prob,
+                self.caption_text_prob,
+                self.describe_base,
             )
         # A medium takes 1 + attribute_tokens <video> tokens, an image with patches image_patch_tokens more (see
         # `inject_media_embeds`).

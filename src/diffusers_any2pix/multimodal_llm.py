@@ -58,6 +58,7 @@ VICUNA_SYSTEM_PROMPT = (
 )
 
 _CAPTION_PATTERN = re.compile(r"\[([^\]]+)\]")
+_BASE_DESCRIPTION_PATTERN = re.compile(re.escape(BASE_TOKEN) + r"\s*" + re.escape(VIDEO_TOKEN) + r"\s*(\[([^\]]+)\])")
 
 
 @dataclass(frozen=True)
@@ -121,19 +122,25 @@ class ParsedAnswer:
 
     Args:
         caption (`str`, *optional*):
-            The first `[...]` of the answer (brackets removed, whitespace stripped), `None` when there is none.
+            The result caption: the first `[...]` after the last `<im_gen>` (the first `[...]` that is not the base
+            description when there is no `<im_gen>`), brackets removed and whitespace stripped; `None` when there is
+            none.
         has_im_gen (`bool`):
             Whether the answer contains `<im_gen>` (without it there is no generation embedding).
         has_base (`bool`):
             Whether the answer names a base input with `<base>`.
         base_null (`bool`):
             Whether the answer says "no base" with `<base_null>`.
+        base_caption (`str`, *optional*):
+            The base description `[...]` right after `<base><video>` (an LLM trained with `describe_base` writes
+            the image it edits there), `None` when there is none (the official answer).
     """
 
     caption: str | None
     has_im_gen: bool
     has_base: bool
     base_null: bool
+    base_caption: str | None = None
 
 
 @dataclass
@@ -696,12 +703,18 @@ def parse_answer(text: str) -> ParsedAnswer:
     """
     if not isinstance(text, str):
         raise TypeError(f"`text` must be a str, got {type(text).__name__}.")
-    match = _CAPTION_PATTERN.search(text)
+    base = _BASE_DESCRIPTION_PATTERN.search(text)
+    if IM_GEN_TOKEN in text:
+        rest = text[text.rindex(IM_GEN_TOKEN) :]
+    else:
+        rest = text[: base.start(1)] + text[base.end(1) :] if base else text
+    match = _CAPTION_PATTERN.search(rest)
     return ParsedAnswer(
         caption=match.group(1).strip() if match else None,
         has_im_gen=IM_GEN_TOKEN in text,
         has_base=BASE_TOKEN in text,
         base_null=BASE_NULL_TOKEN in text,
+        base_caption=base.group(2).strip() if base else None,
     )
 
 

@@ -220,7 +220,8 @@ class ExampleScore:
         base_correct (`bool`, *optional*): the right base was edited (``None``: a single image, or not applicable).
         caption_correct (`bool`, *optional*): the LLM's caption is the target caption (``None``: no LLM).
         reading ([`SceneReading`]): what the probe read.
-        chosen_base (`int`, *optional*), caption (`str`, *optional*), valid_answer (`bool`, *optional*): raw outputs.
+        chosen_base (`int`, *optional*), caption (`str`, *optional*), valid_answer (`bool`, *optional*), answer
+            (`str`, *optional*): raw outputs (``answer``: the LLM's whole decoded answer).
         heldout_objects (`int`), heldout_named (`int`): objects of the target in a held-out combination
             (`HELDOUT_COMBINATIONS`: a shape in a held-out colour or on a held-out background), and how many of them
             the LLM's caption names at their slot (0 and 0 without a caption).
@@ -239,6 +240,7 @@ class ExampleScore:
     chosen_base: Optional[int] = None
     caption: Optional[str] = None
     valid_answer: Optional[bool] = None
+    answer: Optional[str] = None
     heldout_objects: int = 0
     heldout_named: int = 0
     seen_objects: int = 0
@@ -268,6 +270,7 @@ def score_example(
     chosen_base: Optional[int] = None,
     llm_caption: Optional[str] = None,
     valid_answer: Optional[bool] = None,
+    llm_answer: Optional[str] = None,
 ) -> ExampleScore:
     """
     Score one output reading against the example's target.
@@ -279,6 +282,7 @@ def score_example(
         chosen_base (`int`, *optional*): the image the pipeline edited (``None``: not a pipeline output).
         llm_caption (`str`, *optional*): the caption of the LLM's answer (``None``: no LLM ran; not scored).
         valid_answer (`bool`, *optional*): whether the LLM's answer had a generation embedding.
+        llm_answer (`str`, *optional*): the LLM's whole decoded answer, kept for the report.
 
     Returns:
         [`ExampleScore`].
@@ -308,6 +312,7 @@ def score_example(
         chosen_base=chosen_base,
         caption=llm_caption,
         valid_answer=valid_answer,
+        answer=llm_answer,
         **named,
     )
 
@@ -545,9 +550,9 @@ def run_evaluation(
         done: dict[str, tuple] = {}
         for name, configuration in configurations.items():
             if name in same_as:  # a deterministic call already made for this batch
-                outputs, chosen, captions, valid = done[same_as[name]]
+                outputs, chosen, captions, valid, answers = done[same_as[name]]
             elif configuration is None:
-                outputs, chosen, captions, valid = bases, nothing, nothing, nothing
+                outputs, chosen, captions, valid, answers = bases, nothing, nothing, nothing, nothing
             else:
                 extra = configuration
                 if callable(configuration):
@@ -567,15 +572,17 @@ def run_evaluation(
                 )
                 outputs, chosen = out.images, list(out.base_image_indices)
                 if "conditioning_embeds" in extra:  # the LLM did not run: no answer, no caption
-                    captions, valid = nothing, nothing
+                    captions, valid, answers = nothing, nothing, nothing
                 else:
-                    captions = list(out.captions)
-                    valid = [parse_answer(answer).has_im_gen for answer in out.answers]
-            done[name] = (outputs, chosen, captions, valid)
+                    captions, answers = list(out.captions), list(out.answers)
+                    valid = [parse_answer(answer).has_im_gen for answer in answers]
+            done[name] = (outputs, chosen, captions, valid, answers)
             readings = probe.read(outputs)
             for i, example in enumerate(batch):
                 scores[name].append(
-                    score_example(example, readings[i], base_readings[i], chosen[i], captions[i], valid[i])
+                    score_example(
+                        example, readings[i], base_readings[i], chosen[i], captions[i], valid[i], answers[i]
+                    )
                 )
                 if save_images is not None:
                     folder = os.path.join(save_images, name)
@@ -764,6 +771,7 @@ def build_report(
                 "reading": caption(scene) if scene is not None else f"(no object) {score.reading.background}",
                 "chosen_base": score.chosen_base,
                 "llm_caption": score.caption,
+                "llm_answer": score.answer,
             }
         report["examples"].append(entry)
     return report

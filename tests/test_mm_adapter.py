@@ -953,9 +953,12 @@ def test_parse_answer():
         assert parse_answer(text) == ParsedAnswer(
             caption="a red cube", has_im_gen=True, has_base=True, base_null=False, base_caption="a blue cube"
         )
-    # Without <im_gen> the description is not taken for the result; a bracket elsewhere is not a description.
-    assert parse_answer("<base><video>[a blue cube]").caption is None
-    assert parse_answer("<base><video>[a blue cube] then [a red cube]").caption == "a red cube"
+    # A bracket is a base description only before the generation tokens: otherwise it is the result, as officially.
+    assert parse_answer("<base><video>[a blue cube]") == ParsedAnswer(
+        caption="a blue cube", has_im_gen=False, has_base=True, base_null=False, base_caption=None
+    )
+    assert parse_answer("<base><video>[a blue cube] then [a red cube]").caption == "a blue cube"
+    assert parse_answer("<base><video>[a blue cube]<im_gen_start>").base_caption == "a blue cube"
     assert parse_answer("<base>[a blue cube]<im_gen>[a red cube]").base_caption is None
     # <im_gen_start> alone is not <im_gen>, <base_null> is not <base>.
     assert parse_answer("<base_null><im_gen_start> no caption") == ParsedAnswer(

@@ -58,7 +58,12 @@ VICUNA_SYSTEM_PROMPT = (
 )
 
 _CAPTION_PATTERN = re.compile(r"\[([^\]]+)\]")
-_BASE_DESCRIPTION_PATTERN = re.compile(re.escape(BASE_TOKEN) + r"\s*" + re.escape(VIDEO_TOKEN) + r"\s*(\[([^\]]+)\])")
+# A base description is only a bracket between `<base><video>` and the generation tokens: without them the bracket is
+# the result caption, as an official model (or a truncated answer) writes it.
+_BASE_DESCRIPTION_PATTERN = re.compile(
+    re.escape(BASE_TOKEN) + r"\s*" + re.escape(VIDEO_TOKEN) + r"\s*\[([^\]]+)\]\s*(?="
+    + re.escape(IM_GEN_START_TOKEN) + "|" + re.escape(IM_GEN_TOKEN) + ")"
+)
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,8 @@ class ParsedAnswer:
         base_null (`bool`):
             Whether the answer says "no base" with `<base_null>`.
         base_caption (`str`, *optional*):
-            The base description `[...]` right after `<base><video>` (an LLM trained with `describe_base` writes
-            the image it edits there), `None` when there is none (the official answer).
+            The base description `[...]` between `<base><video>` and `<im_gen_start>`/`<im_gen>` (an LLM trained with
+            `describe_base` writes the image it edits there), `None` when there is none (the official answer).
     """
 
     caption: str | None
@@ -704,17 +709,15 @@ def parse_answer(text: str) -> ParsedAnswer:
     if not isinstance(text, str):
         raise TypeError(f"`text` must be a str, got {type(text).__name__}.")
     base = _BASE_DESCRIPTION_PATTERN.search(text)
-    if IM_GEN_TOKEN in text:
-        rest = text[text.rindex(IM_GEN_TOKEN) :]
-    else:
-        rest = text[: base.start(1)] + text[base.end(1) :] if base else text
+    # With <im_gen> the result is the caption after its last occurrence, so a base description is never taken for it.
+    rest = text[text.rindex(IM_GEN_TOKEN) :] if IM_GEN_TOKEN in text else text
     match = _CAPTION_PATTERN.search(rest)
     return ParsedAnswer(
         caption=match.group(1).strip() if match else None,
         has_im_gen=IM_GEN_TOKEN in text,
         has_base=BASE_TOKEN in text,
         base_null=BASE_NULL_TOKEN in text,
-        base_caption=base.group(2).strip() if base else None,
+        base_caption=base.group(1).strip() if base else None,
     )
 
 

@@ -142,3 +142,23 @@ def test_bad_configs():
         ImageBindIPAdapter(hidden_sizes=[8], num_tokens=16)
     with pytest.raises(ValueError, match="hidden_sizes"):
         ImageBindIPAdapter(hidden_sizes=[])
+
+
+def test_attaching_over_an_attached_adapter_detaches_to_the_plain_unet():
+    # A UNet reused from another pipeline's `components` already carries an adapter; detaching the second one must give
+    # the plain UNet (what `InstructAny2PixPipeline.save_pretrained` writes), not the first adapter.
+    unet = tiny_unet()
+    plain_keys = set(unet.state_dict())
+    sample, t, text = unet_inputs()
+    with torch.no_grad():
+        before = unet(sample, t, text).sample
+    first = random_adapter(unet)
+    first.attach_to(unet)
+    restore = random_adapter(unet).attach_to(unet)
+    assert set(unet.state_dict()) != plain_keys
+    ImageBindIPAdapter.detach_from(unet, restore)
+    assert not is_ip_adapter_attached(unet)
+    assert unet.config.encoder_hid_dim_type is None and unet.encoder_hid_proj is None
+    assert set(unet.state_dict()) == plain_keys
+    with torch.no_grad():
+        assert torch.equal(unet(sample, t, text).sample, before)

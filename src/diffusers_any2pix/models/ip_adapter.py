@@ -20,7 +20,9 @@ from torch import nn
 
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+
+IP_ADAPTER_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
 
 # Only the 4-token ``proj``/``norm`` projection maps onto diffusers' ``ImageProjection`` loader path.
@@ -154,11 +156,23 @@ class ImageBindIPAdapter(ModelMixin, ConfigMixin):
         The UNet then needs ``added_cond_kwargs={"image_embeds": [embeds of shape (B, 1, image_embed_dim)]}``.
         """
         self.check_compatible(unet)
-        previous = {
-            "attn_processors": dict(unet.attn_processors),
-            "encoder_hid_proj": unet.encoder_hid_proj,
-            "encoder_hid_dim_type": unet.config.encoder_hid_dim_type,
-        }
+        if is_ip_adapter_attached(unet):
+            # The UNet already carries an adapter (e.g. taken from another pipeline's `components`): undoing this
+            # attachment must give the plain UNet, or a save would write that other adapter into the UNet folder.
+            previous = {
+                "attn_processors": {
+                    name: AttnProcessor2_0() if isinstance(proc, IP_ADAPTER_PROCESSORS) else proc
+                    for name, proc in unet.attn_processors.items()
+                },
+                "encoder_hid_proj": None,
+                "encoder_hid_dim_type": None,
+            }
+        else:
+            previous = {
+                "attn_processors": dict(unet.attn_processors),
+                "encoder_hid_proj": unet.encoder_hid_proj,
+                "encoder_hid_dim_type": unet.config.encoder_hid_dim_type,
+            }
         # low_cpu_mem_usage=False: build the processors with real tensors, then copy ours in.
         unet._load_ip_adapter_weights([self.diffusers_state_dict()], low_cpu_mem_usage=False)
         return previous
@@ -172,9 +186,7 @@ class ImageBindIPAdapter(ModelMixin, ConfigMixin):
 
 
 def is_ip_adapter_attached(unet) -> bool:
-    return any(
-        isinstance(proc, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)) for proc in unet.attn_processors.values()
-    )
+    return any(isinstance(proc, IP_ADAPTER_PROCESSORS) for proc in unet.attn_processors.values())
 
 
 @contextmanager
@@ -183,11 +195,7 @@ def temporary_ip_adapter_scale(unet, scale: float) -> Iterator[None]:
 
     Restoring in ``finally`` is what keeps one call's scale from leaking into the next (an official-code bug).
     """
-    processors = [
-        proc
-        for proc in unet.attn_processors.values()
-        if isinstance(proc, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0))
-    ]
+    processors = [proc for proc in unet.attn_processors.values() if isinstance(proc, IP_ADAPTER_PROCESSORS)]
     saved = [list(proc.scale) for proc in processors]
     try:
         for proc in processors:

@@ -152,8 +152,7 @@ def test_attaching_over_an_attached_adapter_detaches_to_the_plain_unet():
     sample, t, text = unet_inputs()
     with torch.no_grad():
         before = unet(sample, t, text).sample
-    first = random_adapter(unet)
-    first.attach_to(unet)
+    random_adapter(unet).attach_to(unet)  # the adapter the UNet came with
     restore = random_adapter(unet).attach_to(unet)
     assert set(unet.state_dict()) != plain_keys
     ImageBindIPAdapter.detach_from(unet, restore)

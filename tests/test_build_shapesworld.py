@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
@@ -116,6 +117,9 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
 
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.config.edit_defaults == TINY["edit_defaults.json"]
+    # The pipeline reads text with the ImageBind tokenizer the imagebind stage trained its text tower with.
+    stage_tokenizer = AutoTokenizer.from_pretrained(str(work / "imagebind" / "imagebind_tokenizer"))
+    assert pipeline.imagebind_tokenizer.get_vocab() == stage_tokenizer.get_vocab()
     # `"attribute_reader": true`: the LLM reads every medium's fields through the heads the imagebind stage saved.
     heads = AttributeHeads.load(str(work / "imagebind" / ATTRIBUTE_HEADS_FILE))
     assert pipeline.mm_adapter.config.attribute_classes == list(heads.num_classes) == list(ATTRIBUTE_CLASSES)

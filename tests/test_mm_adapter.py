@@ -1085,6 +1085,72 @@ def test_beam_search_matches_transformers_and_reads_out_like_greedy(setup):
         assert torch.allclose(getattr(beams, name)[0], getattr(greedy, name)[0], atol=1e-5)
 
 
+def _answer_text(tokenizer, ids, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens[: tokens.index(ids.eos)] if ids.eos in tokens else tokens, skip_special_tokens=False)
+
+
+def test_candidate_scorer_chooses_among_every_final_beam(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompt = build_vicuna_prompt("paint it red")
+    calls = []
+
+    def last(row, texts, beam_scores, generation_embeds):
+        calls.append((row, list(texts), beam_scores.clone(), list(generation_embeds)))
+        return len(texts) - 1
+
+    kwargs = dict(do_sample=False, num_beams=3, max_new_tokens=10, output_hidden_states=True)
+    ours = generate_with_media(llm, tokenizer, adapter, [prompt], [media(0, 0)], ids, candidate_scorer=last, **kwargs)
+    # The scorer sees transformers' own final beams (best first) and their length-normalised scores.
+    prompt_ids = torch.tensor([[ids.bos] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    reference = llm.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_beams=3, do_sample=False,
+                             num_return_sequences=3, output_scores=True, return_dict_in_generate=True,
+                             max_new_tokens=10, eos_token_id=ids.eos, pad_token_id=ids.pad)  # fmt: skip
+    beams = reference.sequences[:, prompt_ids.shape[1] :]
+    texts = [_answer_text(tokenizer, ids, row.tolist()) for row in beams]
+    assert len(calls) == 1 and calls[0][0] == 0 and calls[0][1] == texts and len(set(texts)) == 3
+    torch.testing.assert_close(calls[0][2], reference.sequences_scores)
+    assert calls[0][3] == [None, None, None]  # the untrained LLM's answers hold no <im_gen>…<video>
+    # The answer is the scorer's pick, its states those of a plain forward over prompt + that answer.
+    assert ours.texts == [texts[2]]
+    with torch.no_grad():
+        states = llm.model(torch.cat([prompt_ids, beams[2:, :-1]], dim=1)).last_hidden_state
+    torch.testing.assert_close(ours.hidden_states, states[:, prompt_ids.shape[1] - 1 :], atol=1e-5, rtol=1e-5)
+
+    # Picking the best beam is plain beam search.
+    plain = generate_with_media(llm, tokenizer, adapter, [prompt], [media(0, 0)], ids, **kwargs)
+    first = generate_with_media(llm, tokenizer, adapter, [prompt], [media(0, 0)], ids,
+                                candidate_scorer=lambda *args: 0, **kwargs)  # fmt: skip
+    assert plain.texts == first.texts == [texts[0]]
+    n = min(first.hidden_states.shape[1], plain.hidden_states.shape[1])  # rows are padded to their longest beam
+    torch.testing.assert_close(first.hidden_states[:, :n], plain.hidden_states[:, :n])
+
+
+def test_candidate_scorer_gets_each_beams_embeddings_and_one_call_per_prompt(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompts = [build_vicuna_prompt("add <video> to <video>"), build_vicuna_prompt("put <video> in <video>")]
+    embeds = [media(2, 5), media(2, 6)]
+    forced = answer_ids(tokenizer, FULL_ANSWER)
+    greedy = generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, do_sample=False, max_new_tokens=12,
+                                 logits_processor=[ForceTokens([forced, forced])])  # fmt: skip
+    calls = []
+
+    def record(row, texts, beam_scores, generation_embeds):
+        calls.append((row, texts, generation_embeds))
+        return 0
+
+    beams = generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, do_sample=False, max_new_tokens=12,
+                                num_beams=2, logits_processor=[ForceTokens([forced] * 4)],
+                                candidate_scorer=record)  # fmt: skip
+    assert [row for row, _, _ in calls] == [0, 1]
+    for row, texts, generation_embeds in calls:
+        assert texts[0] == greedy.texts[row]
+        torch.testing.assert_close(generation_embeds[0], greedy.generation_embeds[row], atol=1e-5, rtol=1e-5)
+    assert beams.texts == greedy.texts
+    for name in ("generation_embeds", "base_embeds"):
+        for ours, theirs in zip(getattr(beams, name), getattr(greedy, name)):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_generate_errors(setup):
     tokenizer, llm, adapter, ids = setup
     args = (llm, tokenizer, adapter, [build_vicuna_prompt("add <video>")], [media(1, 0)], ids)
@@ -1101,6 +1167,13 @@ def test_generate_errors(setup):
     for kwargs in ({"do_sample": True}, {"do_sample": False, "use_cache": False}):
         with pytest.raises(ValueError, match="`num_beams=2` is beam search: it needs `do_sample=False` and"):
             generate_with_media(*args, num_beams=2, **kwargs)
+    for kwargs in ({"num_beams": 1, "candidate_scorer": lambda *a: 0}, {"num_beams": 2, "candidate_scorer": 0}):
+        with pytest.raises(ValueError, match="`candidate_scorer` picks among beams: it must be callable and needs"):
+            generate_with_media(*args, do_sample=False, **kwargs)
+    for pick in (2, -1, True, 1.0):
+        with pytest.raises(ValueError, match=r"`candidate_scorer` must return a beam index in \[0, 2\)"):
+            generate_with_media(*args, do_sample=False, num_beams=2, max_new_tokens=3,
+                                candidate_scorer=lambda *a, pick=pick: pick)  # fmt: skip
     with pytest.raises(TypeError, match="`logits_processor` must be a LogitsProcessorList"):
         generate_with_media(*args, logits_processor=lambda ids, scores: scores)
     with pytest.raises(ValueError, match=r"Prompt 0 contains 1 <video> tokens but `media_embeds\[0\]` has 2"):

@@ -15,7 +15,13 @@ from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
 from diffusers_any2pix.multimodal_llm import build_vicuna_prompt
 from diffusers_any2pix.models.ip_adapter import ImageBindIPAdapter, is_ip_adapter_attached
 from diffusers_any2pix.pipeline_instruct_any2pix import mix_latents_with_noise
-from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, tiny_decoder, tiny_llm, tiny_pipeline_components
+from diffusers_any2pix.testing_utils import (
+    TINY_EMBED_DIM,
+    tiny_clip_tokenizer,
+    tiny_decoder,
+    tiny_llm,
+    tiny_pipeline_components,
+)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,6 +377,16 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
         (dict(images=[image(0)], callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback"),
         (dict(images=[image(0)], llm_num_beams=0), ValueError, "`llm_num_beams` must be a positive int"),
         (dict(images=[image(0)], llm_num_beams=2, llm_do_sample=True), ValueError, "needs `llm_do_sample=False`"),
+        *[
+            (dict(images=[image(0)], llm_rerank_weight=w), ValueError, "`llm_rerank_weight` must be a finite number")
+            for w in (-0.5, float("nan"), float("inf"), True, "1")
+        ],
+        (dict(images=[image(0)], llm_do_sample=False, llm_rerank_weight=0.5), ValueError, "needs `llm_num_beams` > 1"),
+        (
+            dict(images=[image(0)], llm_do_sample=False, llm_num_beams=2, llm_rerank_weight=0.5),
+            ValueError,
+            "this pipeline has no `imagebind_tokenizer`",
+        ),
     ],
 )
 def test_bad_arguments(native_pipe, kwargs, error, match):
@@ -577,6 +593,79 @@ def test_llm_beam_search_gives_the_greedy_edit_of_a_one_answer_llm(native_pipe):
     assert beams.answers == greedy.answers and beams.captions == greedy.captions
     torch.testing.assert_close(beams.generation_embeds, greedy.generation_embeds, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(beams.images, greedy.images, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reranking_pipe():
+    return make_pipe("imagebind", imagebind_tokenizer=tiny_clip_tokenizer())
+
+
+def _caption_agreement(pipe, captions: list[str], reference: torch.Tensor) -> torch.Tensor:
+    """cos(ImageBind text embedding of each caption, reference), computed here from ImageBind's own methods."""
+    text = pipe.image_encoder.encode_text(pipe.imagebind_processor.tokenize(captions))
+    return torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(reference, dim=-1)
+
+
+def test_rerank_scorer_adds_the_weighted_caption_agreement_to_the_beam_scores(reranking_pipe):
+    texts = [
+        "<im_gen_start><im_gen>[a red circle]<video>",
+        "<im_gen_start><im_gen>",  # no caption: never chosen
+        "<im_gen_start><im_gen>[a blue square]<video>",
+        "<im_gen_start><im_gen>[a green star]<video>",
+    ]
+    beam_scores = torch.tensor([-0.1, 0.0, -0.2, -0.3])
+    reference = torch.randn(TINY_EMBED_DIM, generator=torch.Generator().manual_seed(0)) * 20
+    agreement = _caption_agreement(reranking_pipe, ["a red circle", "a blue square", "a green star"], reference)
+    generation_embeds = [reference, None, reference, reference]
+    picks = set()
+    for weight in (0.0, 0.05, 0.5, 100.0):
+        choose = reranking_pipe._caption_agreement_scorer(weight, torch.device("cpu"))
+        expected = [0, 2, 3][int((beam_scores[[0, 2, 3]] + weight * agreement).argmax())]
+        assert choose(0, texts, beam_scores, generation_embeds) == expected
+        picks.add(expected)
+    assert [0, 2, 3][int(agreement.argmax())] in picks and 0 in picks  # weight 0: the best beam with a caption
+    # Nothing to compare with: the best beam.
+    choose = reranking_pipe._caption_agreement_scorer(100.0, torch.device("cpu"))
+    assert choose(0, texts, beam_scores, [None, reference, reference, reference]) == 0
+    assert choose(0, ["<im_gen_start><im_gen>", "no answer"], beam_scores[:2], [reference, reference]) == 0
+
+
+def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, monkeypatch):
+    calls = []
+    original = pipeline_module.generate_with_media
+
+    def spy(*args, candidate_scorer=None, **kwargs):
+        def scorer(row, texts, beam_scores, generation_embeds):
+            pick = candidate_scorer(row, texts, beam_scores, generation_embeds)
+            calls.append((texts, beam_scores, generation_embeds, pick))
+            return pick
+
+        return original(*args, candidate_scorer=scorer if candidate_scorer else None, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "generate_with_media", spy)
+    out = run(reranking_pipe, output_type="np", llm_do_sample=False, llm_num_beams=3, llm_rerank_weight=100.0)
+    (texts, beam_scores, generation_embeds, pick), = calls
+    assert len(texts) == 3 and out.answers == [texts[pick]]
+    captions = [pipeline_module.parse_answer(t).caption for t in texts]
+    valid = [j for j, c in enumerate(captions) if c]
+    expected = valid[int((beam_scores[valid] + 100.0 * _caption_agreement(
+        reranking_pipe, [captions[j] for j in valid], generation_embeds[0])).argmax())]  # fmt: skip
+    assert pick == expected
+    # Without a weight the pipeline keeps transformers' best beam and never builds a scorer.
+    calls.clear()
+    plain = run(reranking_pipe, output_type="np", llm_do_sample=False, llm_num_beams=3)
+    assert calls == [] and plain.answers == [texts[0]]
+
+
+def test_imagebind_tokenizer_is_saved_and_loaded(reranking_pipe, tmp_path):
+    reranking_pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["imagebind_tokenizer"][1] == "CLIPTokenizer"
+    loaded = InstructAny2PixPipeline.from_pretrained(tmp_path)
+    captions = ["a red circle on the left", "a blue star"]
+    tokenize = reranking_pipe.imagebind_processor.tokenize
+    assert torch.equal(loaded.imagebind_processor.tokenize(captions), tokenize(captions))
+    edit = dict(output_type="np", llm_do_sample=False, llm_num_beams=2, llm_rerank_weight=1.0, num_inference_steps=2)
+    np.testing.assert_array_equal(run(loaded, **edit).images, run(reranking_pipe, **edit).images)
 
 
 def test_edit_defaults_are_saved_and_used_unless_overridden(tmp_path):

@@ -25,7 +25,7 @@ from diffusers_any2pix.multimodal_llm import find_embedding_positions, get_multi
 from diffusers_any2pix.pipeline_instruct_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
 from diffusers_any2pix.shapes import generate_dataset
-from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, _tiny_clip_tokenizer, tiny_pipeline_components
+from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, tiny_clip_tokenizer, tiny_pipeline_components
 from diffusers_any2pix.training_utils import NonFiniteLossError, parameters_digest
 from test_training_data import _edit_record
 
@@ -57,7 +57,7 @@ def workspace(tmp_path_factory) -> dict:
         pipelines[family] = str(root / f"pipeline_{family}")
         InstructAny2PixPipeline(**tiny_pipeline_components(family, answer=None)).save_pretrained(pipelines[family])
     tokenizer = str(root / "imagebind_tokenizer")
-    _tiny_clip_tokenizer().save_pretrained(tokenizer)
+    tiny_clip_tokenizer().save_pretrained(tokenizer)
     status = prepare_data.main(
         [
             "--pipeline", pipelines["imagebind"], "--data_dir", data, "--no_progress", "--batch_size", "7",

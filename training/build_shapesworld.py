@@ -232,6 +232,8 @@ def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype
         vae=AutoencoderKL.from_pretrained(path("vae", "vae")),
         unet=UNet2DConditionModel.from_pretrained(path("unet", "unet")),
         scheduler=DDIMScheduler.from_pretrained(path("unet", "scheduler")),
+        # ImageBind's text tokenizer, so the pipeline can read captions with ImageBind (`llm_rerank_weight`).
+        imagebind_tokenizer=AutoTokenizer.from_pretrained(path("imagebind", "imagebind_tokenizer")),
         edit_defaults=_load_json(edit_defaults_file),
         **decoder,
     )

@@ -18,6 +18,7 @@ what InstructAny2Pix needs around it:
 """
 
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -755,6 +756,7 @@ def generate_with_media(
     logits_processor: LogitsProcessorList | None = None,
     num_beams: int = 1,
     image_patches: list[list[torch.Tensor | None]] | None = None,
+    candidate_scorer: Callable[[int, list[str], torch.Tensor, list[torch.Tensor | None]], int] | None = None,
 ) -> MultimodalGenerationOutput:
     """Generates the LLM's answers with the media injected, and reads out the base and generation embeddings.
 
@@ -802,6 +804,12 @@ def generate_with_media(
             `use_cache=True`.
         image_patches (`list[list[torch.Tensor | None]]`, *optional*):
             Patch tokens of the images for an adapter with `image_patch_tokens`, see `inject_media_embeds`.
+        candidate_scorer (`Callable`, *optional*):
+            With `num_beams > 1`: all `num_beams` final beams of each prompt are kept (best first) and
+            ``candidate_scorer(row, texts, beam_scores, generation_embeds)`` returns the index of the one to answer
+            with; ``beam_scores`` are transformers' length-normalised log-probabilities (shape `(num_beams,)`) and
+            ``generation_embeds`` the embedding each beam's answer predicts (`None` where it has none). Default: the
+            best beam.
 
     Returns:
         `MultimodalGenerationOutput`
@@ -822,6 +830,11 @@ def generate_with_media(
             f"`num_beams={num_beams}` is beam search: it needs `do_sample=False` and `use_cache=True`, got "
             f"do_sample={do_sample}, use_cache={use_cache}."
         )
+    if candidate_scorer is not None and (num_beams < 2 or not callable(candidate_scorer)):
+        raise ValueError(
+            f"`candidate_scorer` picks among beams: it must be callable and needs `num_beams > 1`, got "
+            f"{type(candidate_scorer).__name__} with num_beams={num_beams}."
+        )
     if logits_processor is not None and not isinstance(logits_processor, (list, LogitsProcessorList)):
         raise TypeError(f"`logits_processor` must be a LogitsProcessorList, got {type(logits_processor).__name__}.")
     token_ids = get_multimodal_token_ids(tokenizer) if token_ids is None else token_ids
@@ -829,6 +842,8 @@ def generate_with_media(
         llm, tokenizer, adapter, prompts, media_embeds, token_ids, image_patches=image_patches
     )
 
+    # Every final beam comes back when a scorer chooses among them (best first, `num_candidates` rows per prompt).
+    num_candidates = num_beams if candidate_scorer is not None else 1
     generate_kwargs = {
         "do_sample": do_sample,
         "eos_token_id": token_ids.eos,
@@ -858,12 +873,15 @@ def generate_with_media(
                 max_new_tokens=max_new_tokens,
                 use_cache=True,
                 num_beams=num_beams,
+                num_return_sequences=num_candidates,
+                output_scores=num_candidates > 1,
                 # Beam search's per-step states belong to beams that may be dropped later: re-read them instead.
                 **{**generate_kwargs, "output_hidden_states": num_beams == 1},
             )
             sequences = output.sequences
             if num_beams > 1:
-                states = _answer_states(llm, inputs_embeds, attention_mask, sequences)
+                rows = torch.arange(len(prompts), device=device).repeat_interleave(num_candidates)
+                states = _answer_states(llm, inputs_embeds[rows], attention_mask[rows], sequences)
             else:
                 # hidden_states: one tuple per step, last entry = final layer after the final norm; step j's
                 # last-position state is the one that predicted new token j.
@@ -879,9 +897,22 @@ def generate_with_media(
         answer_end = new_tokens.index(token_ids.eos) if token_ids.eos in new_tokens else len(new_tokens)
         texts.append(tokenizer.decode(new_tokens[:answer_end], skip_special_tokens=False))
         # Index j of [last prompt token] + new tokens is aligned with step j's state.
-        positions = find_embedding_positions([int(input_ids[i, -1])] + new_tokens, token_ids, start=1)
+        positions = find_embedding_positions([int(input_ids[i // num_candidates, -1])] + new_tokens, token_ids, start=1)
         for embeds, position in ((generation_embeds, positions.generation), (base_embeds, positions.base)):
             embeds.append(None if position is None else adapter.predict(states[i, position]))
+
+    if num_candidates > 1:
+        chosen = []
+        for row in range(len(prompts)):
+            group = slice(row * num_candidates, (row + 1) * num_candidates)
+            pick = candidate_scorer(row, texts[group], output.sequences_scores[group], generation_embeds[group])
+            if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < num_candidates:
+                raise ValueError(f"`candidate_scorer` must return a beam index in [0, {num_candidates}), got {pick!r}.")
+            chosen.append(row * num_candidates + pick)
+        sequences, states = sequences[chosen], states[chosen]
+        texts = [texts[i] for i in chosen]
+        generation_embeds = [generation_embeds[i] for i in chosen]
+        base_embeds = [base_embeds[i] for i in chosen]
 
     return MultimodalGenerationOutput(
         sequences=sequences,

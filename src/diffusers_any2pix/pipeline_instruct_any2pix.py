@@ -64,6 +64,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_temperature": 0.3,
     "llm_max_new_tokens": 100,
     "llm_num_beams": 1,
+    "llm_rerank_weight": 0.0,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
@@ -196,6 +197,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             UNet; attached to ``unet`` when the pipeline is built.
         prior_text_encoder, prior_tokenizer (optional): a CLIP text model for the prior; without them the prior uses
             its stored empty-prompt hidden states (identical output for the official, always-empty prompt).
+        imagebind_tokenizer ([`~transformers.PreTrainedTokenizerBase`], optional): ImageBind's text tokenizer (CLIP
+            BPE); only `llm_rerank_weight` reads text with ImageBind.
         edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
             `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """
@@ -211,6 +214,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         "ip_adapter",
         "prior_text_encoder",
         "prior_tokenizer",
+        "imagebind_tokenizer",
     ]
     _callback_tensor_inputs = ["latents", "conditioning_embeds"]
 
@@ -231,6 +235,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         ip_adapter: ImageBindIPAdapter | None = None,
         prior_text_encoder: CLIPTextModel | None = None,
         prior_tokenizer: PreTrainedTokenizerBase | None = None,
+        imagebind_tokenizer: PreTrainedTokenizerBase | None = None,
         edit_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -250,6 +255,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             "ip_adapter": ip_adapter,
             "prior_text_encoder": prior_text_encoder,
             "prior_tokenizer": prior_tokenizer,
+            "imagebind_tokenizer": imagebind_tokenizer,
         }
         # diffusers accepts None for any component at load time; fail here, by name, instead of mid-call.
         missing = [n for n, c in components.items() if c is None and n not in self._optional_components]
@@ -270,7 +276,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.token_ids = get_multimodal_token_ids(llm_tokenizer)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.imagebind_processor = ImageBindProcessor.for_model(image_encoder)
+        self.imagebind_processor = ImageBindProcessor.for_model(image_encoder, tokenizer=imagebind_tokenizer)
         # The adapter lives inside the UNet (diffusers' IP-Adapter processors); `_detached_ip_adapter` takes it out
         # for saving so the UNet folder stays a plain UNet and the adapter keeps its standard layout.
         self._ip_adapter_restore = ip_adapter.attach_to(unet) if ip_adapter is not None else None
@@ -595,6 +601,24 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         scores = torch.stack([media_embeds[pos].float() @ query.float() for pos, _ in candidates])
         return candidates[int(scores.argmax())][1].index
 
+    def _caption_agreement_scorer(self, weight: float, device: torch.device) -> Callable:
+        """A `generate_with_media` ``candidate_scorer``: beam score + ``weight`` · cosine between ImageBind's
+        embedding of each beam's caption and the best beam's generation embedding (see `llm_rerank_weight`)."""
+
+        def choose(row: int, texts: list[str], beam_scores: torch.Tensor, generation_embeds: list) -> int:
+            reference = generation_embeds[0]
+            captions = [parse_answer(text).caption for text in texts]
+            valid = [j for j, caption in enumerate(captions) if caption]
+            if reference is None or not valid:
+                return 0
+            input_ids = self.imagebind_processor.tokenize([captions[j] for j in valid]).to(device)
+            text_embeds = torch.nn.functional.normalize(self.image_encoder.encode_text(input_ids).float(), dim=-1)
+            agreement = text_embeds @ torch.nn.functional.normalize(reference.float().to(device), dim=-1)
+            totals = beam_scores[valid].float().to(device) + weight * agreement
+            return valid[int(totals.argmax())]
+
+        return choose
+
     def encode_prompt(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning of an SD 1.x / SDXL decoder: ``(prompt_embeds, pooled_prompt_embeds or None)``."""
         return encode_decoder_prompt(
@@ -744,6 +768,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_top_p: float | None = None,
         llm_max_new_tokens: int | None = None,
         llm_num_beams: int | None = None,
+        llm_rerank_weight: float | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
         on_invalid_answer: str = "error",
@@ -774,6 +799,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `num_inference_steps` | — | `steps` | 25 | inversion and denoising steps |
         | `llm_temperature`, `llm_max_new_tokens` | — | hard-coded | 0.3, 100 | LLM sampling |
         | `llm_num_beams` | — | — | 1 | beam search over the LLM's answer (needs `llm_do_sample=False`) |
+        | `llm_rerank_weight` | — | — | 0 | rerank the beams by caption ↔ generation-embedding agreement |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -807,6 +833,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 LLM decoding; sampling draws from ``generator`` so results are reproducible.
             llm_num_beams (`int`, defaults to 1): beam search over the LLM's answer when above 1 (transformers' beam
                 search, with ``llm_do_sample=False``); the embeddings are read from the chosen answer.
+            llm_rerank_weight (`float`, defaults to 0.0): above 0, the answer is chosen among all ``llm_num_beams``
+                final beams by ``beam score + llm_rerank_weight · cos(ImageBind(caption), e_gen)``, where ``e_gen``
+                is the generation embedding of the best beam's answer and ImageBind reads the caption with
+                ``imagebind_tokenizer`` (needed); answers without a caption are not chosen unless all lack one. Both
+                vectors live in ImageBind's space, so the score asks whether the caption describes the image the LLM
+                means to make.
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.
@@ -847,6 +879,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_temperature=llm_temperature,
             llm_max_new_tokens=llm_max_new_tokens,
             llm_num_beams=llm_num_beams,
+            llm_rerank_weight=llm_rerank_weight,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
         )
@@ -869,6 +902,23 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 f"`llm_num_beams={llm_num_beams}` is beam search, which needs `llm_do_sample=False`; pass "
                 "`llm_num_beams=1` to sample."
             )
+        llm_rerank_weight = settings["llm_rerank_weight"]
+        if isinstance(llm_rerank_weight, bool) or not isinstance(llm_rerank_weight, (int, float)) or not (
+            llm_rerank_weight >= 0 and np.isfinite(llm_rerank_weight)
+        ):
+            raise ValueError(f"`llm_rerank_weight` must be a finite number >= 0, got {llm_rerank_weight!r}.")
+        if llm_rerank_weight > 0 and conditioning_embeds is None:
+            if llm_num_beams < 2:
+                raise ValueError(
+                    f"`llm_rerank_weight={llm_rerank_weight}` reranks beams: it needs `llm_num_beams` > 1 (and "
+                    f"`llm_do_sample=False`), got llm_num_beams={llm_num_beams}."
+                )
+            if self.imagebind_tokenizer is None:
+                raise ValueError(
+                    f"`llm_rerank_weight={llm_rerank_weight}` reads captions with ImageBind's text encoder, but this "
+                    "pipeline has no `imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and pass "
+                    "`imagebind_tokenizer=`)."
+                )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -908,6 +958,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         if conditioning_embeds is None:
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
+            scorer = self._caption_agreement_scorer(llm_rerank_weight, device) if llm_rerank_weight > 0 else None
             llm_out = generate_with_media(
                 self.llm,
                 self.llm_tokenizer,
@@ -922,6 +973,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 top_p=llm_top_p,
                 max_new_tokens=llm_max_new_tokens,
                 num_beams=llm_num_beams,
+                candidate_scorer=scorer,
             )
             answers = list(llm_out.texts)
             captions, generation_rows, base_rows, base_indices = [], [], [], []

@@ -191,11 +191,12 @@ def tiny_clip_text_encoder(hidden_size: int, projection: bool = False, seed: int
         pad_token_id=2 * 94 + 1,
     )
     encoder = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
-    return encoder, _tiny_clip_tokenizer()
+    return encoder, tiny_clip_tokenizer()
 
 
-def _tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer over printable ASCII characters (and their end-of-word forms), no merges."""
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over printable ASCII characters (and their end-of-word forms), no merges (a tiny
+    ImageBind reads text with it too)."""
     symbols = [chr(c) for c in range(33, 127)]
     vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(

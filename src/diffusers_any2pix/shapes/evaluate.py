@@ -48,6 +48,7 @@ floating-point batching effects, nor on ``--max_examples``.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -922,6 +923,9 @@ def _parser() -> argparse.ArgumentParser:
         "--llm_do_sample", action="store_true", help="sample the LLM's answer (default: greedy or beam search)"
     )
     knobs.add_argument("--llm_num_beams", type=int, default=None, help="beam search width of the LLM's answer")
+    knobs.add_argument(
+        "--llm_rerank_weight", type=float, default=None, help="rerank the beams by caption-embedding agreement (0: off)"
+    )
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -934,6 +938,7 @@ _KNOBS = (
     "embedding_norm",
     "prior_guidance_scale",
     "llm_num_beams",
+    "llm_rerank_weight",
 )
 
 
@@ -949,6 +954,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}.")
+    weight = args.llm_rerank_weight
+    if weight is not None and not (weight >= 0 and math.isfinite(weight)):
+        parser.error(f"--llm_rerank_weight must be a finite number >= 0, got {weight}.")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "model_index.json")):
         parser.error(f"--model {args.model!r} is not a saved pipeline folder (no model_index.json).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,7 +22,7 @@ import pytest
 import safetensors
 import torch
 import torch.nn.functional as F
-from imagebind_reference import load_reference_model_module
+from imagebind_reference import import_reference_data_module, load_reference_model_module
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, GPT2Config, GPT2Model
 
@@ -657,6 +657,39 @@ def test_float16_conversion_can_keep_the_prior_text_encoder(release, tmp_path):
     torch.testing.assert_close(states, official, rtol=1e-2, atol=1e-2)
     # Stored from the float32 computation, then cast: equal to the float16 encoder up to its rounding.
     torch.testing.assert_close(pipe.prior.empty_text_hidden_states, states, rtol=0, atol=3e-3)
+
+
+def test_imagebind_tokenizer_from_metas_bpe_file(release, tmp_path):
+    reference = import_reference_data_module()
+    bpe = reference.return_bpe_path()
+    out = tmp_path / "with_tokenizer"
+    report = _convert(release, release.root, out, imagebind_tokenizer=bpe)
+    assert report.imagebind_tokenizer_saved
+    assert "saved as `imagebind_tokenizer`" in (out / "README.md").read_text()
+    pipe = InstructAny2PixPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    # Meta's own tokenisation of a caption, through the saved tokenizer.
+    texts = ["a red circle on the left", "A Dog!"]
+    expected = reference.SimpleTokenizer(bpe_path=bpe)(texts)
+    assert torch.equal(pipe.imagebind_processor.tokenize(texts), expected)
+    # The converted pipeline can rerank its LLM's beams with ImageBind's text tower.
+    image = PIL.Image.fromarray(np.full((48, 48, 3), 128, np.uint8))
+    result = pipe("add a red circle to [image1]", images=[image], num_inference_steps=2, llm_do_sample=False,
+                  llm_num_beams=2, llm_rerank_weight=0.5, output_type="np", on_invalid_answer="use_base")  # fmt: skip
+    assert result.images.shape[0] == 1 and np.isfinite(result.images).all()
+
+
+def test_imagebind_tokenizer_errors_are_named(release, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"Could not load the ImageBind tokenizer '.*nope\.txt\.gz'"):
+        _convert(release, release.root, out, imagebind_tokenizer=tmp_path / "nope.txt.gz")
+    with pytest.raises(TypeError, match="`imagebind_tokenizer` must be a path or a transformers tokenizer, got int"):
+        _convert(release, release.root, out, imagebind_tokenizer=3)
+    vocab = {f"t{i}</w>": i for i in range(49410)} | {"<|startoftext|>": 49410, "<|endoftext|>": 49411}
+    too_big = CLIPTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")
+    with pytest.raises(ValueError, match="ImageBind tokenizer has 49412 tokens but ImageBind's text embedding has 49408"):
+        _convert(release, release.root, out, imagebind_tokenizer=too_big)
+    _assert_nothing_written(out)
 
 
 def test_official_sentencepiece_tokenizer_folder(tmp_path):

@@ -600,10 +600,10 @@ def reranking_pipe():
     return make_pipe("imagebind", imagebind_tokenizer=tiny_clip_tokenizer())
 
 
-def _caption_agreement(pipe, captions: list[str], reference: torch.Tensor) -> torch.Tensor:
-    """cos(ImageBind text embedding of each caption, reference), computed here from ImageBind's own methods."""
+def _caption_agreement(pipe, captions: list[str], intended: list[torch.Tensor]) -> torch.Tensor:
+    """cos(ImageBind text embedding of caption i, intended[i]), computed here from ImageBind's own methods."""
     text = pipe.image_encoder.encode_text(pipe.imagebind_processor.tokenize(captions))
-    return torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(reference, dim=-1)
+    return torch.stack([torch.nn.functional.cosine_similarity(t, e, dim=0) for t, e in zip(text, intended)])
 
 
 def test_rerank_scorer_adds_the_weighted_caption_agreement_to_the_beam_scores(reranking_pipe):
@@ -612,22 +612,34 @@ def test_rerank_scorer_adds_the_weighted_caption_agreement_to_the_beam_scores(re
         "<im_gen_start><im_gen>",  # no caption: never chosen
         "<im_gen_start><im_gen>[a blue square]<video>",
         "<im_gen_start><im_gen>[a green star]<video>",
+        "<im_gen_start><im_gen>[a red star]",  # no generation embedding: never chosen
     ]
-    beam_scores = torch.tensor([-0.1, 0.0, -0.2, -0.3])
-    reference = torch.randn(TINY_EMBED_DIM, generator=torch.Generator().manual_seed(0)) * 20
-    agreement = _caption_agreement(reranking_pipe, ["a red circle", "a blue square", "a green star"], reference)
-    generation_embeds = [reference, None, reference, reference]
+    beam_scores = torch.tensor([-0.1, 0.0, -0.2, -0.3, 0.0])
+    intended = list(torch.randn(5, TINY_EMBED_DIM, generator=torch.Generator().manual_seed(0)) * 20)
+    valid = [0, 2, 3]
+    agreement = _caption_agreement(
+        reranking_pipe, ["a red circle", "a blue square", "a green star"], [intended[j] for j in valid]
+    )
+    generation_embeds = intended[:4] + [None]
     picks = set()
     for weight in (0.0, 0.05, 0.5, 100.0):
         choose = reranking_pipe._caption_agreement_scorer(weight, torch.device("cpu"))
-        expected = [0, 2, 3][int((beam_scores[[0, 2, 3]] + weight * agreement).argmax())]
+        expected = valid[int((beam_scores[valid] + weight * agreement).argmax())]
         assert choose(0, texts, beam_scores, generation_embeds) == expected
         picks.add(expected)
-    assert [0, 2, 3][int(agreement.argmax())] in picks and 0 in picks  # weight 0: the best beam with a caption
-    # Nothing to compare with: the best beam.
+    assert valid[int(agreement.argmax())] in picks and 0 in picks  # weight 0: the best complete beam
+    # Each beam is compared with its own answer's embedding: the beam whose embedding is its caption's own text
+    # embedding (cosine 1) wins at a large weight, whichever it is.
     choose = reranking_pipe._caption_agreement_scorer(100.0, torch.device("cpu"))
-    assert choose(0, texts, beam_scores, [None, reference, reference, reference]) == 0
-    assert choose(0, ["<im_gen_start><im_gen>", "no answer"], beam_scores[:2], [reference, reference]) == 0
+    captions = {0: "a red circle", 2: "a blue square", 3: "a green star"}
+    for j in valid:
+        own = reranking_pipe.image_encoder.encode_text(reranking_pipe.imagebind_processor.tokenize(captions[j]))[0]
+        embeds = list(generation_embeds)
+        embeds[j] = own * 3.0
+        assert choose(0, texts, beam_scores, embeds) == j
+    # No complete beam: the best beam.
+    assert choose(0, texts, beam_scores, [None] * 5) == 0
+    assert choose(0, ["<im_gen_start><im_gen>", "no answer"], beam_scores[:2], intended[:2]) == 0
 
 
 def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, monkeypatch):
@@ -647,9 +659,10 @@ def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, mon
     (texts, beam_scores, generation_embeds, pick), = calls
     assert len(texts) == 3 and out.answers == [texts[pick]]
     captions = [pipeline_module.parse_answer(t).caption for t in texts]
-    valid = [j for j, c in enumerate(captions) if c]
-    expected = valid[int((beam_scores[valid] + 100.0 * _caption_agreement(
-        reranking_pipe, [captions[j] for j in valid], generation_embeds[0])).argmax())]  # fmt: skip
+    valid = [j for j, c in enumerate(captions) if c and generation_embeds[j] is not None]
+    assert valid  # the tiny LLM was fitted to a complete answer
+    agreement = _caption_agreement(reranking_pipe, [captions[j] for j in valid], [generation_embeds[j] for j in valid])
+    expected = valid[int((beam_scores[valid] + 100.0 * agreement).argmax())]
     assert pick == expected
     # Without a weight the pipeline keeps transformers' best beam and never builds a scorer.
     calls.clear()

@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default then laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
     )
     parser.add_argument(
+        "--imagebind_tokenizer",
+        default=None,
+        help="ImageBind's text tokenizer: Meta's bpe_simple_vocab_16e6.txt.gz (ImageBind repository) or a CLIP "
+        "tokenizer folder; saved as `imagebind_tokenizer` for `llm_rerank_weight` (default: not saved).",
+    )
+    parser.add_argument(
         "--config_overrides",
         default=None,
         help='JSON file of config overrides per part: {"image_encoder": {...}, "prior": {...}, '
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> OfficialConversionReport:
             cache_dir=args.cache_dir,
             keep_prior_text_encoder=args.keep_prior_text_encoder,
             prior_tokenizer=args.prior_tokenizer,
+            imagebind_tokenizer=args.imagebind_tokenizer,
             config_overrides=config_overrides,
             overwrite=args.overwrite,
             push_to_hub=args.push_to_hub,

@@ -603,17 +603,17 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
     def _caption_agreement_scorer(self, weight: float, device: torch.device) -> Callable:
         """A `generate_with_media` ``candidate_scorer``: beam score + ``weight`` · cosine between ImageBind's
-        embedding of each beam's caption and the best beam's generation embedding (see `llm_rerank_weight`)."""
+        embedding of each beam's caption and the generation embedding of the same answer (see `llm_rerank_weight`)."""
 
         def choose(row: int, texts: list[str], beam_scores: torch.Tensor, generation_embeds: list) -> int:
-            reference = generation_embeds[0]
             captions = [parse_answer(text).caption for text in texts]
-            valid = [j for j, caption in enumerate(captions) if caption]
-            if reference is None or not valid:
+            valid = [j for j, caption in enumerate(captions) if caption and generation_embeds[j] is not None]
+            if not valid:
                 return 0
             input_ids = self.imagebind_processor.tokenize([captions[j] for j in valid]).to(device)
             text_embeds = torch.nn.functional.normalize(self.image_encoder.encode_text(input_ids).float(), dim=-1)
-            agreement = text_embeds @ torch.nn.functional.normalize(reference.float().to(device), dim=-1)
+            intended = torch.stack([generation_embeds[j].float().to(device) for j in valid])
+            agreement = (text_embeds * torch.nn.functional.normalize(intended, dim=-1)).sum(dim=-1)
             totals = beam_scores[valid].float().to(device) + weight * agreement
             return valid[int(totals.argmax())]
 
@@ -799,7 +799,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `num_inference_steps` | — | `steps` | 25 | inversion and denoising steps |
         | `llm_temperature`, `llm_max_new_tokens` | — | hard-coded | 0.3, 100 | LLM sampling |
         | `llm_num_beams` | — | — | 1 | beam search over the LLM's answer (needs `llm_do_sample=False`) |
-        | `llm_rerank_weight` | — | — | 0 | rerank the beams by caption ↔ generation-embedding agreement |
+        | `llm_rerank_weight` | — | — | 0 | rerank the beams by each caption's agreement with its generation embedding |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -835,10 +835,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 search, with ``llm_do_sample=False``); the embeddings are read from the chosen answer.
             llm_rerank_weight (`float`, defaults to 0.0): above 0, the answer is chosen among all ``llm_num_beams``
                 final beams by ``beam score + llm_rerank_weight · cos(ImageBind(caption), e_gen)``, where ``e_gen``
-                is the generation embedding of the best beam's answer and ImageBind reads the caption with
-                ``imagebind_tokenizer`` (needed); answers without a caption are not chosen unless all lack one. Both
-                vectors live in ImageBind's space, so the score asks whether the caption describes the image the LLM
-                means to make.
+                is the generation embedding the same answer predicts (read after its caption) and ImageBind reads the
+                caption with ``imagebind_tokenizer`` (needed); answers without a caption or a generation embedding are
+                not chosen unless all lack one (then the best beam). Both vectors live in ImageBind's space, so the
+                score asks whether the words the LLM wrote describe the image its state says it means to make.
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.

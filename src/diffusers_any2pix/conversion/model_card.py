@@ -110,6 +110,13 @@ def make_model_card(report: "OfficialConversionReport", repo_id: str | None = No
         "`<|startoftext|><|endoftext|>`, computed at conversion from the checkpoint's own encoder weights. This is "
         "exact and saves ≈350M parameters."
     )
+    imagebind_text = (
+        "Its text tokenizer (Meta's CLIP BPE) is saved as `imagebind_tokenizer`, so `llm_rerank_weight` can rerank "
+        "the LLM's beams (not measured on these weights)."
+        if report.imagebind_tokenizer_saved
+        else "No `imagebind_tokenizer` was saved (the release does not ship Meta's BPE file), so "
+        "`llm_rerank_weight` is unavailable."
+    )
     snapshot_import = "from huggingface_hub import snapshot_download\n" if repo_id else ""
 
     return f"""---
@@ -166,7 +173,7 @@ part stays under its own licence (use restrictions of the Llama 2 licence and of
 {dropped_llm or "  - none"}
 - Prior: the official key layout is kept. Its CLIP text encoder is {prior_text}
 - ImageBind: Meta's checkpoint mapped to `ImageBindModel`; the depth, thermal and IMU modalities
-  ({len(report.dropped_imagebind_keys)} keys) are not ported.
+  ({len(report.dropped_imagebind_keys)} keys) are not ported. {imagebind_text}
 - IP-Adapter: the official two-view projection in its "global" mode, `LayerNorm(reshape(proj(e), 4×C) +
   raw_embed[0])`, is stored as diffusers' standard 4-token projection with `raw_embed[0]` folded into `proj.bias`
   (lossless); the cross-attention weights are unchanged. It also loads into a plain SDXL pipeline:

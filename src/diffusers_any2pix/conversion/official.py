@@ -62,6 +62,7 @@ from ..models.mm_adapter import MultimodalAdapter
 from ..models.prior import Any2PixPrior, PriorConversionReport, text_encoder_from_official_state_dict
 from ..multimodal_llm import MULTIMODAL_SPECIAL_TOKENS, MultimodalTokenIds, add_multimodal_tokens
 from ..pipeline_instruct_any2pix import BUILTIN_EDIT_DEFAULTS, InstructAny2PixPipeline
+from ..processing_imagebind import load_clip_tokenizer
 from .model_card import OFFICIAL_RELEASE_REPO, make_model_card
 
 
@@ -1038,6 +1039,7 @@ class OfficialConversionReport:
         dropped_ip_adapter_entries (`list[str]`): IP-Adapter entries of the unused view.
         prior (`PriorConversionReport`): the prior's key report.
         prior_text_encoder_kept (`bool`): whether `prior_text_encoder` was saved.
+        imagebind_tokenizer_saved (`bool`): whether ImageBind's text tokenizer was saved (`imagebind_tokenizer`).
         edit_defaults (`dict[str, Any]`): the settings written to `edit_defaults.json`.
         pushed_to (`str`, *optional*): the Hub repo the folder was uploaded to.
     """
@@ -1056,6 +1058,7 @@ class OfficialConversionReport:
     prior_text_encoder_kept: bool
     edit_defaults: dict[str, Any]
     pushed_to: str | None = None
+    imagebind_tokenizer_saved: bool = False
 
 
 def _check_config_overrides(config_overrides: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -1124,6 +1127,7 @@ def convert_official_release(
     cache_dir: str | os.PathLike | None = None,
     keep_prior_text_encoder: bool = False,
     prior_tokenizer: str | PreTrainedTokenizerBase | None = None,
+    imagebind_tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None,
     config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     overwrite: bool = False,
     push_to_hub: str | None = None,
@@ -1150,6 +1154,10 @@ def convert_official_release(
         prior_tokenizer (`str` or `PreTrainedTokenizerBase`, *optional*): the CLIP tokenizer for the prior's text
             encoder (Hub id or folder). Needed with `keep_prior_text_encoder` (default
             `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`); without it the empty prompt is the CLIP ids (49406, 49407).
+        imagebind_tokenizer (`str`, `os.PathLike` or `PreTrainedTokenizerBase`, *optional*): ImageBind's text
+            tokenizer — Meta's `bpe_simple_vocab_16e6.txt.gz` (from the ImageBind repository; the release does not
+            ship it) or a CLIP tokenizer folder — saved as `imagebind_tokenizer`, so the pipeline can read captions
+            with ImageBind's text tower (`llm_rerank_weight`). Default: not saved.
         config_overrides (`dict`, *optional*): config overrides per part, sections `"image_encoder"`
             ([`ImageBindModel`]), `"prior"` ([`Any2PixPrior`]) and `"prior_text_encoder"` (`CLIPTextConfig`);
             defaults are the official sizes.
@@ -1186,6 +1194,17 @@ def convert_official_release(
         except Exception as error:  # Hub, cache and parsing errors come in many types
             raise ValueError(f"Could not load the prior's CLIP tokenizer {str(prior_tokenizer)!r}: {error}") from error
 
+    if isinstance(imagebind_tokenizer, (str, os.PathLike)):
+        try:
+            imagebind_tokenizer = load_clip_tokenizer(imagebind_tokenizer)
+        except Exception as error:  # missing files, bad gzip, unreadable folders come in many types
+            raise ValueError(f"Could not load the ImageBind tokenizer {str(imagebind_tokenizer)!r}: {error}") from error
+    elif imagebind_tokenizer is not None and not isinstance(imagebind_tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(
+            "`imagebind_tokenizer` must be a path or a transformers tokenizer, got "
+            f"{type(imagebind_tokenizer).__name__}."
+        )
+
     # Cheapest checks first: the adapter's structure, then the prior, ImageBind, the LLM and the decoder.
     ip_adapter = convert_official_ip_adapter(files.ip_adapter)
     prior = convert_official_prior(
@@ -1196,6 +1215,11 @@ def convert_official_release(
         keep_text_encoder=keep_prior_text_encoder,
     )
     imagebind = convert_official_imagebind(files.imagebind, overrides.get("image_encoder"))
+    if imagebind_tokenizer is not None and len(imagebind_tokenizer) > imagebind.model.config.text_vocab_size:
+        raise ValueError(
+            f"The ImageBind tokenizer has {len(imagebind_tokenizer)} tokens but ImageBind's text embedding has "
+            f"{imagebind.model.config.text_vocab_size} rows (`text_vocab_size`)."
+        )
     llm = convert_official_llm(files.llm_dir, dtype=torch_dtype, tokenizer_dir=files.llm_tokenizer_dir)
     decoder_components = load_decoder(decoder, dtype=torch_dtype, variant=decoder_variant, cache_dir=cache_dir)
     try:
@@ -1215,6 +1239,7 @@ def convert_official_release(
             ip_adapter=ip_adapter.adapter.to(torch_dtype),
             prior_text_encoder=prior.text_encoder.to(torch_dtype) if prior.text_encoder is not None else None,
             prior_tokenizer=prior_tokenizer if keep_prior_text_encoder else None,
+            imagebind_tokenizer=imagebind_tokenizer,
             edit_defaults=dict(OFFICIAL_EDIT_DEFAULTS),
             **decoder_components,
         )
@@ -1236,6 +1261,7 @@ def convert_official_release(
         prior_text_encoder_kept=keep_prior_text_encoder,
         edit_defaults=dict(OFFICIAL_EDIT_DEFAULTS),
         pushed_to=push_to_hub,
+        imagebind_tokenizer_saved=imagebind_tokenizer is not None,
     )
     with _staged_output_dir(output_dir) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)

@@ -29,7 +29,7 @@ from diffusers_any2pix.shapes.world import caption
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a saved InstructAny2PixPipeline folder with imagebind_tokenizer")
+    parser.add_argument("--model", required=True, help="a saved pipeline folder with imagebind_tokenizer")
     parser.add_argument("--data", required=True, help="a ShapesWorld dataset root")
     parser.add_argument("--split", default="val")
     parser.add_argument("--max_examples", type=int, default=None)
@@ -60,7 +60,7 @@ def _call(pipe, batch, **kwargs):
 
 
 def collect_beams(pipe, examples, num_beams: int, batch_size: int) -> list[dict]:
-    """Every final beam of every example: ``texts``, ``beam_scores``, ``generation_embeds`` (as the scorer gets them)."""
+    """Every final beam of every example: ``texts``, ``beam_scores``, ``generation_embeds`` (the scorer's inputs)."""
     original = pipeline_module.generate_with_media
     batch_beams = []
 

@@ -670,6 +670,14 @@ def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, mon
     assert calls == [] and plain.answers == [texts[0]]
 
 
+def test_stored_reranking_is_turned_off_by_name_to_sample():
+    pipe = make_pipe("imagebind", edit_defaults={"llm_do_sample": False, "llm_num_beams": 4, "llm_rerank_weight": 0.5})
+    with pytest.raises(ValueError, match=r"needs `llm_num_beams` > 1.*pass `llm_rerank_weight=0`.*`edit_defaults`"):
+        run(pipe, llm_do_sample=True, llm_num_beams=1)
+    sampled = run(pipe, output_type="np", llm_do_sample=True, llm_num_beams=1, llm_rerank_weight=0, num_inference_steps=2)
+    assert np.isfinite(sampled.images).all()
+
+
 def test_imagebind_tokenizer_is_saved_and_loaded(reranking_pipe, tmp_path):
     reranking_pipe.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "model_index.json").read_text())["imagebind_tokenizer"][1] == "CLIPTokenizer"

@@ -911,13 +911,14 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             if llm_num_beams < 2:
                 raise ValueError(
                     f"`llm_rerank_weight={llm_rerank_weight}` reranks beams: it needs `llm_num_beams` > 1 (and "
-                    f"`llm_do_sample=False`), got llm_num_beams={llm_num_beams}."
+                    f"`llm_do_sample=False`), got llm_num_beams={llm_num_beams}; pass `llm_rerank_weight=0` to "
+                    "decode without reranking (the weight may come from the pipeline's `edit_defaults`)."
                 )
             if self.imagebind_tokenizer is None:
                 raise ValueError(
                     f"`llm_rerank_weight={llm_rerank_weight}` reads captions with ImageBind's text encoder, but this "
                     "pipeline has no `imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and pass "
-                    "`imagebind_tokenizer=`)."
+                    "`imagebind_tokenizer=`), or pass `llm_rerank_weight=0`."
                 )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

@@ -674,7 +674,8 @@ def test_stored_reranking_is_turned_off_by_name_to_sample():
     pipe = make_pipe("imagebind", edit_defaults={"llm_do_sample": False, "llm_num_beams": 4, "llm_rerank_weight": 0.5})
     with pytest.raises(ValueError, match=r"needs `llm_num_beams` > 1.*pass `llm_rerank_weight=0`.*`edit_defaults`"):
         run(pipe, llm_do_sample=True, llm_num_beams=1)
-    sampled = run(pipe, output_type="np", llm_do_sample=True, llm_num_beams=1, llm_rerank_weight=0, num_inference_steps=2)
+    sampled = run(pipe, output_type="np", llm_do_sample=True, llm_num_beams=1, llm_rerank_weight=0,
+                  num_inference_steps=2)  # fmt: skip
     assert np.isfinite(sampled.images).all()
 
 

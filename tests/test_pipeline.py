@@ -556,6 +556,12 @@ def test_model_cpu_offload_gives_the_same_edit():
     pipe.enable_model_cpu_offload(device="cpu")  # the hooks run the same way as with an accelerator
     assert np.array_equal(run(pipe, output_type="np").images, expected)
     assert np.array_equal(run(pipe, output_type="np").images, expected)  # hooks survive a second call
+    # Reranking calls ImageBind again after the LLM: its hook must bring it back.
+    rerank = dict(output_type="np", llm_do_sample=False, llm_num_beams=2, llm_rerank_weight=0.5)
+    expected = run(make_pipe("sdxl", imagebind_tokenizer=tiny_clip_tokenizer()), **rerank).images
+    pipe = make_pipe("sdxl", imagebind_tokenizer=tiny_clip_tokenizer())
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert np.array_equal(run(pipe, **rerank).images, expected)
 
 
 def test_bfloat16_pipeline_is_close_to_float32():

@@ -629,14 +629,14 @@ def test_rerank_scorer_adds_the_weighted_caption_agreement_to_the_beam_scores(re
     generation_embeds = intended[:4] + [None]
     picks = set()
     for weight in (0.0, 0.05, 0.5, 100.0):
-        choose = reranking_pipe._caption_agreement_scorer(weight, torch.device("cpu"))
+        choose = reranking_pipe.caption_agreement_scorer(weight, torch.device("cpu"))
         expected = valid[int((beam_scores[valid] + weight * agreement).argmax())]
         assert choose(0, texts, beam_scores, generation_embeds) == expected
         picks.add(expected)
     assert valid[int(agreement.argmax())] in picks and 0 in picks  # weight 0: the best complete beam
     # Each beam is compared with its own answer's embedding: the beam whose embedding is its caption's own text
     # embedding (cosine 1) wins at a large weight, whichever it is.
-    choose = reranking_pipe._caption_agreement_scorer(100.0, torch.device("cpu"))
+    choose = reranking_pipe.caption_agreement_scorer(100.0, torch.device("cpu"))
     captions = {0: "a red circle", 2: "a blue square", 3: "a green star"}
     for j in valid:
         own = reranking_pipe.image_encoder.encode_text(reranking_pipe.imagebind_processor.tokenize(captions[j]))[0]

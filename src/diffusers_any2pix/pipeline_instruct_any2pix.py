@@ -601,9 +601,17 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         scores = torch.stack([media_embeds[pos].float() @ query.float() for pos, _ in candidates])
         return candidates[int(scores.argmax())][1].index
 
-    def _caption_agreement_scorer(self, weight: float, device: torch.device) -> Callable:
-        """A `generate_with_media` ``candidate_scorer``: beam score + ``weight`` · cosine between ImageBind's
-        embedding of each beam's caption and the generation embedding of the same answer (see `llm_rerank_weight`)."""
+    def caption_agreement_scorer(self, weight: float, device: torch.device) -> Callable:
+        """The ``candidate_scorer`` (of `generate_with_media`) that `llm_rerank_weight` uses: beam score + ``weight`` ·
+        cosine between ImageBind's embedding of each beam's caption and the generation embedding of the same answer.
+
+        Args:
+            weight (`float`): the weight of the cosine (0 picks the best beam that has a caption and an embedding).
+            device (`torch.device`): where ImageBind reads the captions.
+
+        Returns:
+            `Callable`: ``choose(row, texts, beam_scores, generation_embeds) -> int``, the index of the beam to keep.
+        """
 
         def choose(row: int, texts: list[str], beam_scores: torch.Tensor, generation_embeds: list) -> int:
             captions = [parse_answer(text).caption for text in texts]
@@ -959,7 +967,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         if conditioning_embeds is None:
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
-            scorer = self._caption_agreement_scorer(llm_rerank_weight, device) if llm_rerank_weight > 0 else None
+            scorer = self.caption_agreement_scorer(llm_rerank_weight, device) if llm_rerank_weight > 0 else None
             llm_out = generate_with_media(
                 self.llm,
                 self.llm_tokenizer,

@@ -2,14 +2,15 @@
 """How often a ShapesWorld pipeline's LLM writes the target caption, with its beams reranked at several weights.
 
     python benchmarks/llm_reranking.py --model . --data build/shapesworld/data --split val --num_beams 8 \\
-        --weights 0 0.25 0.5 0.75 1 1.5
+        --weights 0 0.25 0.5 0.75 1 1.5 --base_weights 0 0.005
 
 One pipeline call per batch (one decoder step, latents out: only the caption matters) keeps every final beam of the
-LLM through `generate_with_media`'s ``candidate_scorer`` hook; each weight is then scored on those same beams by the
-pipeline's own scorer (`llm_rerank_weight`: beam score + weight · cos(ImageBind(caption), the answer's generation
-embedding)), so the comparison is paired. Printed per weight: the exact target captions, overall and per instruction
-type; ``oracle``: examples where any of the beams is the target caption. Then the LLM stage's time per instruction
-(mean over ``--timing_examples``) with plain beam search and with reranking. Pick the weight on ``--split val``.
+LLM through `generate_with_media`'s ``candidate_scorer`` hook; each pair of weights is then scored on those same beams
+by the pipeline's own scorer (beam score + ``llm_rerank_weight`` · cos(ImageBind(caption), the answer's generation
+embedding) + ``llm_base_agreement_weight`` · agreement of the caption with the answer's base image), so the
+comparison is paired. Printed per pair: the exact target captions, overall and per instruction type; ``oracle``:
+examples where any of the beams is the target caption. Then the LLM stage's time per instruction (mean over
+``--timing_examples``) with plain beam search and with reranking. Pick the weights on ``--split val``.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from PIL import Image
 
 from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix import pipeline_instruct_any2pix as pipeline_module
+from diffusers_any2pix.instruction import parse_instruction
 from diffusers_any2pix.multimodal_llm import parse_answer
 from diffusers_any2pix.shapes.evaluate import load_examples
 from diffusers_any2pix.shapes.world import caption
@@ -35,14 +37,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_examples", type=int, default=None)
     parser.add_argument("--num_beams", type=int, default=8)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
+    parser.add_argument("--base_weights", type=float, nargs="+", default=[0.0], help="llm_base_agreement_weight values")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--timing_examples", type=int, default=32, help="instructions timed per decoding (0: skip)")
     parser.add_argument("--output", default=None, help="write the figures as JSON")
     args = parser.parse_args(argv)
     if args.num_beams < 2:
         parser.error(f"--num_beams must be at least 2 (reranking chooses among beams), got {args.num_beams}.")
-    if any(not w >= 0 for w in args.weights):
-        parser.error(f"--weights must be >= 0, got {args.weights}.")
+    for name in ("weights", "base_weights"):
+        if any(not w >= 0 for w in getattr(args, name)):
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}.")
     return args
 
 
@@ -60,13 +64,15 @@ def _call(pipe, batch, **kwargs):
 
 
 def collect_beams(pipe, examples, num_beams: int, batch_size: int) -> list[dict]:
-    """Every final beam of every example: ``texts``, ``beam_scores``, ``generation_embeds`` (the scorer's inputs)."""
+    """Every final beam of every example: ``texts``, ``beam_scores``, ``generation_embeds``, ``base_embeds`` (the
+    scorer's inputs) and the example's ImageBind vectors ``media_embeds``."""
     original = pipeline_module.generate_with_media
     batch_beams = []
 
     def keep_all(*args, candidate_scorer=None, **kwargs):
-        def record(row, texts, beam_scores, generation_embeds):
-            batch_beams.append({"texts": texts, "beam_scores": beam_scores, "generation_embeds": generation_embeds})
+        def record(row, texts, beam_scores, generation_embeds, base_embeds):
+            batch_beams.append({"texts": texts, "beam_scores": beam_scores, "generation_embeds": generation_embeds,
+                                "base_embeds": base_embeds, "media_embeds": kwargs["media_embeds"][row]})  # fmt: skip
             return 0
 
         return original(*args, candidate_scorer=record, **kwargs)
@@ -123,19 +129,25 @@ def main(argv=None) -> dict:
     results = {"split": args.split, "num_examples": len(examples), "num_beams": args.num_beams, "oracle": oracle}
     types = sorted({e.type for e in examples})
     counts = Counter(e.type for e in examples)
-    print(f"{'weight':>8}  {'exact':>12}  " + "  ".join(f"{t:>10}" for t in types))
-    for weight in args.weights:
-        scorer = pipe.caption_agreement_scorer(weight, device) if weight > 0 else None
-        exact, per_type, chosen = 0, Counter(), []
-        for row, (example, target, b, caps) in enumerate(zip(examples, targets, beams, captions_of)):
-            pick = scorer(row, b["texts"], b["beam_scores"], b["generation_embeds"]) if scorer else 0
-            chosen.append(caps[pick])
-            hit = caps[pick] == target
-            exact += hit
-            per_type[example.type] += hit
-        results[f"weight={weight:g}"] = {"exact": exact, "per_type": dict(per_type), "captions": chosen}
-        print(f"{weight:>8g}  {exact:>5} {exact / len(examples):>6.1%}  "
-              + "  ".join(f"{per_type[t]:>4}/{counts[t]:<5}" for t in types))  # fmt: skip
+    parsed = [parse_instruction(e.instruction, len(e.image_paths), len(e.audio_paths)) for e in examples]
+    print(f"{'weight':>8} {'base':>6}  {'exact':>12}  " + "  ".join(f"{t:>10}" for t in types))
+    for base_weight in args.base_weights:
+        for weight in args.weights:
+            exact, per_type, chosen = 0, Counter(), []
+            for example, target, b, caps, p in zip(examples, targets, beams, captions_of, parsed):
+                pick = 0
+                if weight > 0 or base_weight > 0:
+                    # One example at a time: its instruction and media are row 0 of the scorer's batch.
+                    scorer = pipe.caption_agreement_scorer(weight, device, base_weight, [p], [b["media_embeds"]])
+                    pick = scorer(0, b["texts"], b["beam_scores"], b["generation_embeds"], b["base_embeds"])
+                chosen.append(caps[pick])
+                hit = caps[pick] == target
+                exact += hit
+                per_type[example.type] += hit
+            key = f"weight={weight:g}" + (f",base_weight={base_weight:g}" if base_weight > 0 else "")
+            results[key] = {"exact": exact, "per_type": dict(per_type), "captions": chosen}
+            print(f"{weight:>8g} {base_weight:>6g}  {exact:>5} {exact / len(examples):>6.1%}  "
+                  + "  ".join(f"{per_type[t]:>4}/{counts[t]:<5}" for t in types))  # fmt: skip
 
     if args.timing_examples > 0:
         subset = examples[: args.timing_examples]

@@ -10,7 +10,11 @@ from PIL import Image
 from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.shapes import generate_dataset
 from diffusers_any2pix.shapes.evaluate import load_examples
-from diffusers_any2pix.testing_utils import tiny_clip_tokenizer, tiny_pipeline_components
+from diffusers_any2pix.testing_utils import (
+    tiny_clip_tokenizer,
+    tiny_pipeline_components,
+    with_attribute_reader,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("llm_reranking", os.path.join(REPO, "benchmarks", "llm_reranking.py"))
@@ -25,30 +29,39 @@ def setup(tmp_path_factory):
     components = tiny_pipeline_components()
     InstructAny2PixPipeline(**components, imagebind_tokenizer=tiny_clip_tokenizer()).save_pretrained(root / "pipe")
     InstructAny2PixPipeline(**components).save_pretrained(root / "plain")
+    reader = with_attribute_reader(components["mm_adapter"], [3, 2, 4, 3, 5, 2, 4])
+    reading = InstructAny2PixPipeline(**{**components, "mm_adapter": reader}, imagebind_tokenizer=tiny_clip_tokenizer())
+    reading.save_pretrained(root / "reader")
     return root
 
 
-def test_rescored_beams_are_what_the_pipeline_answers(setup, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "model, weights, base_weights",
+    [("pipe", ["0", "100"], ["0"]), ("reader", ["0.5"], ["0", "100"])],
+)
+def test_rescored_beams_are_what_the_pipeline_answers(setup, tmp_path, capsys, model, weights, base_weights):
     output = tmp_path / "reranking.json"
-    argv = ["--model", str(setup / "pipe"), "--data", str(setup / "data"), "--split", "train", "--max_examples", "4",
-            "--num_beams", "2", "--weights", "0", "100", "--batch_size", "3", "--timing_examples", "2",
-            "--output", str(output)]  # fmt: skip
+    argv = ["--model", str(setup / model), "--data", str(setup / "data"), "--split", "train", "--max_examples", "4",
+            "--num_beams", "2", "--weights", *weights, "--base_weights", *base_weights, "--batch_size", "3",
+            "--timing_examples", "2", "--output", str(output)]  # fmt: skip
     report = llm_reranking.main(argv)
     assert json.loads(output.read_text()) == report
     assert report["num_examples"] == 4 and 0 <= report["oracle"] <= 4
     assert set(report["llm_seconds_per_instruction"]) == {"4 beams", "2 beams", "2 beams reranked"}
-    # Each weight's offline pick is the caption the pipeline itself answers with at that weight.
-    pipe = InstructAny2PixPipeline.from_pretrained(setup / "pipe")
+    # Each pair of weights' offline pick is the caption the pipeline itself answers with at those weights.
+    pipe = InstructAny2PixPipeline.from_pretrained(setup / model)
     pipe.set_progress_bar_config(disable=True)
     examples = load_examples(str(setup / "data"), "train", 4)
-    for weight in (0.0, 100.0):
-        out = pipe([e.instruction for e in examples],
-                   images=[[Image.open(p).convert("RGB") for p in e.image_paths] for e in examples],
-                   audio=[list(e.audio_paths) for e in examples], num_inference_steps=1, output_type="latent",
-                   llm_do_sample=False, llm_num_beams=2, llm_rerank_weight=weight,
-                   on_invalid_answer="use_base")  # fmt: skip
-        assert report[f"weight={weight:g}"]["captions"] == out.captions
-        assert report[f"weight={weight:g}"]["exact"] == sum(report[f"weight={weight:g}"]["per_type"].values())
+    for base_weight in map(float, base_weights):
+        for weight in map(float, weights):
+            out = pipe([e.instruction for e in examples],
+                       images=[[Image.open(p).convert("RGB") for p in e.image_paths] for e in examples],
+                       audio=[list(e.audio_paths) for e in examples], num_inference_steps=1, output_type="latent",
+                       llm_do_sample=False, llm_num_beams=2, llm_rerank_weight=weight,
+                       llm_base_agreement_weight=base_weight, on_invalid_answer="use_base")  # fmt: skip
+            key = f"weight={weight:g}" + (f",base_weight={base_weight:g}" if base_weight > 0 else "")
+            assert report[key]["captions"] == out.captions
+            assert report[key]["exact"] == sum(report[key]["per_type"].values())
     assert "a beam writes the target caption in" in capsys.readouterr().out
 
 
@@ -59,7 +72,7 @@ def test_a_pipeline_without_imagebind_tokenizer_is_refused(setup):
         llm_reranking.main(argv)
 
 
-@pytest.mark.parametrize("extra", [["--num_beams", "1"], ["--weights", "-1"]])
+@pytest.mark.parametrize("extra", [["--num_beams", "1"], ["--weights", "-1"], ["--base_weights", "0", "-1"]])
 def test_bad_arguments(extra):
     with pytest.raises(SystemExit):
         llm_reranking.parse_args(["--model", "m", "--data", "d", *extra])

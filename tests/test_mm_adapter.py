@@ -1094,8 +1094,8 @@ def test_candidate_scorer_chooses_among_every_final_beam(setup):
     prompt = build_vicuna_prompt("paint it red")
     calls = []
 
-    def last(row, texts, beam_scores, generation_embeds):
-        calls.append((row, list(texts), beam_scores.clone(), list(generation_embeds)))
+    def last(row, texts, beam_scores, generation_embeds, base_embeds):
+        calls.append((row, list(texts), beam_scores.clone(), list(generation_embeds) + list(base_embeds)))
         return len(texts) - 1
 
     kwargs = dict(do_sample=False, num_beams=3, max_new_tokens=10, output_hidden_states=True)
@@ -1109,7 +1109,7 @@ def test_candidate_scorer_chooses_among_every_final_beam(setup):
     texts = [_answer_text(tokenizer, ids, row.tolist()) for row in beams]
     assert len(calls) == 1 and calls[0][0] == 0 and calls[0][1] == texts and len(set(texts)) == 3
     torch.testing.assert_close(calls[0][2], reference.sequences_scores)
-    assert calls[0][3] == [None, None, None]  # the untrained LLM's answers hold no <im_gen>…<video>
+    assert calls[0][3] == [None] * 6  # the untrained LLM's answers hold no <im_gen>…<video> nor <base><video>
     # The answer is the scorer's pick, its states those of a plain forward over prompt + that answer.
     assert ours.texts == [texts[2]]
     with torch.no_grad():
@@ -1134,17 +1134,18 @@ def test_candidate_scorer_gets_each_beams_embeddings_and_one_call_per_prompt(set
                                  logits_processor=[ForceTokens([forced, forced])])  # fmt: skip
     calls = []
 
-    def record(row, texts, beam_scores, generation_embeds):
-        calls.append((row, texts, generation_embeds))
+    def record(row, texts, beam_scores, generation_embeds, base_embeds):
+        calls.append((row, texts, generation_embeds, base_embeds))
         return 0
 
     beams = generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, do_sample=False, max_new_tokens=12,
                                 num_beams=2, logits_processor=[ForceTokens([forced] * 4)],
                                 candidate_scorer=record)  # fmt: skip
-    assert [row for row, _, _ in calls] == [0, 1]
-    for row, texts, generation_embeds in calls:
+    assert [row for row, *_ in calls] == [0, 1]
+    for row, texts, generation_embeds, base_embeds in calls:
         assert texts[0] == greedy.texts[row]
         torch.testing.assert_close(generation_embeds[0], greedy.generation_embeds[row], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(base_embeds[0], greedy.base_embeds[row], atol=1e-5, rtol=1e-5)
     assert beams.texts == greedy.texts
     for name in ("generation_embeds", "base_embeds"):
         for ours, theirs in zip(getattr(beams, name), getattr(greedy, name)):

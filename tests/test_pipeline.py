@@ -21,6 +21,7 @@ from diffusers_any2pix.testing_utils import (
     tiny_decoder,
     tiny_llm,
     tiny_pipeline_components,
+    with_attribute_reader,
 )
 
 
@@ -381,12 +382,21 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
             (dict(images=[image(0)], llm_rerank_weight=w), ValueError, "`llm_rerank_weight` must be a finite number")
             for w in (-0.5, float("nan"), float("inf"), True, "1")
         ],
-        (dict(images=[image(0)], llm_do_sample=False, llm_rerank_weight=0.5), ValueError, "needs `llm_num_beams` > 1"),
-        (
-            dict(images=[image(0)], llm_do_sample=False, llm_num_beams=2, llm_rerank_weight=0.5),
-            ValueError,
-            "this pipeline has no `imagebind_tokenizer`",
-        ),
+        *[
+            (dict(images=[image(0)], llm_base_agreement_weight=w), ValueError,
+             "`llm_base_agreement_weight` must be a finite number")  # fmt: skip
+            for w in (-0.5, float("nan"), float("inf"), True, "1")
+        ],
+        *[
+            (dict(images=[image(0)], llm_do_sample=False, **{name: 0.5}), ValueError,
+             rf"`{name}=0.5` reranks beams: it needs `llm_num_beams` > 1.*pass `{name}=0`")  # fmt: skip
+            for name in ("llm_rerank_weight", "llm_base_agreement_weight")
+        ],
+        *[
+            (dict(images=[image(0)], llm_do_sample=False, llm_num_beams=2, **{name: 0.5}), ValueError,
+             rf"`{name}=0.5` reads captions with .* this pipeline has no `imagebind_tokenizer`")  # fmt: skip
+            for name in ("llm_rerank_weight", "llm_base_agreement_weight")
+        ],
     ],
 )
 def test_bad_arguments(native_pipe, kwargs, error, match):
@@ -631,7 +641,7 @@ def test_rerank_scorer_adds_the_weighted_caption_agreement_to_the_beam_scores(re
     for weight in (0.0, 0.05, 0.5, 100.0):
         choose = reranking_pipe.caption_agreement_scorer(weight, torch.device("cpu"))
         expected = valid[int((beam_scores[valid] + weight * agreement).argmax())]
-        assert choose(0, texts, beam_scores, generation_embeds) == expected
+        assert choose(0, texts, beam_scores, generation_embeds, [None] * 5) == expected
         picks.add(expected)
     assert valid[int(agreement.argmax())] in picks and 0 in picks  # weight 0: the best complete beam
     # Each beam is compared with its own answer's embedding: the beam whose embedding is its caption's own text
@@ -642,10 +652,10 @@ def test_rerank_scorer_adds_the_weighted_caption_agreement_to_the_beam_scores(re
         own = reranking_pipe.image_encoder.encode_text(reranking_pipe.imagebind_processor.tokenize(captions[j]))[0]
         embeds = list(generation_embeds)
         embeds[j] = own * 3.0
-        assert choose(0, texts, beam_scores, embeds) == j
+        assert choose(0, texts, beam_scores, embeds, [None] * 5) == j
     # No complete beam: the best beam.
-    assert choose(0, texts, beam_scores, [None] * 5) == 0
-    assert choose(0, ["<im_gen_start><im_gen>", "no answer"], beam_scores[:2], intended[:2]) == 0
+    assert choose(0, texts, beam_scores, [None] * 5, [None] * 5) == 0
+    assert choose(0, ["<im_gen_start><im_gen>", "no answer"], beam_scores[:2], intended[:2], [None] * 2) == 0
 
 
 def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, monkeypatch):
@@ -653,8 +663,8 @@ def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, mon
     original = pipeline_module.generate_with_media
 
     def spy(*args, candidate_scorer=None, **kwargs):
-        def scorer(row, texts, beam_scores, generation_embeds):
-            pick = candidate_scorer(row, texts, beam_scores, generation_embeds)
+        def scorer(row, texts, beam_scores, generation_embeds, base_embeds):
+            pick = candidate_scorer(row, texts, beam_scores, generation_embeds, base_embeds)
             calls.append((texts, beam_scores, generation_embeds, pick))
             return pick
 
@@ -674,6 +684,119 @@ def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, mon
     calls.clear()
     plain = run(reranking_pipe, output_type="np", llm_do_sample=False, llm_num_beams=3)
     assert calls == [] and plain.answers == [texts[0]]
+
+
+ATTRIBUTE_CLASSES = [3, 2, 4, 3, 5, 2, 4]
+
+
+def _attribute_reading_pipe(**overrides) -> InstructAny2PixPipeline:
+    components = tiny_pipeline_components("imagebind")
+    adapter = with_attribute_reader(components["mm_adapter"], ATTRIBUTE_CLASSES)
+    pipe = InstructAny2PixPipeline(
+        **{**components, "mm_adapter": adapter, "imagebind_tokenizer": tiny_clip_tokenizer(), **overrides}
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base_agreement_pipe():
+    return _attribute_reading_pipe()
+
+
+def test_base_agreement_sums_the_logs_of_all_but_the_least_agreeing_fields(base_agreement_pipe):
+    pipe = base_agreement_pipe
+    generator = torch.Generator().manual_seed(0)
+    captions, bases = torch.randn(2, 5, TINY_EMBED_DIM, generator=generator)
+    ours = pipe.base_agreement(captions, bases)
+    # Recomputed from the reader's logits: per field P(same class) (floored), sorted, the smallest dropped.
+    logits = pipe.mm_adapter.attribute_reader(pipeline_module.rescale_to_norm(captions, 20.0))
+    image_logits = pipe.mm_adapter.attribute_reader(pipeline_module.rescale_to_norm(bases, 20.0))
+    fields = []
+    for c, i in zip(logits.split(ATTRIBUTE_CLASSES, dim=-1), image_logits.split(ATTRIBUTE_CLASSES, dim=-1)):
+        fields.append((c.softmax(-1) * i.softmax(-1)).sum(-1).clamp_min(pipeline_module.BASE_AGREEMENT_FLOOR).log())
+    expected = torch.stack(fields, -1).sort(-1).values[:, pipeline_module.BASE_AGREEMENT_IGNORED_FIELDS :].sum(-1)
+    torch.testing.assert_close(ours, expected)
+    assert (ours <= 0).all() and ours.shape == (5,)
+    # A zeroed reader reads every field uniformly: P(same class) is 1 / classes, and the 2 smallest are ignored.
+    saved = {k: v.clone() for k, v in pipe.mm_adapter.attribute_reader.state_dict().items()}
+    with torch.no_grad():
+        for parameter in pipe.mm_adapter.attribute_reader.parameters():
+            parameter.zero_()
+    try:
+        uniform = sum(np.log(1 / n) for n in sorted(ATTRIBUTE_CLASSES)[:-2])
+        assert pipe.base_agreement(captions[:1], bases[:1]).item() == pytest.approx(uniform, rel=1e-5)
+    finally:
+        pipe.mm_adapter.attribute_reader.load_state_dict(saved)
+    with pytest.raises(ValueError, match="must have the same shape, one base per caption"):
+        pipe.base_agreement(captions, bases[:2])
+    with pytest.raises(ValueError, match="`base_agreement` reads attributes: the pipeline's `mm_adapter` has no"):
+        make_pipe("imagebind").base_agreement(captions, bases)
+
+
+def test_base_agreement_scorer_reads_the_base_each_answer_selects(base_agreement_pipe):
+    pipe = base_agreement_pipe
+    parsed = [parse_instruction("put [audio1] on [image1] or [image2]", num_images=2, num_audio=1)]
+    generator = torch.Generator().manual_seed(1)
+    captions = ["a red circle", "a blue square", "a star"]
+    texts = [f"<base><video><im_gen_start><im_gen>[{c}]<video>" for c in captions]
+    beam_scores = torch.tensor([-0.1, -0.2, -0.3])
+    gens = list(torch.randn(3, TINY_EMBED_DIM, generator=generator))
+    cpu = torch.device("cpu")
+    text_embeds = torch.nn.functional.normalize(
+        pipe.image_encoder.encode_text(pipe.imagebind_processor.tokenize(captions)), dim=-1
+    )
+    # audio1, image1, image2 in reference order; image1 reads as the second caption, image2 as the third.
+    media = [torch.stack([torch.randn(TINY_EMBED_DIM, generator=generator), text_embeds[1], text_embeds[2]]) * 20]
+    cosine = (text_embeds * torch.nn.functional.normalize(torch.stack(gens), dim=-1)).sum(-1)
+    image_of = {0: media[0][parsed[0].position_of("image", 0)], 1: media[0][parsed[0].position_of("image", 1)]}
+    picks = set()
+    for selected in ([0, 0, 0], [1, 1, 1], [0, 1, 0], [1, 0, 1]):
+        base_embeds = [image_of[k] for k in selected]  # each answer's base embedding points at its image
+        assert [pipe.select_base_image(parsed[0], media[0], b, g) for b, g in zip(base_embeds, gens)] == selected
+        expected_agreement = pipe.base_agreement(text_embeds, torch.stack([image_of[k] for k in selected]))
+        for weight, base_weight in ((0.5, 0.0), (0.5, 10.0), (0.0, 100.0)):
+            choose = pipe.caption_agreement_scorer(weight, cpu, base_weight, parsed=parsed, media_embeds=media)
+            expected = int((beam_scores + weight * cosine + base_weight * expected_agreement).argmax())
+            assert choose(0, texts, beam_scores, gens, base_embeds) == expected
+            picks.add(expected)
+    assert picks == {0, 1, 2}  # the base term, read against each answer's own base, changes the choice
+    with pytest.raises(ValueError, match="`base_agreement_weight` > 0 selects each answer's base: pass `parsed`"):
+        pipe.caption_agreement_scorer(0.5, cpu, 1.0)
+
+
+def test_base_agreement_reranked_edit(base_agreement_pipe, monkeypatch):
+    calls = []
+    original = pipeline_module.generate_with_media
+
+    def spy(*args, candidate_scorer=None, **kwargs):
+        def scorer(row, texts, beam_scores, generation_embeds, base_embeds):
+            pick = candidate_scorer(row, texts, beam_scores, generation_embeds, base_embeds)
+            calls.append((texts, beam_scores, generation_embeds, base_embeds, kwargs["media_embeds"], pick))
+            return pick
+
+        return original(*args, candidate_scorer=scorer if candidate_scorer else None, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "generate_with_media", spy)
+    edit = dict(output_type="np", llm_do_sample=False, llm_num_beams=3, num_inference_steps=2)
+    out = run(base_agreement_pipe, llm_base_agreement_weight=100.0, **edit)
+    (texts, beam_scores, gens, bases, media, pick), = calls
+    assert out.answers == [texts[pick]]
+    captions = [pipeline_module.parse_answer(t).caption for t in texts]
+    valid = [j for j, c in enumerate(captions) if c and gens[j] is not None]
+    assert valid
+    text_embeds = base_agreement_pipe.image_encoder.encode_text(
+        base_agreement_pipe.imagebind_processor.tokenize([captions[j] for j in valid])
+    )
+    image = media[0][1]  # "add [audio1] to [image1]": the one image is every answer's base
+    agreement = base_agreement_pipe.base_agreement(text_embeds, image.expand(len(valid), -1))
+    assert pick == valid[int((beam_scores[valid] + 100.0 * agreement).argmax())]
+    # Stored in edit_defaults it is used; a pipeline without an attribute reader refuses it by name.
+    stored = _attribute_reading_pipe(edit_defaults={"llm_base_agreement_weight": 100.0})
+    calls.clear()
+    assert np.array_equal(run(stored, **edit).images, out.images) and len(calls) == 1
+    with pytest.raises(ValueError, match=r"`llm_base_agreement_weight=0.5` reads attributes, but this pipeline's"):
+        run(make_pipe("imagebind", imagebind_tokenizer=tiny_clip_tokenizer()), llm_base_agreement_weight=0.5, **edit)
 
 
 def test_stored_reranking_is_turned_off_by_name_to_sample():

@@ -595,12 +595,12 @@ def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, c
     monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
     output = tmp_path / "report.json"
     argv = _cli_argv(workspace) + ["--max_examples", "2", "--output", str(output), "--llm_num_beams", "2",
-                                   "--llm_rerank_weight", "0"]  # fmt: skip
+                                   "--llm_rerank_weight", "0", "--llm_base_agreement_weight", "0"]  # fmt: skip
     assert evaluate.main(argv + selection) == 0
     report = json.load(open(output))
     assert list(report["baselines"]) == baselines and list(report["ablations"]) == ablations
     assert report["pipeline_kwargs"]["llm_num_beams"] == 2  # pipeline knobs, passed through
-    assert report["pipeline_kwargs"]["llm_rerank_weight"] == 0.0
+    assert report["pipeline_kwargs"]["llm_rerank_weight"] == report["pipeline_kwargs"]["llm_base_agreement_weight"] == 0
     assert set(report["examples"][0]) >= {MODEL, *baselines, *ablations}
     printed = capsys.readouterr().out
     assert ("- baselines -" in printed) == bool(baselines) and ("- ablations -" in printed) == bool(ablations)
@@ -633,6 +633,10 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
         (["--model", "MODEL", "--data", "DATA", "--llm_num_beams", "0"], "--llm_num_beams must be a positive"),
         (["--model", "MODEL", "--data", "DATA", "--llm_rerank_weight", "-1"], "--llm_rerank_weight must be a finite"),
         (["--model", "MODEL", "--data", "DATA", "--llm_rerank_weight", "nan"], "--llm_rerank_weight must be a finite"),
+        (["--model", "MODEL", "--data", "DATA", "--llm_base_agreement_weight", "-1"],
+         "--llm_base_agreement_weight must be a finite"),  # fmt: skip
+        (["--model", "MODEL", "--data", "DATA", "--llm_base_agreement_weight", "inf"],
+         "--llm_base_agreement_weight must be a finite"),  # fmt: skip
         (["--model", "DATA", "--data", "DATA"], "not a saved pipeline folder"),
         (["--model", "MODEL", "--data", "DATA", "--split", "dev"], "No split 'dev'"),
         (["--model", "MODEL", "--data", "DATA", "--baselines", "prior_only"], "invalid choice: 'prior_only'"),

@@ -756,7 +756,7 @@ def generate_with_media(
     logits_processor: LogitsProcessorList | None = None,
     num_beams: int = 1,
     image_patches: list[list[torch.Tensor | None]] | None = None,
-    candidate_scorer: Callable[[int, list[str], torch.Tensor, list[torch.Tensor | None]], int] | None = None,
+    candidate_scorer: Callable[..., int] | None = None,
 ) -> MultimodalGenerationOutput:
     """Generates the LLM's answers with the media injected, and reads out the base and generation embeddings.
 
@@ -806,10 +806,10 @@ def generate_with_media(
             Patch tokens of the images for an adapter with `image_patch_tokens`, see `inject_media_embeds`.
         candidate_scorer (`Callable`, *optional*):
             With `num_beams > 1`: all `num_beams` final beams of each prompt are kept (best first) and
-            ``candidate_scorer(row, texts, beam_scores, generation_embeds)`` returns the index of the one to answer
-            with; ``beam_scores`` are transformers' length-normalised log-probabilities (shape `(num_beams,)`) and
-            ``generation_embeds`` the embedding each beam's answer predicts (`None` where it has none). Default: the
-            best beam.
+            ``candidate_scorer(row, texts, beam_scores, generation_embeds, base_embeds)`` returns the index of the
+            one to answer with; ``beam_scores`` are transformers' length-normalised log-probabilities (shape
+            `(num_beams,)`), ``generation_embeds`` and ``base_embeds`` the generation and base embeddings each beam's
+            answer predicts (`None` where it has none). Default: the best beam.
 
     Returns:
         `MultimodalGenerationOutput`
@@ -905,7 +905,9 @@ def generate_with_media(
         chosen = []
         for row in range(len(prompts)):
             group = slice(row * num_candidates, (row + 1) * num_candidates)
-            pick = candidate_scorer(row, texts[group], output.sequences_scores[group], generation_embeds[group])
+            pick = candidate_scorer(
+                row, texts[group], output.sequences_scores[group], generation_embeds[group], base_embeds[group]
+            )
             if isinstance(pick, bool) or not isinstance(pick, int) or not 0 <= pick < num_candidates:
                 raise ValueError(f"`candidate_scorer` must return a beam index in [0, {num_candidates}), got {pick!r}.")
             chosen.append(row * num_candidates + pick)

@@ -46,6 +46,12 @@ DECODER_SD = "sd"
 DECODER_SDXL = "sdxl"
 DECODER_IMAGEBIND = "imagebind"
 
+# An edit legitimately changes some attribute fields of the base (an added or replaced object: its shape and colour),
+# so `llm_base_agreement_weight` scores a caption's agreement with the base on all fields but this many least-agreeing.
+BASE_AGREEMENT_IGNORED_FIELDS = 2
+# Floor of a field's agreement probability before its log (a field the caption and the base read fully apart).
+BASE_AGREEMENT_FLOOR = 1e-6
+
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 DEFAULT_PROMPT_TEMPLATE = "best quality, high quality, {caption}"
 
@@ -65,6 +71,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_max_new_tokens": 100,
     "llm_num_beams": 1,
     "llm_rerank_weight": 0.0,
+    "llm_base_agreement_weight": 0.0,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
@@ -198,7 +205,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         prior_text_encoder, prior_tokenizer (optional): a CLIP text model for the prior; without them the prior uses
             its stored empty-prompt hidden states (identical output for the official, always-empty prompt).
         imagebind_tokenizer ([`~transformers.PreTrainedTokenizerBase`], optional): ImageBind's text tokenizer (CLIP
-            BPE); only `llm_rerank_weight` reads text with ImageBind.
+            BPE); only the beam reranking (`llm_rerank_weight`, `llm_base_agreement_weight`) reads text with
+            ImageBind.
         edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
             `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """
@@ -601,19 +609,41 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         scores = torch.stack([media_embeds[pos].float() @ query.float() for pos, _ in candidates])
         return candidates[int(scores.argmax())][1].index
 
-    def caption_agreement_scorer(self, weight: float, device: torch.device) -> Callable:
-        """The ``candidate_scorer`` (of `generate_with_media`) that `llm_rerank_weight` uses: beam score + ``weight`` ·
-        cosine between ImageBind's embedding of each beam's caption and the generation embedding of the same answer.
+    def caption_agreement_scorer(
+        self,
+        weight: float,
+        device: torch.device,
+        base_agreement_weight: float = 0.0,
+        parsed: list[ParsedInstruction] | None = None,
+        media_embeds: list[torch.Tensor] | None = None,
+    ) -> Callable:
+        """The ``candidate_scorer`` (of `generate_with_media`) that `llm_rerank_weight` and
+        `llm_base_agreement_weight` use: beam score + ``weight`` · cosine between ImageBind's embedding of each beam's
+        caption and the generation embedding of the same answer + ``base_agreement_weight`` · `base_agreement` of the
+        caption with the base image that answer selects.
 
         Args:
-            weight (`float`): the weight of the cosine (0 picks the best beam that has a caption and an embedding).
+            weight (`float`): the weight of the cosine (0 with ``base_agreement_weight`` 0 picks the best beam that
+                has a caption and an embedding).
             device (`torch.device`): where ImageBind reads the captions.
+            base_agreement_weight (`float`, *optional*, defaults to 0.0): the weight of the base agreement; above 0
+                it needs ``parsed`` and ``media_embeds`` and an adapter with an attribute reader.
+            parsed (`list[ParsedInstruction]`, *optional*): the batch's instructions (row ``row`` of the scorer's
+                calls is ``parsed[row]``), to select each answer's base image.
+            media_embeds (`list[torch.Tensor]`, *optional*): the batch's ImageBind vectors (`encode_media`).
 
         Returns:
-            `Callable`: ``choose(row, texts, beam_scores, generation_embeds) -> int``, the index of the beam to keep.
+            `Callable`: ``choose(row, texts, beam_scores, generation_embeds, base_embeds) -> int``, the index of the
+            beam to keep.
         """
+        if base_agreement_weight > 0 and (parsed is None or media_embeds is None):
+            raise ValueError(
+                "`base_agreement_weight` > 0 selects each answer's base: pass `parsed` and `media_embeds`."
+            )
 
-        def choose(row: int, texts: list[str], beam_scores: torch.Tensor, generation_embeds: list) -> int:
+        def choose(
+            row: int, texts: list[str], beam_scores: torch.Tensor, generation_embeds: list, base_embeds: list
+        ) -> int:
             captions = [parse_answer(text).caption for text in texts]
             valid = [j for j, caption in enumerate(captions) if caption and generation_embeds[j] is not None]
             if not valid:
@@ -623,9 +653,44 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             intended = torch.stack([generation_embeds[j].float().to(device) for j in valid])
             agreement = (text_embeds * torch.nn.functional.normalize(intended, dim=-1)).sum(dim=-1)
             totals = beam_scores[valid].float().to(device) + weight * agreement
+            if base_agreement_weight > 0:
+                bases = []
+                for j in valid:
+                    index = self.select_base_image(parsed[row], media_embeds[row], base_embeds[j], generation_embeds[j])
+                    bases.append(media_embeds[row][parsed[row].position_of("image", index)])
+                bases = torch.stack(bases).to(device)
+                totals = totals + base_agreement_weight * self.base_agreement(text_embeds, bases)
             return valid[int(totals.argmax())]
 
         return choose
+
+    def base_agreement(self, caption_embeds: torch.Tensor, base_image_embeds: torch.Tensor) -> torch.Tensor:
+        """How well captions agree with base images, read by the adapter's attribute reader (`read_attributes`).
+
+        Per attribute field, the probability that the caption's and the image's read-outs name the same class
+        (``sum_c p_caption(c) · p_image(c)``); the score is the sum of its logs over all fields but the
+        `BASE_AGREEMENT_IGNORED_FIELDS` that agree least (an edit changes those on purpose). A caption that keeps the
+        base's unedited objects scores near 0; one that writes another image's colour, or drops an object, lower.
+
+        Args:
+            caption_embeds (`torch.Tensor`): ImageBind text embeddings of the captions, `(n, embed_dim)`, any norm.
+            base_image_embeds (`torch.Tensor`): ImageBind embeddings of each caption's base image, `(n, embed_dim)`.
+
+        Returns:
+            `torch.Tensor`: shape `(n,)`, at most 0.
+        """
+        if self.mm_adapter.attribute_reader is None:
+            raise ValueError("`base_agreement` reads attributes: the pipeline's `mm_adapter` has no attribute reader.")
+        if caption_embeds.shape != base_image_embeds.shape:
+            raise ValueError(
+                f"`caption_embeds` {tuple(caption_embeds.shape)} and `base_image_embeds` "
+                f"{tuple(base_image_embeds.shape)} must have the same shape, one base per caption."
+            )
+        caption_reads = self.mm_adapter.read_attributes(caption_embeds)
+        image_reads = self.mm_adapter.read_attributes(base_image_embeds)
+        same = torch.stack([(c.float() * i.float()).sum(-1) for c, i in zip(caption_reads, image_reads)], dim=-1)
+        kept = max(same.shape[-1] - BASE_AGREEMENT_IGNORED_FIELDS, 1)
+        return same.clamp_min(BASE_AGREEMENT_FLOOR).log().topk(kept, dim=-1).values.sum(-1)
 
     def encode_prompt(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning of an SD 1.x / SDXL decoder: ``(prompt_embeds, pooled_prompt_embeds or None)``."""
@@ -777,6 +842,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_max_new_tokens: int | None = None,
         llm_num_beams: int | None = None,
         llm_rerank_weight: float | None = None,
+        llm_base_agreement_weight: float | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
         on_invalid_answer: str = "error",
@@ -808,6 +874,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `llm_temperature`, `llm_max_new_tokens` | — | hard-coded | 0.3, 100 | LLM sampling |
         | `llm_num_beams` | — | — | 1 | beam search over the LLM's answer (needs `llm_do_sample=False`) |
         | `llm_rerank_weight` | — | — | 0 | rerank the beams by each caption's agreement with its generation embedding |
+        | `llm_base_agreement_weight` | — | — | 0 | rerank the beams by each caption's agreement with the base image |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -847,6 +914,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 caption with ``imagebind_tokenizer`` (needed); answers without a caption or a generation embedding are
                 not chosen unless all lack one (then the best beam). Both vectors live in ImageBind's space, so the
                 score asks whether the words the LLM wrote describe the image its state says it means to make.
+            llm_base_agreement_weight (`float`, defaults to 0.0): above 0, adds ``llm_base_agreement_weight ·
+                base_agreement(ImageBind(caption), base image)`` to that score (see `base_agreement`; the base is the
+                one the same answer selects): beams that keep the base's unedited objects win over beams that copy
+                another input's colour or drop an object. Needs what `llm_rerank_weight` needs and an `mm_adapter`
+                with an attribute reader (`attribute_classes`).
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.
@@ -888,6 +960,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_max_new_tokens=llm_max_new_tokens,
             llm_num_beams=llm_num_beams,
             llm_rerank_weight=llm_rerank_weight,
+            llm_base_agreement_weight=llm_base_agreement_weight,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
         )
@@ -911,23 +984,31 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 "`llm_num_beams=1` to sample."
             )
         llm_rerank_weight = settings["llm_rerank_weight"]
-        if isinstance(llm_rerank_weight, bool) or not isinstance(llm_rerank_weight, (int, float)) or not (
-            llm_rerank_weight >= 0 and np.isfinite(llm_rerank_weight)
-        ):
-            raise ValueError(f"`llm_rerank_weight` must be a finite number >= 0, got {llm_rerank_weight!r}.")
-        if llm_rerank_weight > 0 and conditioning_embeds is None:
+        llm_base_agreement_weight = settings["llm_base_agreement_weight"]
+        for name in ("llm_rerank_weight", "llm_base_agreement_weight"):
+            value = settings[name]
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (is_number and value >= 0 and np.isfinite(value)):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+            if value == 0 or conditioning_embeds is not None:
+                continue
             if llm_num_beams < 2:
                 raise ValueError(
-                    f"`llm_rerank_weight={llm_rerank_weight}` reranks beams: it needs `llm_num_beams` > 1 (and "
-                    f"`llm_do_sample=False`), got llm_num_beams={llm_num_beams}; pass `llm_rerank_weight=0` to "
-                    "decode without reranking (the weight may come from the pipeline's `edit_defaults`)."
+                    f"`{name}={value}` reranks beams: it needs `llm_num_beams` > 1 (and `llm_do_sample=False`), got "
+                    f"llm_num_beams={llm_num_beams}; pass `{name}=0` to decode without reranking (the weight may come "
+                    "from the pipeline's `edit_defaults`)."
                 )
             if self.imagebind_tokenizer is None:
                 raise ValueError(
-                    f"`llm_rerank_weight={llm_rerank_weight}` reads captions with ImageBind's text encoder, but this "
-                    "pipeline has no `imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and pass "
-                    "`imagebind_tokenizer=`), or pass `llm_rerank_weight=0`."
+                    f"`{name}={value}` reads captions with ImageBind's text encoder, but this pipeline has no "
+                    "`imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and pass `imagebind_tokenizer=`), or pass "
+                    f"`{name}=0`."
                 )
+        if llm_base_agreement_weight > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
+            raise ValueError(
+                f"`llm_base_agreement_weight={llm_base_agreement_weight}` reads attributes, but this pipeline's "
+                "`mm_adapter` has no attribute reader (`attribute_classes`); pass `llm_base_agreement_weight=0`."
+            )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -967,7 +1048,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         if conditioning_embeds is None:
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
-            scorer = self.caption_agreement_scorer(llm_rerank_weight, device) if llm_rerank_weight > 0 else None
+            scorer = None
+            if llm_rerank_weight > 0 or llm_base_agreement_weight > 0:
+                scorer = self.caption_agreement_scorer(
+                    llm_rerank_weight, device, llm_base_agreement_weight, parsed=parsed, media_embeds=media_embeds
+                )
             llm_out = generate_with_media(
                 self.llm,
                 self.llm_tokenizer,

@@ -274,6 +274,17 @@ def tiny_pipeline_components(family: str = "imagebind", seed: int = 0, answer: s
     }
 
 
+def with_attribute_reader(mm_adapter: MultimodalAdapter, attribute_classes: list[int], sharpness: float = 20.0):
+    """A copy of ``mm_adapter`` that also reads attribute fields of ``attribute_classes`` (random reader, its weights
+    scaled by ``sharpness`` so the reads are near one-hot, as a trained reader's are); the other weights kept."""
+    torch.manual_seed(0)
+    adapter = MultimodalAdapter.from_config(mm_adapter.config, attribute_classes=list(attribute_classes))
+    adapter.load_state_dict(mm_adapter.state_dict(), strict=False)
+    with torch.no_grad():
+        adapter.attribute_reader.weight.mul_(sharpness)
+    return adapter.eval()
+
+
 def save_tiny_pipeline(output_dir: str, family: str = "imagebind", seed: int = 0) -> None:
     """Save the tiny (untrained) pipeline of ``family`` as a pipeline folder."""
     from .pipeline_instruct_any2pix import InstructAny2PixPipeline

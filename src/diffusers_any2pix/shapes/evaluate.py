@@ -926,6 +926,10 @@ def _parser() -> argparse.ArgumentParser:
     knobs.add_argument(
         "--llm_rerank_weight", type=float, default=None, help="rerank the beams by caption-embedding agreement (0: off)"
     )
+    knobs.add_argument(
+        "--llm_base_agreement_weight", type=float, default=None,
+        help="rerank the beams by the captions' agreement with the base image (0: off)",
+    )  # fmt: skip
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -939,6 +943,7 @@ _KNOBS = (
     "prior_guidance_scale",
     "llm_num_beams",
     "llm_rerank_weight",
+    "llm_base_agreement_weight",
 )
 
 
@@ -954,9 +959,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}.")
-    weight = args.llm_rerank_weight
-    if weight is not None and not (weight >= 0 and math.isfinite(weight)):
-        parser.error(f"--llm_rerank_weight must be a finite number >= 0, got {weight}.")
+    for name in ("llm_rerank_weight", "llm_base_agreement_weight"):
+        weight = getattr(args, name)
+        if weight is not None and not (weight >= 0 and math.isfinite(weight)):
+            parser.error(f"--{name} must be a finite number >= 0, got {weight}.")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "model_index.json")):
         parser.error(f"--model {args.model!r} is not a saved pipeline folder (no model_index.json).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -658,21 +658,28 @@ def test_rerank_scorer_adds_the_weighted_caption_agreement_to_the_beam_scores(re
     assert choose(0, ["<im_gen_start><im_gen>", "no answer"], beam_scores[:2], intended[:2], [None] * 2) == 0
 
 
-def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, monkeypatch):
+def _record_scorer_calls(monkeypatch) -> list[tuple]:
+    """Every call of the pipeline's beam scorer: (texts, beam_scores, generation_embeds, base_embeds, the row's media
+    embeddings, the pick)."""
     calls = []
     original = pipeline_module.generate_with_media
 
     def spy(*args, candidate_scorer=None, **kwargs):
         def scorer(row, texts, beam_scores, generation_embeds, base_embeds):
             pick = candidate_scorer(row, texts, beam_scores, generation_embeds, base_embeds)
-            calls.append((texts, beam_scores, generation_embeds, pick))
+            calls.append((texts, beam_scores, generation_embeds, base_embeds, kwargs["media_embeds"][row], pick))
             return pick
 
         return original(*args, candidate_scorer=scorer if candidate_scorer else None, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "generate_with_media", spy)
+    return calls
+
+
+def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, monkeypatch):
+    calls = _record_scorer_calls(monkeypatch)
     out = run(reranking_pipe, output_type="np", llm_do_sample=False, llm_num_beams=3, llm_rerank_weight=100.0)
-    (texts, beam_scores, generation_embeds, pick), = calls
+    (texts, beam_scores, generation_embeds, _, _, pick), = calls
     assert len(texts) == 3 and out.answers == [texts[pick]]
     captions = [pipeline_module.parse_answer(t).caption for t in texts]
     valid = [j for j, c in enumerate(captions) if c and generation_embeds[j] is not None]
@@ -766,18 +773,7 @@ def test_base_agreement_scorer_reads_the_base_each_answer_selects(base_agreement
 
 
 def test_base_agreement_reranked_edit(base_agreement_pipe, monkeypatch):
-    calls = []
-    original = pipeline_module.generate_with_media
-
-    def spy(*args, candidate_scorer=None, **kwargs):
-        def scorer(row, texts, beam_scores, generation_embeds, base_embeds):
-            pick = candidate_scorer(row, texts, beam_scores, generation_embeds, base_embeds)
-            calls.append((texts, beam_scores, generation_embeds, base_embeds, kwargs["media_embeds"], pick))
-            return pick
-
-        return original(*args, candidate_scorer=scorer if candidate_scorer else None, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "generate_with_media", spy)
+    calls = _record_scorer_calls(monkeypatch)
     edit = dict(output_type="np", llm_do_sample=False, llm_num_beams=3, num_inference_steps=2)
     out = run(base_agreement_pipe, llm_base_agreement_weight=100.0, **edit)
     (texts, beam_scores, gens, bases, media, pick), = calls
@@ -788,7 +784,7 @@ def test_base_agreement_reranked_edit(base_agreement_pipe, monkeypatch):
     text_embeds = base_agreement_pipe.image_encoder.encode_text(
         base_agreement_pipe.imagebind_processor.tokenize([captions[j] for j in valid])
     )
-    image = media[0][1]  # "add [audio1] to [image1]": the one image is every answer's base
+    image = media[1]  # "add [audio1] to [image1]": the one image is every answer's base
     agreement = base_agreement_pipe.base_agreement(text_embeds, image.expand(len(valid), -1))
     assert pick == valid[int((beam_scores[valid] + 100.0 * agreement).argmax())]
     # Stored in edit_defaults it is used; a pipeline without an attribute reader refuses it by name.

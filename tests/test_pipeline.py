@@ -572,6 +572,11 @@ def test_model_cpu_offload_gives_the_same_edit():
     pipe = make_pipe("sdxl", imagebind_tokenizer=tiny_clip_tokenizer())
     pipe.enable_model_cpu_offload(device="cpu")
     assert np.array_equal(run(pipe, **rerank).images, expected)
+    # So does the base-agreement term, which reads the base image's vector with the adapter.
+    expected = run(_attribute_reading_pipe(), **rerank, llm_base_agreement_weight=1.0).images
+    pipe = _attribute_reading_pipe()
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert np.array_equal(run(pipe, **rerank, llm_base_agreement_weight=1.0).images, expected)
 
 
 def test_bfloat16_pipeline_is_close_to_float32():

@@ -690,7 +690,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         image_reads = self.mm_adapter.read_attributes(base_image_embeds)
         same = torch.stack([(c.float() * i.float()).sum(-1) for c, i in zip(caption_reads, image_reads)], dim=-1)
         kept = max(same.shape[-1] - BASE_AGREEMENT_IGNORED_FIELDS, 1)
-        return same.clamp_min(BASE_AGREEMENT_FLOOR).log().topk(kept, dim=-1).values.sum(-1)
+        # On the captions' device: the adapter may sit elsewhere (model offload).
+        return same.clamp_min(BASE_AGREEMENT_FLOOR).log().topk(kept, dim=-1).values.sum(-1).to(caption_embeds.device)
 
     def encode_prompt(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning of an SD 1.x / SDXL decoder: ``(prompt_embeds, pooled_prompt_embeds or None)``."""

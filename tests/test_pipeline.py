@@ -17,6 +17,7 @@ from diffusers_any2pix.models.ip_adapter import ImageBindIPAdapter, is_ip_adapte
 from diffusers_any2pix.pipeline_instruct_any2pix import mix_latents_with_noise
 from diffusers_any2pix.testing_utils import (
     TINY_EMBED_DIM,
+    extend_adapter,
     tiny_clip_tokenizer,
     tiny_decoder,
     tiny_llm,
@@ -207,10 +208,8 @@ def patch_pipe(**overrides) -> InstructAny2PixPipeline:
     components = tiny_pipeline_components("imagebind")
     config = dict(image_patch_tokens=3, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2)
     config["patch_embed_dim"] = components["image_encoder"].config.vision_embed_dim
-    torch.manual_seed(0)
-    adapter = MultimodalAdapter.from_config(components["mm_adapter"].config, **{**config, **overrides})
-    adapter.load_state_dict(components["mm_adapter"].state_dict(), strict=False)
-    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter.eval()})
+    adapter = extend_adapter(components["mm_adapter"], **{**config, **overrides})
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -245,10 +244,8 @@ def test_attribute_tokens_reach_the_llm(monkeypatch, tmp_path):
     """An adapter with attribute fields gives every medium, audio included, 1 + fields <video> tokens; the pipeline
     saves and reloads it."""
     components = tiny_pipeline_components("imagebind")
-    torch.manual_seed(0)
-    adapter = MultimodalAdapter.from_config(components["mm_adapter"].config, attribute_classes=[3, 2])
-    adapter.load_state_dict(components["mm_adapter"].state_dict(), strict=False)
-    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter.eval()})
+    adapter = extend_adapter(components["mm_adapter"], attribute_classes=[3, 2])
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter})
     pipe.set_progress_bar_config(disable=True)
     calls = []
     real = pipeline_module.generate_with_media
@@ -277,12 +274,8 @@ def test_attribute_word_tokens_read_the_llms_own_word_embeddings(tmp_path):
     tokenizer = components["llm_tokenizer"]
     words = ["red", "blue", "green", "", "circle"]
     ids = [tokenizer(w, add_special_tokens=False).input_ids[0] if w else -1 for w in words]
-    torch.manual_seed(0)
-    adapter = MultimodalAdapter.from_config(
-        components["mm_adapter"].config, attribute_classes=[3, 2], attribute_word_ids=ids
-    )
-    adapter.load_state_dict(components["mm_adapter"].state_dict(), strict=False)
-    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter.eval()})
+    adapter = extend_adapter(components["mm_adapter"], attribute_classes=[3, 2], attribute_word_ids=ids)
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter})
     pipe.set_progress_bar_config(disable=True)
     out = run(pipe, "add [audio1] to [image1]", output_type="np")
     with torch.no_grad():

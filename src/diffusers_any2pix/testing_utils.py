@@ -274,15 +274,22 @@ def tiny_pipeline_components(family: str = "imagebind", seed: int = 0, answer: s
     }
 
 
-def with_attribute_reader(mm_adapter: MultimodalAdapter, attribute_classes: list[int], sharpness: float = 20.0):
-    """A copy of ``mm_adapter`` that also reads attribute fields of ``attribute_classes`` (random reader, its weights
-    scaled by ``sharpness`` so the reads are near one-hot, as a trained reader's are); the other weights kept."""
+def extend_adapter(mm_adapter: MultimodalAdapter, **config) -> MultimodalAdapter:
+    """A copy of ``mm_adapter`` with ``config`` changed (e.g. ``attribute_classes``, ``image_patch_tokens``): the
+    parts it shares with ``mm_adapter`` keep their weights, the new parts are drawn from seed 0."""
     torch.manual_seed(0)
-    adapter = MultimodalAdapter.from_config(mm_adapter.config, attribute_classes=list(attribute_classes))
+    adapter = MultimodalAdapter.from_config(mm_adapter.config, **config)
     adapter.load_state_dict(mm_adapter.state_dict(), strict=False)
+    return adapter.eval()
+
+
+def with_attribute_reader(mm_adapter: MultimodalAdapter, attribute_classes: list[int], sharpness: float = 20.0):
+    """`extend_adapter` with attribute fields of ``attribute_classes``, its random reader's weights scaled by
+    ``sharpness`` so the reads are near one-hot, as a trained reader's are."""
+    adapter = extend_adapter(mm_adapter, attribute_classes=list(attribute_classes))
     with torch.no_grad():
         adapter.attribute_reader.weight.mul_(sharpness)
-    return adapter.eval()
+    return adapter
 
 
 def save_tiny_pipeline(output_dir: str, family: str = "imagebind", seed: int = 0) -> None:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from diffusers_any2pix import InstructAny2PixPipeline
-from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads
+from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads, MultimodalAdapter
 from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +81,7 @@ def _config_dir(root, text_decoder: bool = False) -> str:
         "vae": {**steps, "resolution": 32, "channel_shuffle_prob": 0.5},
         "unet": {**steps, "use_ema": True},
         "llm": {**steps, "embed_dim": EMBED, "attribute_reader": True},
+        "reader": {"max_train_steps": 20, "train_batch_size": 8},
         "prior": {**steps, "corrupted_image_pairs": True},
         "pipeline": {"save_dtype": "float16"},
         "evaluate": {"max_examples": 2, "probe_steps": 1},
@@ -113,18 +114,30 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
     log = json.loads((work / "build_log.json").read_text())
     assert set(stages) <= set(log) and log["total_seconds"] == pytest.approx(sum(log[s]["seconds"] for s in stages), abs=0.2)
     # The lanes ran side by side on one thread each; the other stages alone.
-    assert log["vae"]["threads"] == log["llm"]["threads"] == 1 and log["data"]["threads"] is None
+    assert log["vae"]["threads"] == log["llm"]["threads"] == log["reader"]["threads"] == 1
+    assert log["data"]["threads"] is None
 
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.config.edit_defaults == TINY["edit_defaults.json"]
     # The pipeline reads text with the ImageBind tokenizer the imagebind stage trained its text tower with.
     stage_tokenizer = AutoTokenizer.from_pretrained(str(work / "imagebind" / "imagebind_tokenizer"))
     assert pipeline.imagebind_tokenizer.get_vocab() == stage_tokenizer.get_vocab()
-    # `"attribute_reader": true`: the LLM reads every medium's fields through the heads the imagebind stage saved.
+    # `"attribute_reader": true`: the LLM reads every medium's fields through the heads the imagebind stage saved,
+    # which the reader stage then fitted again to the final encoder (its report: the scenes of train and val).
     heads = AttributeHeads.load(str(work / "imagebind" / ATTRIBUTE_HEADS_FILE))
-    assert pipeline.mm_adapter.config.attribute_classes == list(heads.num_classes) == list(ATTRIBUTE_CLASSES)
-    expected = (heads.weight * (heads.embed_scale / 20.0)).half().float()  # the pipeline is stored in float16
+    llm_adapter = MultimodalAdapter.from_pretrained(str(work / "llm" / "mm_adapter"))
+    assert torch.equal(llm_adapter.attribute_reader.weight, heads.weight * (heads.embed_scale / 20.0))
+    refit = AttributeHeads.load(str(work / "reader" / ATTRIBUTE_HEADS_FILE))
+    assert pipeline.mm_adapter.config.attribute_classes == list(refit.num_classes) == list(ATTRIBUTE_CLASSES)
+    expected = (refit.weight * (refit.embed_scale / 20.0)).half().float()  # the pipeline is stored in float16
     assert torch.equal(pipeline.mm_adapter.attribute_reader.weight, expected)
+    assert not torch.equal(refit.weight, heads.weight)
+    report = json.loads((work / "reader" / "reader_report.json").read_text())
+    assert set(report["splits"]) == {"train", "val"} and report["kept_media"]["images"] > 0
+    # Everything else of the adapter is the LLM stage's.
+    for name, tensor in llm_adapter.state_dict().items():
+        if not name.startswith("attribute_reader."):
+            assert torch.equal(pipeline.mm_adapter.state_dict()[name], tensor.half().float()), name
     assert pipeline.scheduler.config.clip_sample is False
     # Stored in float16 (half the size), computed in float32.
     assert pipeline.unet.dtype == torch.float32
@@ -163,7 +176,10 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
 
 def test_force_selects_the_dependent_stages():
     assert build._dependents(["prior"]) == {"prior", "pipeline", "evaluate"}
-    assert build._dependents(["features"]) == {"features", "vae", "unet", "llm", "prior", "pipeline", "evaluate"}
+    assert build._dependents(["features"]) == {
+        "features", "vae", "unet", "llm", "reader", "prior", "pipeline", "evaluate"
+    }  # fmt: skip
+    assert build._dependents(["llm"]) == {"llm", "reader", "pipeline", "evaluate"}
 
 
 def test_dry_run_prints_the_commands(tmp_path, capsys):
@@ -173,7 +189,16 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert all(f"{stage}: " in printed for stage in build.STAGES)
     assert "--channel_shuffle_prob 0.5" in printed and "--corrupted_image_pairs" in printed
+    assert "fit_attribute_reader.py" in printed and "--max_train_steps 20 --train_batch_size 8" in printed
     assert not (tmp_path / "w" / "build_log.json").exists()
+    # An LLM without attribute tokens has no reader to fit: no reader stage, the LLM's adapter is the pipeline's.
+    settings = json.loads(open(os.path.join(config_dir, "build.json")).read())
+    del settings["llm"]["attribute_reader"]
+    with open(os.path.join(config_dir, "build.json"), "w") as f:
+        json.dump(settings, f)
+    assert build.main(argv + ["--dry_run"]) == 0
+    printed = capsys.readouterr().out
+    assert "reader: " not in printed and "llm: " in printed and "pipeline: " in printed
 
 
 def test_missing_config_is_named(tmp_path, capsys):

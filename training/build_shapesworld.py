@@ -15,8 +15,10 @@ Stages, each a plain command of this repository (logged with its wall time to ``
    decoder layout: a UNet reading the caption through a CLIP text encoder, with the ImageBind tokenizer's one token
    per word, plus an IP-Adapter for the ImageBind embedding) when ``unet.json`` is a text-to-image UNet and
    ``text_encoder.json`` is present, or ``--mode imagebind_unet`` for an ImageBind-native ``unet.json``.
-5. ``llm`` then ``prior``: ``training/train_llm.py --llm_config`` (a small Llama and a word-level tokenizer, from
-   scratch) / ``training/train_prior.py --prior_config``.
+5. ``llm``, ``reader`` then ``prior``: ``training/train_llm.py --llm_config`` (a small Llama and a word-level
+   tokenizer, from scratch); with attribute tokens (``"attribute_reader": true``), ``training/fit_attribute_reader.py``
+   fits the adapter's reader again to the final ImageBind's embeddings of the training scenes, keeping its reads of
+   object images and sounds; ``training/train_prior.py --prior_config``.
 6. ``pipeline``: the components assembled into one pipeline with the ShapesWorld edit settings, saved as safetensors.
 7. ``evaluate``: ``python -m diffusers_any2pix.shapes.evaluate`` on the held-out test split (with baselines).
 
@@ -52,13 +54,14 @@ DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "vae": ("features",),
     "unet": ("vae",),
     "llm": ("features",),
+    "reader": ("llm",),
     "prior": ("features",),
-    "pipeline": ("imagebind", "unet", "llm", "prior"),
+    "pipeline": ("imagebind", "unet", "llm", "reader", "prior"),
     "evaluate": ("pipeline",),
 }
 STAGES = tuple(DEPENDENCIES)
 DECODER_LANE = ("vae", "unet")
-LANGUAGE_LANE = ("llm", "prior")
+LANGUAGE_LANE = ("llm", "reader", "prior")
 
 
 @dataclass
@@ -129,7 +132,8 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     out = {name: os.path.join(work, name) for name in STAGES}
 
     # `"attribute_reader": true` in llm: the attribute heads the imagebind stage saved beside its encoder.
-    if settings["llm"].get("attribute_reader") is True:
+    reads_attributes = settings["llm"].get("attribute_reader") is True
+    if reads_attributes:
         settings["llm"] = {**settings["llm"], "attribute_reader": imagebind}
 
     def training_stage(name: str, script: str, component: str, model_args: list[str]) -> Stage:
@@ -173,6 +177,18 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             + ["--unet_config", os.path.join(cfg, "unet.json"), "--pretrained_vae", os.path.join(out["vae"], "vae")],
         ),  # fmt: skip
         training_stage("llm", "train_llm.py", "llm", ["--llm_config", os.path.join(cfg, "llm.json")]),
+        Stage(
+            "reader",
+            [
+                py, _script("fit_attribute_reader.py"),
+                "--pretrained_image_encoder", os.path.join(imagebind, "image_encoder"),
+                "--pretrained_mm_adapter", os.path.join(out["llm"], "mm_adapter"),
+                "--data_dir", data, "--output_dir", out["reader"],
+                "--save_adapter", os.path.join(out["reader"], "mm_adapter"), "--seed", str(args.seed),
+            ]  # fmt: skip
+            + _options(settings.get("reader", {})),
+            os.path.join(out["reader"], "mm_adapter", "config.json"),
+        ),
         training_stage(
             "prior", "train_prior.py", "prior", ["--prior_config", os.path.join(cfg, "prior.json"), "--text_media_map", text_map]
         ),
@@ -196,7 +212,8 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             os.path.join(work, "evaluation_test.json"),
         ),
     ]
-    return {stage.name: stage for stage in stages}
+    # Without attribute tokens there is no reader to fit: the pipeline takes the llm stage's adapter.
+    return {stage.name: stage for stage in stages if stage.name != "reader" or reads_attributes}
 
 
 def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype: str = "float32") -> None:
@@ -216,6 +233,8 @@ def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype
     def path(stage: str, component: str) -> str:
         return os.path.join(work_dir, stage, component)
 
+    # The reader stage's adapter (its attribute reader refitted) when the build has one, else the LLM's own.
+    adapter = path("reader", "mm_adapter") if os.path.isdir(path("reader", "mm_adapter")) else path("llm", "mm_adapter")
     decoder = {}
     if os.path.isdir(path("unet", "text_encoder")):  # a text-to-image decoder (train_decoder.py --mode text_unet)
         decoder = {
@@ -227,7 +246,7 @@ def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype
         image_encoder=ImageBindModel.from_pretrained(path("imagebind", "image_encoder")),
         llm=AutoModelForCausalLM.from_pretrained(path("llm", "llm")),
         llm_tokenizer=AutoTokenizer.from_pretrained(path("llm", "llm_tokenizer")),
-        mm_adapter=MultimodalAdapter.from_pretrained(path("llm", "mm_adapter")),
+        mm_adapter=MultimodalAdapter.from_pretrained(adapter),
         prior=Any2PixPrior.from_pretrained(path("prior", "prior")),
         vae=AutoencoderKL.from_pretrained(path("vae", "vae")),
         unet=UNet2DConditionModel.from_pretrained(path("unet", "unet")),
@@ -311,10 +330,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     logs_dir = os.path.join(args.work_dir, "logs")
     os.makedirs(logs_dir, exist_ok=True)
-    for name in _dependents(args.force):
+    for name in _dependents(args.force) & set(stages):
         if os.path.exists(stages[name].done_marker) and not args.dry_run:
             os.remove(stages[name].done_marker)
-    todo = [n for n in STAGES if n in args.stages and not os.path.exists(stages[n].done_marker)]
+    todo = [n for n in STAGES if n in args.stages and n in stages and not os.path.exists(stages[n].done_marker)]
     if args.dry_run:
         for name in todo:
             print(f"{name}: {' '.join(stages[name].command)}")

@@ -208,6 +208,11 @@ def _argv(workspace, tmp_path, *extra: str) -> list[str]:
         ),
         (("--pipeline", "x", "--eval_splits", "val", "train"), "--eval_splits must not hold the fitted split 'train'"),
         (("--pipeline", "x", "--keep_reads_weight", "-1"), "--keep_reads_weight must be >= 0, got -1.0"),
+        (("--pipeline", "x", "--max_train_steps", "0"), "--max_train_steps must be >= 1, got 0"),
+        (("--pipeline", "x", "--batch_size", "-2"), "--batch_size must be >= 1, got -2"),
+        (("--pipeline", "x", "--learning_rate", "nan"), "--learning_rate must be > 0, got nan"),
+        (("--pipeline", "x", "--embed_scale", "0"), "--embed_scale must be > 0, got 0.0"),
+        (("--pipeline", "x", "--weight_decay", "-0.1"), "--weight_decay must be >= 0, got -0.1"),
         (
             ("--pretrained_image_encoder", "x"),
             "--keep_reads_weight > 0 keeps an old reader's reads: pass --pretrained_mm_adapter",

@@ -9,16 +9,18 @@ rescaled to ``--embed_scale`` (cross-entropy, AdamW, seeded mini-batches) and re
 heads read exactly.
 
 The reader also reads media that have no scene labels: object images (one shape on white) and sounds. An LLM trained
-with the old reader learned what those read as, so by default the fit keeps them: ``--keep_reads_weight`` (1.0) times
-the KL divergence from the old reader's class probabilities (``--pipeline``'s adapter reader, or
-``--reference_heads``) to the new ones over every object image and sound the split's instructions use. Without it, on
-ShapesWorld's validation split the root's LLM lost 9 of 67 `add_image` captions (the scenes themselves were read as
-well as before). The output is an ``attribute_heads.safetensors`` (`AttributeHeads`, class names included) that
-``train_llm.py --attribute_reader`` reads, and, with ``--save_adapter``, a copy of ``--pipeline``'s ``mm_adapter``
-whose reader is the new heads (`MultimodalAdapter.load_attribute_reader`).
+with the old reader learned what those read as, so by default the fit keeps them: ``--keep_reads_weight`` (1.0)
+times the KL divergence from the old reader's class probabilities (the reader of ``--pretrained_mm_adapter``, else
+of ``--pipeline``'s adapter, or ``--reference_heads``) to the new ones, over every object image and sound the split's
+instructions use. Without it, on ShapesWorld's validation split the root's LLM lost 9 of 67 `add_image` captions
+(the scenes themselves were read as well as before). The outputs: an ``attribute_heads.safetensors``
+(`AttributeHeads`, class names included) that ``train_llm.py --attribute_reader`` reads, a ``reader_report.json``
+and, with ``--save_adapter``, a copy of that adapter whose reader is the new heads
+(`MultimodalAdapter.load_attribute_reader`); the build's ``reader`` stage runs it on the LLM stage's adapter.
 
-The fit is a convex problem on a few thousand cached 128-d vectors, seconds on a CPU; it runs in one process without
-accelerate. Only the split given by ``--split`` (default ``train``) is fitted; ``--eval_splits`` are only read.
+The fit is a convex problem on some ten thousand embeddings held in memory, seconds on a CPU; it runs in one
+process without accelerate. Only the split given by ``--split`` (default ``train``) is fitted; ``--eval_splits`` are
+only read.
 
 Example (ShapesWorld)::
 
@@ -37,7 +39,6 @@ import torch
 from PIL import Image
 
 from diffusers_any2pix.data import media_kind
-
 from diffusers_any2pix.models.imagebind import ImageBindModel
 from diffusers_any2pix.models.mm_adapter import ATTRIBUTE_HEADS_FILE, AttributeHeads, MultimodalAdapter
 from diffusers_any2pix.processing_imagebind import ImageBindProcessor
@@ -303,13 +304,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.pipeline is None and args.pretrained_image_encoder is None:
         parser.error("pass --pipeline or --pretrained_image_encoder (the encoder whose embeddings are read).")
-    if args.save_adapter is not None and args.pipeline is None and args.pretrained_mm_adapter is None:
+    no_adapter = args.pipeline is None and args.pretrained_mm_adapter is None
+    if args.save_adapter is not None and no_adapter:
         parser.error("--save_adapter writes an mm_adapter: pass --pretrained_mm_adapter or --pipeline.")
+    # Checked here, not after minutes of embedding.
+    for name in ("max_train_steps", "train_batch_size", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("learning_rate", "embed_scale"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be > 0, got {value}.")
+    if not args.weight_decay >= 0:
+        parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}.")
     if args.split in args.eval_splits:
         parser.error(f"--eval_splits must not hold the fitted split {args.split!r}.")
     if not args.keep_reads_weight >= 0:
         parser.error(f"--keep_reads_weight must be >= 0, got {args.keep_reads_weight}.")
-    no_adapter = args.pipeline is None and args.pretrained_mm_adapter is None
     if args.keep_reads_weight > 0 and args.reference_heads is None and no_adapter:
         parser.error(
             "--keep_reads_weight > 0 keeps an old reader's reads: pass --pretrained_mm_adapter, --pipeline or "

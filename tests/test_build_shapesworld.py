@@ -190,6 +190,7 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     assert all(f"{stage}: " in printed for stage in build.STAGES)
     assert "--channel_shuffle_prob 0.5" in printed and "--corrupted_image_pairs" in printed
     assert "fit_attribute_reader.py" in printed and "--max_train_steps 20 --train_batch_size 8" in printed
+    assert "--mm_adapter " + os.path.join(str(tmp_path / "w"), "reader", "mm_adapter") in printed
     assert not (tmp_path / "w" / "build_log.json").exists()
     # An LLM without attribute tokens has no reader to fit: no reader stage, the LLM's adapter is the pipeline's.
     settings = json.loads(open(os.path.join(config_dir, "build.json")).read())
@@ -199,6 +200,7 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     assert build.main(argv + ["--dry_run"]) == 0
     printed = capsys.readouterr().out
     assert "reader: " not in printed and "llm: " in printed and "pipeline: " in printed
+    assert "--mm_adapter " + os.path.join(str(tmp_path / "w"), "llm", "mm_adapter") in printed
 
 
 def test_missing_config_is_named(tmp_path, capsys):

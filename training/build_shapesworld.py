@@ -197,6 +197,8 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             [
                 py, os.path.abspath(__file__), "assemble", "--work_dir", work, "--output_dir", output_dir,
                 "--edit_defaults", os.path.join(cfg, "edit_defaults.json"),
+                # the reader stage's adapter (its attribute reader fitted again) when the build has that stage
+                "--mm_adapter", os.path.join(out["reader" if reads_attributes else "llm"], "mm_adapter"),
             ]  # fmt: skip
             + _options(settings.get("pipeline", {})),
             os.path.join(work, "pipeline.done"),
@@ -216,9 +218,16 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     return {stage.name: stage for stage in stages if stage.name != "reader" or reads_attributes}
 
 
-def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype: str = "float32") -> None:
+def assemble(
+    work_dir: str,
+    edit_defaults_file: str,
+    output_dir: str,
+    save_dtype: str = "float32",
+    mm_adapter: Optional[str] = None,
+) -> None:
     """Loads the trained components of ``work_dir`` into one pipeline and saves it to ``output_dir``, its weights in
-    ``save_dtype`` (``float16`` halves the size; `InstructAny2PixPipeline.from_pretrained` loads in float32)."""
+    ``save_dtype`` (``float16`` halves the size; `InstructAny2PixPipeline.from_pretrained` loads in float32).
+    ``mm_adapter``: the adapter folder to use (default: the llm stage's)."""
     import torch
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -233,8 +242,7 @@ def assemble(work_dir: str, edit_defaults_file: str, output_dir: str, save_dtype
     def path(stage: str, component: str) -> str:
         return os.path.join(work_dir, stage, component)
 
-    # The reader stage's adapter (its attribute reader refitted) when the build has one, else the LLM's own.
-    adapter = path("reader", "mm_adapter") if os.path.isdir(path("reader", "mm_adapter")) else path("llm", "mm_adapter")
+    adapter = mm_adapter if mm_adapter is not None else path("llm", "mm_adapter")
     decoder = {}
     if os.path.isdir(path("unet", "text_encoder")):  # a text-to-image decoder (train_decoder.py --mode text_unet)
         decoder = {
@@ -322,8 +330,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--edit_defaults", required=True, help="JSON of the pipeline's edit_defaults")
         parser.add_argument("--output_dir", required=True)
         parser.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+        parser.add_argument("--mm_adapter", default=None, help="adapter folder (default: <work_dir>/llm/mm_adapter)")
         options = parser.parse_args(argv[1:])
-        assemble(options.work_dir, options.edit_defaults, options.output_dir, options.save_dtype)
+        assemble(options.work_dir, options.edit_defaults, options.output_dir, options.save_dtype, options.mm_adapter)
         return 0
     args = parse_args(argv)
     stages = build_stages(args)

@@ -156,6 +156,8 @@ def test_script_fits_reports_and_writes_an_adapter_that_reads_with_the_heads(wor
     images, audio = fit_attribute_reader.load_unlabelled_media(workspace["data"], "train", paths_train)
     assert report["kept_media"]["images"] == len(images) > 0 and report["kept_media"]["audio"] == len(audio) > 0
     assert all("/objects/" in p for p in images) and all(p.endswith(".wav") for p in audio)
+    assert fit_attribute_reader.embed_images(pipe.image_encoder, processor, []).shape == (0, TINY_EMBED_DIM)
+    assert fit_attribute_reader.embed_audio(pipe.image_encoder, processor, []).shape == (0, TINY_EMBED_DIM)
     keep_embeds = torch.cat(
         [
             fit_attribute_reader.embed_images(pipe.image_encoder, processor, images),
@@ -257,7 +259,7 @@ def test_script_errors_name_the_input(workspace, tmp_path):
     (data / "media").mkdir()
     (data / "media" / "broken.png").write_bytes(b"not a png")
     argv = ["--pipeline", workspace["pipeline"], "--data_dir", str(data), "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match=r"Cannot read the scene image .*broken.png"):
+    with pytest.raises(ValueError, match=r"Cannot read the image .*broken.png"):
         fit_attribute_reader.main(argv + ["--eval_splits"])
 
 

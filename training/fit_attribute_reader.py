@@ -106,6 +106,13 @@ def load_unlabelled_media(data_dir: str, split: str, scene_paths: Sequence[str])
     return sorted(images), sorted(audio)
 
 
+def _embed_in_batches(model: ImageBindModel, paths: Sequence[str], batch_size: int, encode) -> torch.Tensor:
+    """``encode(paths_of_one_batch)`` over ``paths`` in batches, concatenated as float32 on the CPU; an empty
+    ``(0, out_embed_dim)`` tensor for no paths (e.g. a split without sounds)."""
+    embeds = [encode(list(paths[i : i + batch_size])).float().cpu() for i in range(0, len(paths), batch_size)]
+    return torch.cat(embeds) if embeds else torch.zeros(0, model.config.out_embed_dim)
+
+
 @torch.no_grad()
 def embed_images(
     model: ImageBindModel, processor: ImageBindProcessor, paths: Sequence[str], batch_size: int = 128
@@ -118,18 +125,18 @@ def embed_images(
         paths (`Sequence[str]`): image files.
         batch_size (`int`, *optional*, defaults to 128): images per forward pass.
     """
-    embeds = []
-    for start in range(0, len(paths), batch_size):
+
+    def encode(batch: list[str]) -> torch.Tensor:
         images = []
-        for path in paths[start : start + batch_size]:
+        for path in batch:
             try:
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
             except OSError as error:
-                raise ValueError(f"Cannot read the scene image {path!r}: {error}") from error
-        pixels = processor.preprocess_image(images).to(model.device, model.dtype)
-        embeds.append(model.encode_image(pixels).float().cpu())
-    return torch.cat(embeds)
+                raise ValueError(f"Cannot read the image {path!r}: {error}") from error
+        return model.encode_image(processor.preprocess_image(images).to(model.device, model.dtype))
+
+    return _embed_in_batches(model, paths, batch_size, encode)
 
 
 @torch.no_grad()
@@ -137,11 +144,11 @@ def embed_audio(
     model: ImageBindModel, processor: ImageBindProcessor, paths: Sequence[str], batch_size: int = 32
 ) -> torch.Tensor:
     """ImageBind embeddings (float32, on the CPU) of audio files, in order (`embed_images`' twin for sound)."""
-    embeds = []
-    for start in range(0, len(paths), batch_size):
-        features = processor.preprocess_audio(list(paths[start : start + batch_size]))
-        embeds.append(model.encode_audio(features.to(model.device, model.dtype)).float().cpu())
-    return torch.cat(embeds) if embeds else torch.zeros(0, model.config.out_embed_dim)
+
+    def encode(batch: list[str]) -> torch.Tensor:
+        return model.encode_audio(processor.preprocess_audio(batch).to(model.device, model.dtype))
+
+    return _embed_in_batches(model, paths, batch_size, encode)
 
 
 def fit_heads(

@@ -390,6 +390,13 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
              rf"`{name}=0.5` reads captions with .* this pipeline has no `imagebind_tokenizer`")  # fmt: skip
             for name in ("llm_rerank_weight", "llm_base_agreement_weight")
         ],
+        *[
+            (dict(images=[image(0)], caption_embedding_weight=w), ValueError,
+             r"`caption_embedding_weight` must be a number in \[0, 1\]")  # fmt: skip
+            for w in (-0.1, 1.5, float("nan"), True, "1")
+        ],
+        (dict(images=[image(0)], caption_embedding_weight=0.5), ValueError,
+         r"`caption_embedding_weight=0.5` embeds the LLM's caption .* no `imagebind_tokenizer`"),  # fmt: skip
     ],
 )
 def test_bad_arguments(native_pipe, kwargs, error, match):
@@ -689,6 +696,48 @@ def test_reranked_edit_answers_with_the_beam_the_score_picks(reranking_pipe, mon
     calls.clear()
     plain = run(reranking_pipe, output_type="np", llm_do_sample=False, llm_num_beams=3)
     assert calls == [] and plain.answers == [texts[0]]
+
+
+# ------------------------------------------------------------------------------------------------ caption embedding
+def test_blend_caption_embeddings_keeps_the_norm_and_blends_the_directions():
+    unit = torch.nn.functional.normalize
+    gen = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)) * 20
+    cap = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    blend = InstructAny2PixPipeline.blend_caption_embeddings
+    assert torch.allclose(blend(gen, cap, 0.0), gen, atol=1e-5)
+    assert torch.allclose(blend(gen, cap, 1.0), unit(cap, dim=-1) * gen.norm(dim=-1, keepdim=True), atol=1e-5)
+    half = blend(gen, cap, 0.5)
+    assert torch.allclose(half.norm(dim=-1), gen.norm(dim=-1), atol=1e-4)
+    assert torch.allclose(unit(half, dim=-1), unit(unit(gen, dim=-1) + unit(cap, dim=-1), dim=-1), atol=1e-5)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        blend(gen, cap[:2], 0.5)
+
+
+def test_caption_embedding_weight_blends_the_captions_imagebind_embedding_into_the_llms(reranking_pipe):
+    unit = torch.nn.functional.normalize
+    edit = dict(output_type="np", llm_do_sample=False, llm_num_beams=2)
+    plain = run(reranking_pipe, **edit)
+    assert plain.captions[0]  # the tiny LLM was fitted to a complete answer
+    assert np.array_equal(run(reranking_pipe, **edit, caption_embedding_weight=0.0).images, plain.images)
+    caption_embeds = reranking_pipe.encode_captions(plain.captions, torch.device("cpu"))
+    text = reranking_pipe.image_encoder.encode_text(reranking_pipe.imagebind_processor.tokenize(plain.captions))
+    assert torch.equal(caption_embeds, text.float())
+    for weight in (0.5, 1.0):
+        out = run(reranking_pipe, **edit, caption_embedding_weight=weight)
+        assert out.answers == plain.answers  # the same answer; only its embedding moves
+        expected = (1 - weight) * unit(plain.generation_embeds, dim=-1) + weight * unit(text.float(), dim=-1)
+        expected = unit(expected, dim=-1) * plain.generation_embeds.norm(dim=-1, keepdim=True)
+        assert torch.allclose(out.generation_embeds, expected, atol=1e-5)
+        assert not np.array_equal(out.images, plain.images)
+    # A stored default applies like the argument.
+    stored = make_pipe(
+        "imagebind", imagebind_tokenizer=tiny_clip_tokenizer(), edit_defaults={"caption_embedding_weight": 1.0}
+    )
+    assert np.array_equal(run(stored, **edit).images, out.images)
+    # With `conditioning_embeds` no LLM runs: the weight is not used, and needs no tokenizer.
+    native = make_pipe("imagebind")
+    given = dict(output_type="np", conditioning_embeds=out.conditioning_embeds)
+    assert np.array_equal(run(native, **given, caption_embedding_weight=1.0).images, run(native, **given).images)
 
 
 ATTRIBUTE_CLASSES = [3, 2, 4, 3, 5, 2, 4]

@@ -637,6 +637,10 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
          "--llm_base_agreement_weight must be a finite"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--llm_base_agreement_weight", "inf"],
          "--llm_base_agreement_weight must be a finite"),  # fmt: skip
+        (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "1.5"],
+         "--caption_embedding_weight must be a number in [0, 1]"),  # fmt: skip
+        (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "nan"],
+         "--caption_embedding_weight must be a number in [0, 1]"),  # fmt: skip
         (["--model", "DATA", "--data", "DATA"], "not a saved pipeline folder"),
         (["--model", "MODEL", "--data", "DATA", "--split", "dev"], "No split 'dev'"),
         (["--model", "MODEL", "--data", "DATA", "--baselines", "prior_only"], "invalid choice: 'prior_only'"),

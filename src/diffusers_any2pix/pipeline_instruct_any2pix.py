@@ -72,6 +72,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_num_beams": 1,
     "llm_rerank_weight": 0.0,
     "llm_base_agreement_weight": 0.0,
+    "caption_embedding_weight": 0.0,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
@@ -95,7 +96,8 @@ class InstructAny2PixPipelineOutput(BaseOutput):
         base_image_indices (`list[int]`):
             Per instruction, the index into that instruction's ``images`` of the image that was edited.
         generation_embeds (`torch.Tensor`):
-            ``(batch, embed_dim)`` the LLM's generation embedding (read at ``<im_gen>…<video>``).
+            ``(batch, embed_dim)`` the LLM's generation embedding (read at ``<im_gen>…<video>``; blended with
+            ImageBind's embedding of the caption when `caption_embedding_weight` > 0).
         base_embeds (`list[torch.Tensor | None]`):
             The LLM's base embedding per instruction (``None`` with one image or a ``<base_null>`` answer).
         refined_embeds (`torch.Tensor`):
@@ -205,8 +207,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         prior_text_encoder, prior_tokenizer (optional): a CLIP text model for the prior; without them the prior uses
             its stored empty-prompt hidden states (identical output for the official, always-empty prompt).
         imagebind_tokenizer ([`~transformers.PreTrainedTokenizerBase`], optional): ImageBind's text tokenizer (CLIP
-            BPE); only the beam reranking (`llm_rerank_weight`, `llm_base_agreement_weight`) reads text with
-            ImageBind.
+            BPE); only the beam reranking (`llm_rerank_weight`, `llm_base_agreement_weight`) and
+            `caption_embedding_weight` read text with ImageBind.
         edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
             `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """
@@ -648,8 +650,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             valid = [j for j, caption in enumerate(captions) if caption and generation_embeds[j] is not None]
             if not valid:
                 return 0
-            input_ids = self.imagebind_processor.tokenize([captions[j] for j in valid]).to(device)
-            text_embeds = torch.nn.functional.normalize(self.image_encoder.encode_text(input_ids).float(), dim=-1)
+            text_embeds = self.encode_captions([captions[j] for j in valid], device)
+            text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)
             intended = torch.stack([generation_embeds[j].float().to(device) for j in valid])
             agreement = (text_embeds * torch.nn.functional.normalize(intended, dim=-1)).sum(dim=-1)
             totals = beam_scores[valid].float().to(device) + weight * agreement
@@ -663,6 +665,41 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             return valid[int(totals.argmax())]
 
         return choose
+
+    def encode_captions(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        """ImageBind's text embeddings of captions, `(len(captions), embed_dim)` in float32 (read with
+        ``imagebind_tokenizer``)."""
+        input_ids = self.imagebind_processor.tokenize(captions).to(device)
+        return self.image_encoder.encode_text(input_ids).float()
+
+    @staticmethod
+    def blend_caption_embeddings(
+        generation_embeds: torch.Tensor, caption_embeds: torch.Tensor, weight: float
+    ) -> torch.Tensor:
+        """Directions blended, norms kept: ``(1 - weight) · ĝ + weight · ĉ`` rescaled to ``|g|`` per row.
+
+        The LLM regresses its generation embedding towards the training images' embeddings, so for a combination
+        of attributes no training image shows it drifts to a seen one; ImageBind's text tower, bound to its image
+        tower contrastively, embeds the caption's words as written. A blend gives the decoder's IP-Adapter both.
+
+        Args:
+            generation_embeds (`torch.Tensor`): `(n, embed_dim)` the LLM's generation embeddings.
+            caption_embeds (`torch.Tensor`): `(n, embed_dim)` ImageBind's embeddings of the same answers' captions.
+            weight (`float`): the caption's share, in [0, 1] (0: the generation embedding, 1: the caption's
+                direction at the generation embedding's norm).
+
+        Returns:
+            `torch.Tensor`: `(n, embed_dim)` float32.
+        """
+        if generation_embeds.shape != caption_embeds.shape:
+            raise ValueError(
+                f"`generation_embeds` {tuple(generation_embeds.shape)} and `caption_embeds` "
+                f"{tuple(caption_embeds.shape)} must have the same shape, one caption per embedding."
+            )
+        norms = generation_embeds.float().norm(dim=-1, keepdim=True)
+        unit = torch.nn.functional.normalize
+        blend = (1 - weight) * unit(generation_embeds.float(), dim=-1) + weight * unit(caption_embeds.float(), dim=-1)
+        return unit(blend, dim=-1) * norms
 
     def base_agreement(self, caption_embeds: torch.Tensor, base_image_embeds: torch.Tensor) -> torch.Tensor:
         """How well captions agree with base images, read by the adapter's attribute reader (`read_attributes`).
@@ -844,6 +881,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_num_beams: int | None = None,
         llm_rerank_weight: float | None = None,
         llm_base_agreement_weight: float | None = None,
+        caption_embedding_weight: float | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
         on_invalid_answer: str = "error",
@@ -876,6 +914,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `llm_num_beams` | — | — | 1 | beam search over the LLM's answer (needs `llm_do_sample=False`) |
         | `llm_rerank_weight` | — | — | 0 | rerank the beams by each caption's agreement with its generation embedding |
         | `llm_base_agreement_weight` | — | — | 0 | rerank the beams by each caption's agreement with the base image |
+        | `caption_embedding_weight` | — | — | 0 | blend ImageBind's embedding of the caption into the LLM's embedding |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -920,6 +959,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 one the same answer selects): beams that keep the base's unedited objects win over beams that copy
                 another input's colour or drop an object. Needs what `llm_rerank_weight` needs and an `mm_adapter`
                 with an attribute reader (`attribute_classes`).
+            caption_embedding_weight (`float`, defaults to 0.0): in [0, 1]; above 0, the generation embedding is
+                replaced by `blend_caption_embeddings` of it and ImageBind's text embedding of the answer's caption
+                (this share of the direction, the norm kept) before the prior, the mix and base selection. Needs
+                ``imagebind_tokenizer``; answers without a caption keep their embedding.
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.
@@ -962,6 +1005,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_num_beams=llm_num_beams,
             llm_rerank_weight=llm_rerank_weight,
             llm_base_agreement_weight=llm_base_agreement_weight,
+            caption_embedding_weight=caption_embedding_weight,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
         )
@@ -1005,6 +1049,17 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     "`imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and pass `imagebind_tokenizer=`), or pass "
                     f"`{name}=0`."
                 )
+        caption_embedding_weight = settings["caption_embedding_weight"]
+        weight = caption_embedding_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise ValueError(f"`caption_embedding_weight` must be a number in [0, 1], got {weight!r}.")
+        if caption_embedding_weight > 0 and conditioning_embeds is None and self.imagebind_tokenizer is None:
+            raise ValueError(
+                f"`caption_embedding_weight={caption_embedding_weight}` embeds the LLM's caption with ImageBind's "
+                "text encoder, but this pipeline has no `imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and "
+                "pass `imagebind_tokenizer=`), or pass `caption_embedding_weight=0` (the weight may come from the "
+                "pipeline's `edit_defaults`)."
+            )
         if llm_base_agreement_weight > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
             raise ValueError(
                 f"`llm_base_agreement_weight={llm_base_agreement_weight}` reads attributes, but this pipeline's "
@@ -1071,10 +1126,22 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 candidate_scorer=scorer,
             )
             answers = list(llm_out.texts)
+            llm_generation_embeds = list(llm_out.generation_embeds)
+            if caption_embedding_weight > 0:
+                parsed_answers = llm_out.parsed_answers
+                rows = [b for b, g in enumerate(llm_generation_embeds) if g is not None and parsed_answers[b].caption]
+                if rows:
+                    blended = self.blend_caption_embeddings(
+                        torch.stack([llm_generation_embeds[b].float().to(device) for b in rows]),
+                        self.encode_captions([parsed_answers[b].caption for b in rows], device),
+                        caption_embedding_weight,
+                    )
+                    for b, row in zip(rows, blended):
+                        llm_generation_embeds[b] = row
             captions, generation_rows, base_rows, base_indices = [], [], [], []
             for b in range(batch_size):
                 answer = parse_answer(answers[b])
-                gen = llm_out.generation_embeds[b]
+                gen = llm_generation_embeds[b]
                 base = llm_out.base_embeds[b]
                 # 4. Pick the base image (images only; audio is never a base).
                 base_index = self.select_base_image(parsed[b], media_embeds[b], base, gen)

@@ -930,6 +930,10 @@ def _parser() -> argparse.ArgumentParser:
         "--llm_base_agreement_weight", type=float, default=None,
         help="rerank the beams by the captions' agreement with the base image (0: off)",
     )  # fmt: skip
+    knobs.add_argument(
+        "--caption_embedding_weight", type=float, default=None,
+        help="share of ImageBind's embedding of the caption blended into the generation embedding, in [0, 1]",
+    )  # fmt: skip
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -944,6 +948,7 @@ _KNOBS = (
     "llm_num_beams",
     "llm_rerank_weight",
     "llm_base_agreement_weight",
+    "caption_embedding_weight",
 )
 
 
@@ -963,6 +968,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         weight = getattr(args, name)
         if weight is not None and not (weight >= 0 and math.isfinite(weight)):
             parser.error(f"--{name} must be a finite number >= 0, got {weight}.")
+    weight = args.caption_embedding_weight
+    if weight is not None and not 0 <= weight <= 1:
+        parser.error(f"--caption_embedding_weight must be a number in [0, 1], got {weight}.")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "model_index.json")):
         parser.error(f"--model {args.model!r} is not a saved pipeline folder (no model_index.json).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

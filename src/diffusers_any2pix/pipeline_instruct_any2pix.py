@@ -845,6 +845,15 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             latents = inverse.step(noise_pred, t, latents).prev_sample
         return latents
 
+    def _check_imagebind_tokenizer(self, name: str, value: float, use: str) -> None:
+        """Fail, naming the knob, when a knob that reads text with ImageBind is on but there is no tokenizer."""
+        if self.imagebind_tokenizer is None:
+            raise ValueError(
+                f"`{name}={value}` {use} with ImageBind's text encoder, but this pipeline has no "
+                "`imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and pass `imagebind_tokenizer=`), or pass "
+                f"`{name}=0` (the weight may come from the pipeline's `edit_defaults`)."
+            )
+
     def resolve_edit_settings(self, **passed: Any) -> dict[str, Any]:
         """The edit knobs for one call: passed value, else the pipeline's ``edit_defaults``, else the official
         ``__call__`` default."""
@@ -1043,22 +1052,19 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     f"llm_num_beams={llm_num_beams}; pass `{name}=0` to decode without reranking (the weight may come "
                     "from the pipeline's `edit_defaults`)."
                 )
-            if self.imagebind_tokenizer is None:
-                raise ValueError(
-                    f"`{name}={value}` reads captions with ImageBind's text encoder, but this pipeline has no "
-                    "`imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and pass `imagebind_tokenizer=`), or pass "
-                    f"`{name}=0`."
-                )
+            self._check_imagebind_tokenizer(name, value, "reads captions")
         caption_embedding_weight = settings["caption_embedding_weight"]
-        weight = caption_embedding_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
-            raise ValueError(f"`caption_embedding_weight` must be a number in [0, 1], got {weight!r}.")
-        if caption_embedding_weight > 0 and conditioning_embeds is None and self.imagebind_tokenizer is None:
+        if (
+            isinstance(caption_embedding_weight, bool)
+            or not isinstance(caption_embedding_weight, (int, float))
+            or not 0 <= caption_embedding_weight <= 1
+        ):
             raise ValueError(
-                f"`caption_embedding_weight={caption_embedding_weight}` embeds the LLM's caption with ImageBind's "
-                "text encoder, but this pipeline has no `imagebind_tokenizer` (load one, e.g. `CLIPTokenizer`, and "
-                "pass `imagebind_tokenizer=`), or pass `caption_embedding_weight=0` (the weight may come from the "
-                "pipeline's `edit_defaults`)."
+                f"`caption_embedding_weight` must be a number in [0, 1], got {caption_embedding_weight!r}."
+            )
+        if caption_embedding_weight > 0 and conditioning_embeds is None:
+            self._check_imagebind_tokenizer(
+                "caption_embedding_weight", caption_embedding_weight, "embeds the LLM's caption"
             )
         if llm_base_agreement_weight > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
             raise ValueError(

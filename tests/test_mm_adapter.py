@@ -22,7 +22,9 @@ from diffusers_any2pix.multimodal_llm import (
     inject_media_embeds,
     parse_answer,
     prepare_multimodal_inputs,
+    score_answers,
 )
+from diffusers_any2pix.testing_utils import TINY_EMBED_DIM, tiny_llm
 
 
 EMBED_DIM = 8
@@ -968,6 +970,21 @@ def test_parse_answer():
         parse_answer(None)
 
 
+def test_parse_answer_reads_the_additions_list():
+    # The official format: `additions:{name}:<video>.` after the result, in either decoded spacing.
+    for text in (
+        "<base><video><im_gen_start><im_gen>[a cat and a dog]<video>additions:red dog:<video>.blue cat:<video>.",
+        "<base> <video> <im_gen_start> <im_gen> [ a cat and a dog ] <video> additions : red dog : <video> . blue cat"
+        " : <video> .",
+    ):
+        parsed = parse_answer(text)
+        assert parsed.additions == ("red dog", "blue cat") and parsed.caption == "a cat and a dog"
+    assert parse_answer("<base><video><im_gen_start><im_gen>[a cat]<video>").additions == ()
+    # Only after the result caption: the word in the caption or in a truncated list names nothing.
+    assert parse_answer("<im_gen>[additions: dog:<video>.]<video>").additions == ()
+    assert parse_answer("<im_gen>[a cat]<video>additions:").additions == ()
+
+
 # ----------------------------------------------------------------------------------------------- generation
 
 
@@ -1150,6 +1167,57 @@ def test_candidate_scorer_gets_each_beams_embeddings_and_one_call_per_prompt(set
     for name in ("generation_embeds", "base_embeds"):
         for ours, theirs in zip(getattr(beams, name), getattr(greedy, name)):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_score_answers_gives_the_beam_scores_and_embeddings_of_beam_search():
+    # The fitted tiny LLM ends its beams with EOS, as a trained one does; its media are random vectors.
+    llm, tokenizer, adapter = tiny_llm()
+    ids = get_multimodal_token_ids(tokenizer)
+    prompts = [build_vicuna_prompt("add <video> to <video>")]
+    embeds = [torch.randn(2, TINY_EMBED_DIM, generator=torch.Generator().manual_seed(5)) * 3.0]
+    calls = []
+
+    def record(row, texts, beam_scores, generation_embeds, base_embeds):
+        calls.append((list(texts), beam_scores.clone(), generation_embeds, base_embeds))
+        return 0
+
+    with torch.no_grad():
+        generate_with_media(llm, tokenizer, adapter, prompts, embeds, ids, do_sample=False, num_beams=3,
+                            max_new_tokens=40, candidate_scorer=record)  # fmt: skip
+        (texts, beam_scores, generation_embeds, base_embeds), = calls
+        ended = [j for j, text in enumerate(texts) if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 40]
+        assert ended and generation_embeds[0] is not None and base_embeds[0] is not None
+        scores, generations, bases = score_answers(llm, tokenizer, adapter, prompts[0], embeds[0], texts, ids)
+    # Transformers' length-normalised beam score, for every answer that ended with EOS.
+    torch.testing.assert_close(scores[ended], beam_scores[ended].float(), atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(generations + bases, list(generation_embeds) + list(base_embeds)):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_score_answers_is_the_mean_log_probability_of_the_answer_and_eos(setup):
+    tokenizer, llm, adapter, ids = setup
+    prompt = build_vicuna_prompt("paint it red")  # no media: a plain forward over the token ids is the reference
+    answers = ["<base><video><im_gen_start><im_gen>[red cat]<video>", "a dog", "red"]
+    with torch.no_grad():
+        scores, generations, bases = score_answers(llm, tokenizer, adapter, prompt, media(0, 0), answers, ids)
+        prompt_ids = [ids.bos] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for answer, score in zip(answers, scores):
+            answer_ids_ = tokenizer(answer, add_special_tokens=False)["input_ids"] + [ids.eos]
+            logits = llm(torch.tensor([prompt_ids + answer_ids_])).logits[0, len(prompt_ids) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(answer_ids_)[:, None]).mean()
+            torch.testing.assert_close(score, expected, atol=1e-5, rtol=1e-5)
+    assert generations[0] is not None and bases[0] is not None and generations[1] is None and bases[2] is None
+    # The media count: the same answer scores otherwise under other media.
+    media_prompt = build_vicuna_prompt("add <video> to <video>")
+    with torch.no_grad():
+        a, _, _ = score_answers(llm, tokenizer, adapter, media_prompt, media(2, 5), answers[:1], ids)
+        b, _, _ = score_answers(llm, tokenizer, adapter, media_prompt, media(2, 9), answers[:1], ids)
+    assert not torch.allclose(a, b)
+    for bad in ([], "answer", [None]):
+        with pytest.raises(ValueError, match="`answers` must be a non-empty list of strings"):
+            score_answers(llm, tokenizer, adapter, prompt, media(0, 0), bad, ids)
 
 
 def test_generate_errors(setup):

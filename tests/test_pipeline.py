@@ -383,12 +383,17 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
         *[
             (dict(images=[image(0)], llm_do_sample=False, **{name: 0.5}), ValueError,
              rf"`{name}=0.5` reranks beams: it needs `llm_num_beams` > 1.*pass `{name}=0`")  # fmt: skip
-            for name in ("llm_rerank_weight", "llm_base_agreement_weight")
+            for name in ("llm_rerank_weight", "llm_base_agreement_weight", "llm_base_focus_weight")
         ],
         *[
             (dict(images=[image(0)], llm_do_sample=False, llm_num_beams=2, **{name: 0.5}), ValueError,
              rf"`{name}=0.5` reads captions with .* this pipeline has no `imagebind_tokenizer`")  # fmt: skip
-            for name in ("llm_rerank_weight", "llm_base_agreement_weight")
+            for name in ("llm_rerank_weight", "llm_base_agreement_weight", "llm_base_focus_weight")
+        ],
+        *[
+            (dict(images=[image(0)], llm_base_focus_weight=w), ValueError,
+             "`llm_base_focus_weight` must be a finite number")  # fmt: skip
+            for w in (-0.5, float("nan"), float("inf"), True, "1")
         ],
         *[
             (dict(images=[image(0)], caption_embedding_weight=w), ValueError,
@@ -840,6 +845,119 @@ def test_base_agreement_reranked_edit(base_agreement_pipe, monkeypatch):
     assert np.array_equal(run(stored, **edit).images, out.images) and len(calls) == 1
     with pytest.raises(ValueError, match=r"`llm_base_agreement_weight=0.5` reads attributes, but this pipeline's"):
         run(make_pipe("imagebind", imagebind_tokenizer=tiny_clip_tokenizer()), llm_base_agreement_weight=0.5, **edit)
+
+
+# ------------------------------------------------------------------------------------------------ base focus
+PROPOSAL = "<base><video><im_gen_start><im_gen>[a blue circle on a red background]<video>"
+
+
+def _record_llm_calls(monkeypatch) -> list[dict]:
+    """Every `generate_with_media` call of the pipeline: its media and, per row, all final beams and the pick. The
+    second call of a pipeline call (the focused look) has its last beam replaced by `PROPOSAL`, so that it proposes
+    an answer the first look did not write."""
+    calls = []
+    original = pipeline_module.generate_with_media
+
+    def spy(*args, candidate_scorer=None, **kwargs):
+        call = {"media_embeds": [m.clone() for m in kwargs["media_embeds"]], "beams": {}}
+        calls.append(call)
+        focused = len(calls) % 2 == 0
+
+        def scorer(row, texts, beam_scores, generation_embeds, base_embeds):
+            if focused:
+                texts = list(texts[:-1]) + [PROPOSAL]
+            pick = candidate_scorer(row, texts, beam_scores, generation_embeds, base_embeds)
+            call["beams"][row] = (list(texts), generation_embeds, base_embeds, pick)
+            return pick
+
+        return original(*args, candidate_scorer=scorer if candidate_scorer else None, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "generate_with_media", spy)
+    return calls
+
+
+def test_base_focus_ranks_the_beams_of_the_llm_shown_only_the_base_beside_its_own(base_agreement_pipe, monkeypatch):
+    pipe = base_agreement_pipe
+    calls = _record_llm_calls(monkeypatch)
+    instruction = "put [audio1] on [image1] or [image2]"
+    edit = dict(images=[image(0), image(1)], audio=[clip()], output_type="np", llm_do_sample=False, llm_num_beams=3,
+                num_inference_steps=2)  # fmt: skip
+    out = run(pipe, instruction, llm_base_focus_weight=100.0, llm_rerank_weight=0.5, **edit)
+    first, focused = calls
+    parsed = parse_instruction(instruction, num_images=2, num_audio=1)
+    media = first["media_embeds"][0]
+    texts, gens, bases, pick = first["beams"][0]
+    assert pipeline_module.parse_answer(texts[pick]).additions == ()  # the tiny LLM lists none
+    # The second look: every image replaced by the base the first answer selected; the audio kept.
+    base = pipe.select_base_image(parsed, media, bases[pick], gens[pick])
+    shown = focused["media_embeds"][0]
+    for position, ref in enumerate(parsed.references):
+        expected = media[parsed.position_of("image", base)] if ref.kind == "image" else media[position]
+        assert torch.equal(shown[position], expected)
+    # The answer: the best of both beam sets, scored under the real media with base agreement at the focus weight.
+    candidates = texts + [t for t in focused["beams"][0][0] if t not in texts]
+    assert len(candidates) == 4 and candidates[-1] == PROPOSAL  # the tiny LLM's own beams do not depend on media
+    scores, generations, base_embeds = pipeline_module.score_answers(
+        pipe.llm, pipe.llm_tokenizer, pipe.mm_adapter, pipe.llm_prompt(parsed), media, candidates, pipe.token_ids
+    )
+    choose = pipe.caption_agreement_scorer(0.5, torch.device("cpu"), 100.0, parsed=[parsed], media_embeds=[media])
+    best = choose(0, candidates, scores, generations, base_embeds)
+    assert out.answers == [candidates[best]]
+    assert scores[-1] < scores[0] - 1  # the proposal is scored as written under the real inputs
+    # Off (0), or with one image, the LLM runs once; a stored default acts like the argument.
+    calls.clear()
+    plain = run(pipe, instruction, llm_rerank_weight=0.5, **edit)
+    assert len(calls) == 1
+    calls.clear()
+    run(pipe, "put [audio1] on [image1]", llm_base_focus_weight=100.0, **{**edit, "images": [image(0)]})
+    assert len(calls) == 1
+    calls.clear()
+    stored = _attribute_reading_pipe(edit_defaults={"llm_base_focus_weight": 100.0, "llm_rerank_weight": 0.5})
+    assert np.array_equal(run(stored, instruction, **edit).images, out.images) and len(calls) == 2
+    assert plain.answers[0] in candidates
+
+
+def test_base_focus_shows_the_base_patches_in_place_of_every_image(monkeypatch):
+    components = tiny_pipeline_components("imagebind")
+    config = dict(image_patch_tokens=3, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2)
+    config["patch_embed_dim"] = components["image_encoder"].config.vision_embed_dim
+    adapter = extend_adapter(components["mm_adapter"], attribute_classes=ATTRIBUTE_CLASSES, **config)
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter, "imagebind_tokenizer": tiny_clip_tokenizer()})
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    real = pipeline_module.generate_with_media
+    monkeypatch.setattr(pipeline_module, "generate_with_media", lambda *a, **k: calls.append(k) or real(*a, **k))
+    run(pipe, "put [audio1] on [image1] or [image2]", images=[image(0), image(1)], audio=[clip()], llm_do_sample=False,
+        llm_num_beams=2, llm_base_focus_weight=1.0, num_inference_steps=2)  # fmt: skip
+    first, focused = calls
+    (sound, one, two), = first["image_patches"]
+    (no_patches, shown, shown_again), = focused["image_patches"]
+    assert sound is None and no_patches is None and not torch.equal(one, two)
+    base = 0 if torch.equal(shown, one) else 1
+    assert torch.equal(shown, (one, two)[base]) and torch.equal(shown_again, shown)
+    media, focused_media = first["media_embeds"][0], focused["media_embeds"][0]
+    assert torch.equal(focused_media[0], media[0])  # the sound
+    assert torch.equal(focused_media[1], media[1 + base]) and torch.equal(focused_media[2], media[1 + base])
+
+
+def test_focus_on_base_leaves_answers_that_add_other_inputs(base_agreement_pipe, monkeypatch):
+    pipe = base_agreement_pipe
+    calls = _record_llm_calls(monkeypatch)
+    parsed = [parse_instruction("add [image2] to [image1]", num_images=2, num_audio=0)]
+    media = [torch.randn(2, TINY_EMBED_DIM, generator=torch.Generator().manual_seed(0))]
+    gens, bases = [torch.ones(TINY_EMBED_DIM)], [media[0][0]]
+    adds = "<base><video><im_gen_start><im_gen>[a red circle]<video>additions:red circle:<video>."
+    args = (parsed, media, None, [adds], gens, bases, {0: [adds]}, 0.5, 1.0, 20, torch.device("cpu"))
+    assert pipe.focus_on_base(*args) == ([adds], gens, bases)
+    # Nor does it look again at a row without recorded beams (the first pass was not reranked).
+    plain = adds.split("additions")[0]
+    assert pipe.focus_on_base(parsed, media, None, [plain], gens, bases, {}, 0.5, 1.0, 20, torch.device("cpu")) == (
+        [plain], gens, bases
+    )
+    assert calls == []
+    with pytest.raises(ValueError, match=r"`llm_base_focus_weight=0.5` reads attributes, but this pipeline's"):
+        run(make_pipe("imagebind", imagebind_tokenizer=tiny_clip_tokenizer()), "edit [image1] or [image2]",
+            images=[image(0), image(1)], llm_do_sample=False, llm_num_beams=2, llm_base_focus_weight=0.5)  # fmt: skip
 
 
 def test_stored_reranking_is_turned_off_by_name_to_sample():

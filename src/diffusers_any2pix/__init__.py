@@ -19,6 +19,7 @@ from .multimodal_llm import (
     build_vicuna_prompt,
     generate_with_media,
     get_multimodal_token_ids,
+    score_answers,
 )
 from .pipeline_instruct_any2pix import InstructAny2PixPipeline, InstructAny2PixPipelineOutput
 from .processing_imagebind import ImageBindProcessor, clip_tokenizer_from_bpe
@@ -43,4 +44,5 @@ __all__ = [
     "get_multimodal_token_ids",
     "parse_instruction",
     "rescale_to_norm",
+    "score_answers",
 ]

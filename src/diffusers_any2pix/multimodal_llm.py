@@ -65,6 +65,9 @@ _BASE_DESCRIPTION_PATTERN = re.compile(
     re.escape(BASE_TOKEN) + r"\s*" + re.escape(VIDEO_TOKEN) + r"\s*\[([^\]]+)\]\s*(?="
     + re.escape(IM_GEN_START_TOKEN) + "|" + re.escape(IM_GEN_TOKEN) + ")"
 )
+# The official answer's list of media added to the result: `additions:{name}:<video>.{name}:<video>.` after the caption.
+_ADDITIONS_PATTERN = re.compile(r"additions\s*:(.*)$", re.DOTALL)
+_ADDITION_PATTERN = re.compile(r"\s*([^:\[\]<>]+?)\s*:\s*" + re.escape(VIDEO_TOKEN) + r"\s*\.?")
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class ParsedAnswer:
         base_caption (`str`, *optional*):
             The base description `[...]` between `<base><video>` and `<im_gen_start>`/`<im_gen>` (an LLM trained with
             `describe_base` writes the image it edits there), `None` when there is none (the official answer).
+        additions (`tuple[str, ...]`):
+            The names in the official answer's `additions:{name}:<video>.` list after the caption (the inputs it adds
+            to the result, each with its own embedding); empty when it lists none.
     """
 
     caption: str | None
@@ -147,6 +153,7 @@ class ParsedAnswer:
     has_base: bool
     base_null: bool
     base_caption: str | None = None
+    additions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -713,12 +720,14 @@ def parse_answer(text: str) -> ParsedAnswer:
     # With <im_gen> the result is the caption after its last occurrence, so a base description is never taken for it.
     rest = text[text.rindex(IM_GEN_TOKEN) :] if IM_GEN_TOKEN in text else text
     match = _CAPTION_PATTERN.search(rest)
+    listed = _ADDITIONS_PATTERN.search(rest[match.end() :] if match else rest)
     return ParsedAnswer(
         caption=match.group(1).strip() if match else None,
         has_im_gen=IM_GEN_TOKEN in text,
         has_base=BASE_TOKEN in text,
         base_null=BASE_NULL_TOKEN in text,
         base_caption=base.group(1).strip() if base else None,
+        additions=tuple(_ADDITION_PATTERN.findall(listed.group(1))) if listed else (),
     )
 
 
@@ -881,7 +890,7 @@ def generate_with_media(
             sequences = output.sequences
             if num_beams > 1:
                 rows = torch.arange(len(prompts), device=device).repeat_interleave(num_candidates)
-                states = _answer_states(llm, inputs_embeds[rows], attention_mask[rows], sequences)
+                states = _teacher_forced(llm, inputs_embeds[rows], attention_mask[rows], sequences)[0]
             else:
                 # hidden_states: one tuple per step, last entry = final layer after the final norm; step j's
                 # last-position state is the one that predicted new token j.
@@ -896,10 +905,11 @@ def generate_with_media(
         new_tokens = sequences[i].tolist()
         answer_end = new_tokens.index(token_ids.eos) if token_ids.eos in new_tokens else len(new_tokens)
         texts.append(tokenizer.decode(new_tokens[:answer_end], skip_special_tokens=False))
-        # Index j of [last prompt token] + new tokens is aligned with step j's state.
-        positions = find_embedding_positions([int(input_ids[i // num_candidates, -1])] + new_tokens, token_ids, start=1)
-        for embeds, position in ((generation_embeds, positions.generation), (base_embeds, positions.base)):
-            embeds.append(None if position is None else adapter.predict(states[i, position]))
+        generation, base = _read_answer_embeddings(
+            adapter, token_ids, int(input_ids[i // num_candidates, -1]), new_tokens, states[i]
+        )
+        generation_embeds.append(generation)
+        base_embeds.append(base)
 
     if num_candidates > 1:
         chosen = []
@@ -926,19 +936,92 @@ def generate_with_media(
     )
 
 
-def _answer_states(
+def _read_answer_embeddings(
+    adapter: MultimodalAdapter,
+    token_ids: MultimodalTokenIds,
+    last_prompt_token: int,
+    answer_tokens: list[int],
+    states: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The generation and base embeddings one answer predicts (`None` where it has none), from ``states[j]``, the
+    state that predicted ``answer_tokens[j]``."""
+    # Index j of [last prompt token] + answer tokens is aligned with state j.
+    positions = find_embedding_positions([last_prompt_token] + answer_tokens, token_ids, start=1)
+    return tuple(None if p is None else adapter.predict(states[p]) for p in (positions.generation, positions.base))
+
+
+def _teacher_forced(
     llm, inputs_embeds: torch.Tensor, attention_mask: torch.LongTensor, sequences: torch.LongTensor
-) -> torch.Tensor:
-    """The final-layer hidden state that predicts each token of ``sequences`` (the generated answers), from one
-    teacher-forced pass over prompt + answer; aligned as in the cached loop (entry j predicted new token j)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher-forced pass over prompt + answer: the final-layer hidden state that predicts each token of
+    ``sequences`` (aligned as in the cached loop: entry j predicted new token j) and that token's log-probability."""
     embedding = llm.get_input_embeddings()
     embeds = torch.cat([inputs_embeds, embedding(sequences).to(inputs_embeds.dtype)], dim=1)
     mask = torch.cat([attention_mask, torch.ones_like(sequences)], dim=1)
     # Positions as generate() gives them to a left-padded batch; tokens after EOS only follow the answer.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     output = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
-    prompt_length = inputs_embeds.shape[1]
-    return output.hidden_states[-1][:, prompt_length - 1 : prompt_length - 1 + sequences.shape[1]]
+    answer = slice(inputs_embeds.shape[1] - 1, inputs_embeds.shape[1] - 1 + sequences.shape[1])
+    log_probs = output.logits[:, answer].float().log_softmax(dim=-1).gather(-1, sequences[..., None])[..., 0]
+    return output.hidden_states[-1][:, answer], log_probs
+
+
+def score_answers(
+    llm,
+    tokenizer: PreTrainedTokenizerBase,
+    adapter: MultimodalAdapter,
+    prompt: str,
+    media_embeds: torch.Tensor,
+    answers: list[str],
+    token_ids: MultimodalTokenIds | None = None,
+    image_patches: list[torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Scores given answers to one prompt as beam search scores its own: teacher-forced, with the media injected.
+
+    Candidates proposed elsewhere (e.g. by the LLM given other media) can so be ranked beside the prompt's own beams:
+    the score is the mean log-probability of the answer's tokens and the closing EOS, which is transformers'
+    length-normalised beam score (``length_penalty=1``) for an answer that ended with EOS. The answers are tokenized
+    again (``add_special_tokens=False``), so with a tokenizer whose decode/encode does not round-trip the score is
+    that of the re-tokenized text.
+
+    Args:
+        llm (`PreTrainedModel`): the causal LM (prepared with `add_multimodal_tokens`).
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        adapter (`MultimodalAdapter`): projects the media in and predicts the embeddings out.
+        prompt (`str`): the full prompt (see `build_vicuna_prompt`).
+        media_embeds (`torch.Tensor`): `(n, embed_dim)`, the prompt's media in the order of its `<video>` tokens.
+        answers (`list[str]`): decoded answers (special tokens kept, no EOS), at least one.
+        token_ids (`MultimodalTokenIds`, *optional*): looked up from `tokenizer` when not given.
+        image_patches (`list[torch.Tensor | None]`, *optional*): the media's patch tokens, see `inject_media_embeds`.
+
+    Returns:
+        `tuple`: ``scores`` `(len(answers),)` float32, and per answer its generation and base embeddings (`None`
+        where it has none).
+    """
+    if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"`answers` must be a non-empty list of strings, got {answers!r}.")
+    token_ids = get_multimodal_token_ids(tokenizer) if token_ids is None else token_ids
+    inputs_embeds, attention_mask, input_ids = prepare_multimodal_inputs(
+        llm, tokenizer, adapter, [prompt], [media_embeds], token_ids,
+        image_patches=None if image_patches is None else [image_patches],
+    )  # fmt: skip
+    rows = [tokenizer(answer, add_special_tokens=False)["input_ids"] + [token_ids.eos] for answer in answers]
+    device = inputs_embeds.device
+    sequences = torch.full((len(rows), max(map(len, rows))), token_ids.pad, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        sequences[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+    count = len(rows)
+    states, log_probs = _teacher_forced(
+        llm, inputs_embeds.expand(count, -1, -1), attention_mask.expand(count, -1), sequences
+    )
+    lengths = torch.tensor([len(row) for row in rows], device=device)
+    within = torch.arange(sequences.shape[1], device=device)[None] < lengths[:, None]
+    scores = (log_probs * within).sum(-1) / lengths
+    last_prompt_token = int(input_ids[0, -1])
+    embeds = [
+        _read_answer_embeddings(adapter, token_ids, last_prompt_token, row, states[i]) for i, row in enumerate(rows)
+    ]
+    return scores, [g for g, _ in embeds], [b for _, b in embeds]
 
 
 def _generate_without_cache(

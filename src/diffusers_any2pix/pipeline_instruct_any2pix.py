@@ -36,6 +36,7 @@ from .multimodal_llm import (
     generate_with_media,
     get_multimodal_token_ids,
     parse_answer,
+    score_answers,
 )
 from .processing_imagebind import ImageBindProcessor, is_single_audio
 
@@ -72,6 +73,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_num_beams": 1,
     "llm_rerank_weight": 0.0,
     "llm_base_agreement_weight": 0.0,
+    "llm_base_focus_weight": 0.0,
     "caption_embedding_weight": 0.0,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
@@ -666,6 +668,104 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         return choose
 
+    def focus_on_base(
+        self,
+        parsed: list[ParsedInstruction],
+        media_embeds: list[torch.Tensor],
+        image_patches: list[list[torch.Tensor | None]] | None,
+        answers: list[str],
+        generation_embeds: list[torch.Tensor | None],
+        base_embeds: list[torch.Tensor | None],
+        first_beams: dict[int, list[str]],
+        rerank_weight: float,
+        base_agreement_weight: float,
+        max_new_tokens: int,
+        device: torch.device,
+    ) -> tuple[list[str], list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """A second look at instructions with several images, with only the chosen base in view
+        (`llm_base_focus_weight`).
+
+        Given several scenes, the LLM often copies an object or a background of another input into the edited base.
+        For each instruction with several images whose answer lists no ``additions`` (so no other input is meant
+        to bring content that the LLM would name), every image is replaced by the base the answer selected and the
+        LLM answers again with as many beams as ``first_beams`` holds for it. The union of both beam sets is scored
+        under the real instruction and media (`score_answers`) and ranked by `caption_agreement_scorer` with
+        ``base_agreement_weight``; the proposals only widen the choice, the judge still sees the true inputs (an
+        instruction that takes another image's background keeps its first answer unless the focused one scores
+        higher there).
+
+        Args:
+            parsed (`list[ParsedInstruction]`): the batch's instructions.
+            media_embeds (`list[torch.Tensor]`): their ImageBind vectors (`encode_media`).
+            image_patches (`list[list[torch.Tensor | None]]`, *optional*): their patch tokens (`encode_media`).
+            answers (`list[str]`): the chosen answers of the first pass, one per instruction.
+            generation_embeds (`list`), base_embeds (`list`): the embeddings those answers predict.
+            first_beams (`dict[int, list[str]]`): per row, every final beam of the first pass (best first).
+            rerank_weight (`float`): the cosine term's weight (`llm_rerank_weight`).
+            base_agreement_weight (`float`): the base agreement's weight in this ranking.
+            max_new_tokens (`int`): the answer length limit.
+            device (`torch.device`): where ImageBind reads the captions.
+
+        Returns:
+            `tuple`: new ``answers``, ``generation_embeds`` and ``base_embeds`` (rows that were not looked at again
+            keep theirs; the inputs are not modified).
+        """
+        answers, generation_embeds, base_embeds = list(answers), list(generation_embeds), list(base_embeds)
+        rows, focused_media, focused_patches = [], [], []
+        for b, instruction in enumerate(parsed):
+            images = [pos for pos, ref in enumerate(instruction.references) if ref.kind == "image"]
+            if len(images) < 2 or b not in first_beams or parse_answer(answers[b]).additions:
+                continue
+            index = self.select_base_image(instruction, media_embeds[b], base_embeds[b], generation_embeds[b])
+            base_position = instruction.position_of("image", index)
+            media = media_embeds[b].clone()
+            media[images] = media_embeds[b][base_position]
+            rows.append(b)
+            focused_media.append(media)
+            if image_patches is not None:
+                row = image_patches[b]
+                focused_patches.append([row[base_position] if p in images else x for p, x in enumerate(row)])
+        if not rows:
+            return answers, generation_embeds, base_embeds
+
+        focused_beams = {}
+
+        def keep_all(row: int, texts: list[str], *unused) -> int:
+            focused_beams[row] = list(texts)
+            return 0
+
+        generate_with_media(
+            self.llm,
+            self.llm_tokenizer,
+            self.mm_adapter,
+            prompts=[self.llm_prompt(parsed[b]) for b in rows],
+            media_embeds=focused_media,
+            image_patches=focused_patches if image_patches is not None else None,
+            token_ids=self.token_ids,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            num_beams=len(first_beams[rows[0]]),
+            candidate_scorer=keep_all,
+        )
+        for i, b in enumerate(rows):
+            candidates = first_beams[b] + [text for text in focused_beams[i] if text not in first_beams[b]]
+            scores, generations, bases = score_answers(
+                self.llm,
+                self.llm_tokenizer,
+                self.mm_adapter,
+                self.llm_prompt(parsed[b]),
+                media_embeds[b],
+                candidates,
+                token_ids=self.token_ids,
+                image_patches=None if image_patches is None else image_patches[b],
+            )
+            choose = self.caption_agreement_scorer(
+                rerank_weight, device, base_agreement_weight, parsed=[parsed[b]], media_embeds=[media_embeds[b]]
+            )
+            pick = choose(0, candidates, scores, generations, bases)
+            answers[b], generation_embeds[b], base_embeds[b] = candidates[pick], generations[pick], bases[pick]
+        return answers, generation_embeds, base_embeds
+
     def encode_captions(self, captions: list[str], device: torch.device) -> torch.Tensor:
         """ImageBind's text embeddings of captions, `(len(captions), embed_dim)` in float32 (read with
         ``imagebind_tokenizer``)."""
@@ -890,6 +990,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_num_beams: int | None = None,
         llm_rerank_weight: float | None = None,
         llm_base_agreement_weight: float | None = None,
+        llm_base_focus_weight: float | None = None,
         caption_embedding_weight: float | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
@@ -923,6 +1024,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `llm_num_beams` | — | — | 1 | beam search over the LLM's answer (needs `llm_do_sample=False`) |
         | `llm_rerank_weight` | — | — | 0 | rerank the beams by each caption's agreement with its generation embedding |
         | `llm_base_agreement_weight` | — | — | 0 | rerank the beams by each caption's agreement with the base image |
+        | `llm_base_focus_weight` | — | — | 0 | several images: add beams of the LLM shown only the chosen base, rerank all |
         | `caption_embedding_weight` | — | — | 0 | blend ImageBind's embedding of the caption into the LLM's embedding |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
@@ -968,6 +1070,13 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 one the same answer selects): beams that keep the base's unedited objects win over beams that copy
                 another input's colour or drop an object. Needs what `llm_rerank_weight` needs and an `mm_adapter`
                 with an attribute reader (`attribute_classes`).
+            llm_base_focus_weight (`float`, defaults to 0.0): above 0, for each instruction with several images whose
+                chosen answer lists no ``additions`` (no other input is added to the result), the LLM answers again
+                with every image replaced by the base that answer selected, so it cannot copy another input's
+                objects (see `focus_on_base`); those beams join the first ones, all are scored under the real
+                instruction and media (`score_answers`: the same length-normalised log-probability as the beam
+                score), and the best by ``score + llm_rerank_weight · cosine + llm_base_focus_weight ·
+                base_agreement`` is kept. Needs what `llm_base_agreement_weight` needs.
             caption_embedding_weight (`float`, defaults to 0.0): in [0, 1]; above 0, the generation embedding is
                 replaced by `blend_caption_embeddings` of it and ImageBind's text embedding of the answer's caption
                 (this share of the direction, the norm kept) before the prior, the mix and base selection. Needs
@@ -1014,6 +1123,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_num_beams=llm_num_beams,
             llm_rerank_weight=llm_rerank_weight,
             llm_base_agreement_weight=llm_base_agreement_weight,
+            llm_base_focus_weight=llm_base_focus_weight,
             caption_embedding_weight=caption_embedding_weight,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
@@ -1039,7 +1149,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             )
         llm_rerank_weight = settings["llm_rerank_weight"]
         llm_base_agreement_weight = settings["llm_base_agreement_weight"]
-        for name in ("llm_rerank_weight", "llm_base_agreement_weight"):
+        llm_base_focus_weight = settings["llm_base_focus_weight"]
+        for name in ("llm_rerank_weight", "llm_base_agreement_weight", "llm_base_focus_weight"):
             value = settings[name]
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (is_number and value >= 0 and np.isfinite(value)):
@@ -1066,11 +1177,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             self._check_imagebind_tokenizer(
                 "caption_embedding_weight", caption_embedding_weight, "embeds the LLM's caption"
             )
-        if llm_base_agreement_weight > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
-            raise ValueError(
-                f"`llm_base_agreement_weight={llm_base_agreement_weight}` reads attributes, but this pipeline's "
-                "`mm_adapter` has no attribute reader (`attribute_classes`); pass `llm_base_agreement_weight=0`."
-            )
+        for name in ("llm_base_agreement_weight", "llm_base_focus_weight"):
+            if settings[name] > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
+                raise ValueError(
+                    f"`{name}={settings[name]}` reads attributes, but this pipeline's `mm_adapter` has no attribute "
+                    f"reader (`attribute_classes`); pass `{name}=0`."
+                )
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -1110,11 +1222,16 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         if conditioning_embeds is None:
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
-            scorer = None
-            if llm_rerank_weight > 0 or llm_base_agreement_weight > 0:
-                scorer = self.caption_agreement_scorer(
+            scorer, first_beams = None, {}
+            if llm_rerank_weight > 0 or llm_base_agreement_weight > 0 or llm_base_focus_weight > 0:
+                choose = self.caption_agreement_scorer(
                     llm_rerank_weight, device, llm_base_agreement_weight, parsed=parsed, media_embeds=media_embeds
                 )
+
+                def scorer(row, texts, *scores_and_embeds):
+                    first_beams[row] = list(texts)  # `focus_on_base` ranks them again beside its own
+                    return choose(row, texts, *scores_and_embeds)
+
             llm_out = generate_with_media(
                 self.llm,
                 self.llm_tokenizer,
@@ -1133,8 +1250,14 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             )
             answers = list(llm_out.texts)
             llm_generation_embeds = list(llm_out.generation_embeds)
+            llm_base_embeds = list(llm_out.base_embeds)
+            if llm_base_focus_weight > 0:
+                answers, llm_generation_embeds, llm_base_embeds = self.focus_on_base(
+                    parsed, media_embeds, image_patches, answers, llm_generation_embeds, llm_base_embeds,
+                    first_beams, llm_rerank_weight, llm_base_focus_weight, llm_max_new_tokens, device,
+                )  # fmt: skip
+            parsed_answers = [parse_answer(answer) for answer in answers]
             if caption_embedding_weight > 0:
-                parsed_answers = llm_out.parsed_answers
                 rows = [b for b, g in enumerate(llm_generation_embeds) if g is not None and parsed_answers[b].caption]
                 if rows:
                     blended = self.blend_caption_embeddings(
@@ -1146,9 +1269,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                         llm_generation_embeds[b] = row
             captions, generation_rows, base_rows, base_indices = [], [], [], []
             for b in range(batch_size):
-                answer = parse_answer(answers[b])
+                answer = parsed_answers[b]
                 gen = llm_generation_embeds[b]
-                base = llm_out.base_embeds[b]
+                base = llm_base_embeds[b]
                 # 4. Pick the base image (images only; audio is never a base).
                 base_index = self.select_base_image(parsed[b], media_embeds[b], base, gen)
                 if gen is None:

@@ -209,8 +209,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         prior_text_encoder, prior_tokenizer (optional): a CLIP text model for the prior; without them the prior uses
             its stored empty-prompt hidden states (identical output for the official, always-empty prompt).
         imagebind_tokenizer ([`~transformers.PreTrainedTokenizerBase`], optional): ImageBind's text tokenizer (CLIP
-            BPE); only the beam reranking (`llm_rerank_weight`, `llm_base_agreement_weight`) and
-            `caption_embedding_weight` read text with ImageBind.
+            BPE); only the beam reranking (`llm_rerank_weight`, `llm_base_agreement_weight`,
+            `llm_base_focus_weight`) and `caption_embedding_weight` read text with ImageBind.
         edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
             `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """

@@ -595,12 +595,14 @@ def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, c
     monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
     output = tmp_path / "report.json"
     argv = _cli_argv(workspace) + ["--max_examples", "2", "--output", str(output), "--llm_num_beams", "2",
-                                   "--llm_rerank_weight", "0", "--llm_base_agreement_weight", "0"]  # fmt: skip
+                                   "--llm_rerank_weight", "0", "--llm_base_agreement_weight", "0",
+                                   "--llm_base_focus_weight", "0"]  # fmt: skip
     assert evaluate.main(argv + selection) == 0
     report = json.load(open(output))
     assert list(report["baselines"]) == baselines and list(report["ablations"]) == ablations
     assert report["pipeline_kwargs"]["llm_num_beams"] == 2  # pipeline knobs, passed through
     assert report["pipeline_kwargs"]["llm_rerank_weight"] == report["pipeline_kwargs"]["llm_base_agreement_weight"] == 0
+    assert report["pipeline_kwargs"]["llm_base_focus_weight"] == 0
     assert set(report["examples"][0]) >= {MODEL, *baselines, *ablations}
     printed = capsys.readouterr().out
     assert ("- baselines -" in printed) == bool(baselines) and ("- ablations -" in printed) == bool(ablations)
@@ -637,6 +639,10 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
          "--llm_base_agreement_weight must be a finite"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--llm_base_agreement_weight", "inf"],
          "--llm_base_agreement_weight must be a finite"),  # fmt: skip
+        (["--model", "MODEL", "--data", "DATA", "--llm_base_focus_weight", "-0.5"],
+         "--llm_base_focus_weight must be a finite"),  # fmt: skip
+        (["--model", "MODEL", "--data", "DATA", "--llm_base_focus_weight", "inf"],
+         "--llm_base_focus_weight must be a finite"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "1.5"],
          "--caption_embedding_weight must be a number in [0, 1]"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "nan"],

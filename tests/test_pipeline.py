@@ -922,7 +922,8 @@ def test_base_focus_shows_the_base_patches_in_place_of_every_image(monkeypatch):
     config = dict(image_patch_tokens=3, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2)
     config["patch_embed_dim"] = components["image_encoder"].config.vision_embed_dim
     adapter = extend_adapter(components["mm_adapter"], attribute_classes=ATTRIBUTE_CLASSES, **config)
-    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter, "imagebind_tokenizer": tiny_clip_tokenizer()})
+    tokenizer = tiny_clip_tokenizer()
+    pipe = InstructAny2PixPipeline(**{**components, "mm_adapter": adapter, "imagebind_tokenizer": tokenizer})
     pipe.set_progress_bar_config(disable=True)
     calls = []
     real = pipeline_module.generate_with_media

@@ -635,14 +635,11 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
         (["--model", "MODEL", "--data", "DATA", "--llm_num_beams", "0"], "--llm_num_beams must be a positive"),
         (["--model", "MODEL", "--data", "DATA", "--llm_rerank_weight", "-1"], "--llm_rerank_weight must be a finite"),
         (["--model", "MODEL", "--data", "DATA", "--llm_rerank_weight", "nan"], "--llm_rerank_weight must be a finite"),
-        (["--model", "MODEL", "--data", "DATA", "--llm_base_agreement_weight", "-1"],
-         "--llm_base_agreement_weight must be a finite"),  # fmt: skip
-        (["--model", "MODEL", "--data", "DATA", "--llm_base_agreement_weight", "inf"],
-         "--llm_base_agreement_weight must be a finite"),  # fmt: skip
-        (["--model", "MODEL", "--data", "DATA", "--llm_base_focus_weight", "-0.5"],
-         "--llm_base_focus_weight must be a finite"),  # fmt: skip
-        (["--model", "MODEL", "--data", "DATA", "--llm_base_focus_weight", "inf"],
-         "--llm_base_focus_weight must be a finite"),  # fmt: skip
+        *[
+            (["--model", "MODEL", "--data", "DATA", f"--{name}", value], f"--{name} must be a finite")
+            for name in ("llm_base_agreement_weight", "llm_base_focus_weight")
+            for value in ("-1", "inf")
+        ],
         (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "1.5"],
          "--caption_embedding_weight must be a number in [0, 1]"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "nan"],

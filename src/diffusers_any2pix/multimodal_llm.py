@@ -890,7 +890,7 @@ def generate_with_media(
             sequences = output.sequences
             if num_beams > 1:
                 rows = torch.arange(len(prompts), device=device).repeat_interleave(num_candidates)
-                states = _teacher_forced(llm, inputs_embeds[rows], attention_mask[rows], sequences)[0]
+                states, _ = _teacher_forced(llm, inputs_embeds[rows], attention_mask[rows], sequences)
             else:
                 # hidden_states: one tuple per step, last entry = final layer after the final norm; step j's
                 # last-position state is the one that predicted new token j.
@@ -951,10 +951,15 @@ def _read_answer_embeddings(
 
 
 def _teacher_forced(
-    llm, inputs_embeds: torch.Tensor, attention_mask: torch.LongTensor, sequences: torch.LongTensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    llm,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.LongTensor,
+    sequences: torch.LongTensor,
+    with_log_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One teacher-forced pass over prompt + answer: the final-layer hidden state that predicts each token of
-    ``sequences`` (aligned as in the cached loop: entry j predicted new token j) and that token's log-probability."""
+    ``sequences`` (aligned as in the cached loop: entry j predicted new token j) and, with ``with_log_probs``, that
+    token's log-probability (else `None`: a full-vocabulary softmax per position is not free on a large LLM)."""
     embedding = llm.get_input_embeddings()
     embeds = torch.cat([inputs_embeds, embedding(sequences).to(inputs_embeds.dtype)], dim=1)
     mask = torch.cat([attention_mask, torch.ones_like(sequences)], dim=1)
@@ -962,7 +967,9 @@ def _teacher_forced(
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     output = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
     answer = slice(inputs_embeds.shape[1] - 1, inputs_embeds.shape[1] - 1 + sequences.shape[1])
-    log_probs = output.logits[:, answer].float().log_softmax(dim=-1).gather(-1, sequences[..., None])[..., 0]
+    log_probs = None
+    if with_log_probs:
+        log_probs = output.logits[:, answer].float().log_softmax(dim=-1).gather(-1, sequences[..., None])[..., 0]
     return output.hidden_states[-1][:, answer], log_probs
 
 
@@ -1012,7 +1019,7 @@ def score_answers(
         sequences[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
     count = len(rows)
     states, log_probs = _teacher_forced(
-        llm, inputs_embeds.expand(count, -1, -1), attention_mask.expand(count, -1), sequences
+        llm, inputs_embeds.expand(count, -1, -1), attention_mask.expand(count, -1), sequences, with_log_probs=True
     )
     lengths = torch.tensor([len(row) for row in rows], device=device)
     within = torch.arange(sequences.shape[1], device=device)[None] < lengths[:, None]

@@ -748,6 +748,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             candidate_scorer=keep_all,
         )
         for i, b in enumerate(rows):
+            # The first beams are scored again as well, so every candidate gets the same scoring (re-tokenized text).
             candidates = first_beams[b] + [text for text in focused_beams[i] if text not in first_beams[b]]
             scores, generations, bases = score_answers(
                 self.llm,
@@ -1224,9 +1225,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
             scorer, first_beams = None, {}
             if llm_rerank_weight > 0 or llm_base_agreement_weight > 0 or llm_base_focus_weight > 0:
-                choose = self.caption_agreement_scorer(
+                scorer = choose = self.caption_agreement_scorer(
                     llm_rerank_weight, device, llm_base_agreement_weight, parsed=parsed, media_embeds=media_embeds
                 )
+            if llm_base_focus_weight > 0:
 
                 def scorer(row, texts, *scores_and_embeds):
                     first_beams[row] = list(texts)  # `focus_on_base` ranks them again beside its own

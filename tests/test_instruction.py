@@ -13,6 +13,14 @@ def test_placeholders_resolve_in_order_of_appearance():
     assert parsed.llm_text == "add <video> to <video> in the style of <video>"
     assert parsed.image_references == (MediaReference("image", 1), MediaReference("image", 0))
     assert parsed.position_of("image", 0) == 2
+    assert parsed.words == "add to in the style of"
+
+
+def test_words_drop_placeholders_and_collapse_whitespace():
+    parsed = parse_instruction("  of [image1], [image2]\tand [image3], edit the one with a red circle ", 3, 0)
+    assert parsed.words == "of , and , edit the one with a red circle"
+    assert parse_instruction("[image1]", 1, 0).words == ""
+    assert parse_instruction("[image1]", 1, 0).text == "[image1]"  # the instruction itself is kept
 
 
 @pytest.mark.parametrize(

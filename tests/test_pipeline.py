@@ -402,6 +402,13 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
         ],
         (dict(images=[image(0)], caption_embedding_weight=0.5), ValueError,
          r"`caption_embedding_weight=0.5` embeds the LLM's caption .* no `imagebind_tokenizer`"),  # fmt: skip
+        *[
+            (dict(images=[image(0)], base_instruction_weight=w), ValueError,
+             "`base_instruction_weight` must be a finite number >= 0")  # fmt: skip
+            for w in (-0.5, float("nan"), float("inf"), True, "1")
+        ],
+        (dict(images=[image(0)], base_instruction_weight=2.0), ValueError,
+         r"`base_instruction_weight=2.0` embeds the instruction's words .* no `imagebind_tokenizer`"),  # fmt: skip
     ],
 )
 def test_bad_arguments(native_pipe, kwargs, error, match):
@@ -959,6 +966,95 @@ def test_focus_on_base_leaves_answers_that_add_other_inputs(base_agreement_pipe,
     with pytest.raises(ValueError, match=r"`llm_base_focus_weight=0.5` reads attributes, but this pipeline's"):
         run(make_pipe("imagebind", imagebind_tokenizer=tiny_clip_tokenizer()), "edit [image1] or [image2]",
             images=[image(0), image(1)], llm_do_sample=False, llm_num_beams=2, llm_base_focus_weight=0.5)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ base instruction
+def _words_cosines(pipe, parsed, media) -> torch.Tensor:
+    """cos(ImageBind text embedding of the instruction's words, each image), from ImageBind's own methods."""
+    words = pipe.image_encoder.encode_text(pipe.imagebind_processor.tokenize([parsed.words]))[0]
+    images = torch.stack([media[parsed.position_of("image", ref.index)] for ref in parsed.image_references])
+    return torch.nn.functional.cosine_similarity(images, words[None], dim=-1)
+
+
+def test_instruction_base_priors_weigh_the_words_cosine_with_each_image(reranking_pipe):
+    pipe, cpu = reranking_pipe, torch.device("cpu")
+    parsed = [
+        parse_instruction("put [audio1] on [image2] or [image1], the red one", num_images=2, num_audio=1),
+        parse_instruction("add [audio1] to [image1]", num_images=1, num_audio=1),
+        parse_instruction("[image1] [image2]", num_images=2, num_audio=0),  # no words to read
+    ]
+    generator = torch.Generator().manual_seed(0)
+    media = [torch.randn(len(p.references), TINY_EMBED_DIM, generator=generator) * 20 for p in parsed]
+    priors = pipe.instruction_base_priors(parsed, media, 3.0, cpu)
+    # One score per image placeholder in order of appearance: [image2] first.
+    torch.testing.assert_close(priors[0], 3.0 * _words_cosines(pipe, parsed[0], media[0]))
+    assert priors[1] is None and priors[2] is None
+    assert pipe.instruction_base_priors(parsed, media, 0.0, cpu) == [None, None, None]
+    # The prior is added to the LLM's dot products; without a base or generation embedding it decides alone.
+    instruction, row = parsed[0], media[0]
+    second = row[instruction.position_of("image", 1)]  # the first image placeholder, [image2]
+    select = pipe.select_base_image
+    assert select(instruction, row, row[instruction.position_of("image", 0)], None) == 0
+    dots = torch.stack([row[1] @ row[1], row[2] @ row[1]])
+    push = torch.tensor([dots[0] - dots[1] + 1.0, 0.0])
+    assert select(instruction, row, row[1], None, prior=push) == 1  # [image2] overtakes [image1]
+    assert select(instruction, row, row[1], None, prior=-push) == 0
+    assert select(instruction, row, None, None, prior=torch.tensor([0.0, 1.0])) == 0  # [image1] is the second
+    assert select(instruction, row, None, None, prior=torch.tensor([1.0, 0.0])) == 1
+    assert select(instruction, row, None, None) == 1  # no query, no prior: the first image placeholder
+    assert select(instruction, row, None, second) == 1
+
+
+def test_base_instruction_weight_picks_the_base_the_words_describe(base_agreement_pipe):
+    pipe, cpu = base_agreement_pipe, torch.device("cpu")
+    instruction = "edit [image1] or [image2], the one with a red circle"
+    parsed = parse_instruction(instruction, num_images=2, num_audio=0)
+    edit = dict(output_type="np", llm_do_sample=False, llm_num_beams=2, num_inference_steps=2)
+    disagreements = 0
+    for seeds in ((0, 1), (1, 0), (2, 3), (3, 2)):
+        images = [image(s) for s in seeds]
+        media = pipe.encode_media([parsed], [[pipe.imagebind_processor.load_image(i) for i in images]], [[]], cpu)[0][0]
+        plain = run(pipe, instruction, images=images, **edit)
+        by_words = int(_words_cosines(pipe, parsed, media).argmax())
+        moved = run(pipe, instruction, images=images, base_instruction_weight=1e6, **edit)
+        assert moved.base_image_indices == [by_words]
+        assert run(pipe, instruction, images=images, base_instruction_weight=0.0, **edit).base_image_indices == (
+            plain.base_image_indices
+        )
+        disagreements += plain.base_image_indices != [by_words]
+    assert disagreements  # some pair where the words overrule the LLM's own choice
+    # A stored default acts like the argument; with `conditioning_embeds` no base is chosen and no tokenizer needed.
+    stored = _attribute_reading_pipe(edit_defaults={"base_instruction_weight": 1e6})
+    assert run(stored, instruction, images=images, **edit).base_image_indices == moved.base_image_indices
+    native = make_pipe("imagebind")
+    given = dict(images=images, output_type="np", conditioning_embeds=moved.conditioning_embeds, num_inference_steps=2)
+    assert np.array_equal(run(native, instruction, base_instruction_weight=5.0, **given).images,
+                          run(native, instruction, **given).images)  # fmt: skip
+
+
+def test_focus_on_base_drops_the_first_beams_when_the_words_moved_the_base(base_agreement_pipe, monkeypatch):
+    pipe, cpu = base_agreement_pipe, torch.device("cpu")
+    parsed = [parse_instruction("edit [image1] or [image2]", num_images=2, num_audio=0)]
+    media = [torch.randn(2, TINY_EMBED_DIM, generator=torch.Generator().manual_seed(0)) * 20]
+    gens, bases = [torch.ones(TINY_EMBED_DIM)], [media[0][0]]  # the LLM's own choice: [image1]
+    first = "<base><video><im_gen_start><im_gen>[a first beam]<video>"
+    shown, scored = [], []
+    real_generate, real_score = pipeline_module.generate_with_media, pipeline_module.score_answers
+    monkeypatch.setattr(pipeline_module, "generate_with_media",
+                        lambda *a, **k: shown.append(k["media_embeds"][0]) or real_generate(*a, **k))  # fmt: skip
+    monkeypatch.setattr(pipeline_module, "score_answers",
+                        lambda *a, **k: scored.append(list(a[5])) or real_score(*a, **k))  # fmt: skip
+    for prior, base in ((torch.tensor([0.0, 1e6]), 1), (torch.tensor([1e6, 0.0]), 0), (None, 0)):
+        shown.clear(), scored.clear()
+        answers, _, _ = pipe.focus_on_base(parsed, media, None, [first], gens, bases, {0: [first, first + " "]},
+                                           0.5, 1.0, 20, cpu, base_priors=[prior])  # fmt: skip
+        assert torch.equal(shown[0], media[0][[base, base]])  # the LLM looks at the chosen base only
+        (candidates,) = scored
+        if base == 1:  # moved by the words: the first beams describe [image1] and do not compete
+            assert first not in candidates and candidates == list(dict.fromkeys(candidates))
+        else:
+            assert candidates[:2] == [first, first + " "]
+        assert answers[0] in candidates
 
 
 def test_stored_reranking_is_turned_off_by_name_to_sample():

@@ -596,13 +596,14 @@ def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, c
     output = tmp_path / "report.json"
     argv = _cli_argv(workspace) + ["--max_examples", "2", "--output", str(output), "--llm_num_beams", "2",
                                    "--llm_rerank_weight", "0", "--llm_base_agreement_weight", "0",
-                                   "--llm_base_focus_weight", "0"]  # fmt: skip
+                                   "--llm_base_focus_weight", "0", "--base_instruction_weight", "0"]  # fmt: skip
     assert evaluate.main(argv + selection) == 0
     report = json.load(open(output))
     assert list(report["baselines"]) == baselines and list(report["ablations"]) == ablations
     assert report["pipeline_kwargs"]["llm_num_beams"] == 2  # pipeline knobs, passed through
     assert report["pipeline_kwargs"]["llm_rerank_weight"] == report["pipeline_kwargs"]["llm_base_agreement_weight"] == 0
     assert report["pipeline_kwargs"]["llm_base_focus_weight"] == 0
+    assert report["pipeline_kwargs"]["base_instruction_weight"] == 0
     assert set(report["examples"][0]) >= {MODEL, *baselines, *ablations}
     printed = capsys.readouterr().out
     assert ("- baselines -" in printed) == bool(baselines) and ("- ablations -" in printed) == bool(ablations)
@@ -637,7 +638,7 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
         (["--model", "MODEL", "--data", "DATA", "--llm_rerank_weight", "nan"], "--llm_rerank_weight must be a finite"),
         *[
             (["--model", "MODEL", "--data", "DATA", f"--{name}", value], f"--{name} must be a finite")
-            for name in ("llm_base_agreement_weight", "llm_base_focus_weight")
+            for name in ("llm_base_agreement_weight", "llm_base_focus_weight", "base_instruction_weight")
             for value in ("-1", "inf")
         ],
         (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "1.5"],

@@ -43,6 +43,11 @@ class ParsedInstruction:
     references: tuple[MediaReference, ...]
 
     @property
+    def words(self) -> str:
+        """The instruction's words alone: every placeholder removed, whitespace collapsed."""
+        return " ".join(PLACEHOLDER_PATTERN.sub(" ", self.text).split())
+
+    @property
     def image_references(self) -> tuple[MediaReference, ...]:
         return tuple(ref for ref in self.references if ref.kind == "image")
 

@@ -74,6 +74,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_rerank_weight": 0.0,
     "llm_base_agreement_weight": 0.0,
     "llm_base_focus_weight": 0.0,
+    "base_instruction_weight": 0.0,
     "caption_embedding_weight": 0.0,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
@@ -210,7 +211,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             its stored empty-prompt hidden states (identical output for the official, always-empty prompt).
         imagebind_tokenizer ([`~transformers.PreTrainedTokenizerBase`], optional): ImageBind's text tokenizer (CLIP
             BPE); only the beam reranking (`llm_rerank_weight`, `llm_base_agreement_weight`,
-            `llm_base_focus_weight`) and `caption_embedding_weight` read text with ImageBind.
+            `llm_base_focus_weight`), `base_instruction_weight` and `caption_embedding_weight` read text with
+            ImageBind.
         edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
             `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """
@@ -597,21 +599,69 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         media_embeds: torch.Tensor,
         base_embed: torch.Tensor | None,
         generation_embed: torch.Tensor | None,
+        prior: torch.Tensor | None = None,
     ) -> int:
         """Index (into the instruction's ``images``) of the image to edit.
 
         One image input is the base. With several, the image whose ImageBind vector has the largest dot product with
-        the LLM's base embedding; audio inputs are never candidates. A ``<base_null>`` answer (no base embedding)
-        with several images falls back to the generation embedding (the official code raises here).
+        the LLM's base embedding (plus ``prior``); audio inputs are never candidates. A ``<base_null>`` answer (no
+        base embedding) with several images falls back to the generation embedding (the official code raises here).
+
+        Args:
+            instruction (`ParsedInstruction`): the instruction.
+            media_embeds (`torch.Tensor`): its inputs' ImageBind vectors, in order of appearance (`encode_media`).
+            base_embed (`torch.Tensor`, *optional*): the LLM's base embedding.
+            generation_embed (`torch.Tensor`, *optional*): the LLM's generation embedding (used without a base one).
+            prior (`torch.Tensor`, *optional*): one score per image placeholder, in order of appearance, added to the
+                dot products (`instruction_base_priors`).
         """
         candidates = [(pos, ref) for pos, ref in enumerate(instruction.references) if ref.kind == "image"]
         if len(candidates) == 1:
             return candidates[0][1].index
         query = base_embed if base_embed is not None else generation_embed
-        if query is None:
+        if query is None and prior is None:
             return candidates[0][1].index
-        scores = torch.stack([media_embeds[pos].float() @ query.float() for pos, _ in candidates])
+        if query is None:
+            scores = torch.zeros(len(candidates))
+        else:
+            scores = torch.stack([media_embeds[pos].float() @ query.float() for pos, _ in candidates])
+        if prior is not None:
+            scores = scores + prior.float().to(scores.device)
         return candidates[int(scores.argmax())][1].index
+
+    def instruction_base_priors(
+        self,
+        parsed: list[ParsedInstruction],
+        media_embeds: list[torch.Tensor],
+        weight: float,
+        device: torch.device,
+    ) -> list[torch.Tensor | None]:
+        """The `base_instruction_weight` term of `select_base_image`: ``weight`` · cosine between ImageBind's
+        embedding of the instruction's words (`ParsedInstruction.words`) and each of its images.
+
+        An instruction that picks its base among several images describes that image in words ("edit the one with a
+        red circle"); ImageBind's text tower, bound to its image tower, finds the image those words fit best.
+
+        Args:
+            parsed (`list[ParsedInstruction]`): the batch's instructions.
+            media_embeds (`list[torch.Tensor]`): their ImageBind vectors (`encode_media`).
+            weight (`float`): the cosine's weight.
+            device (`torch.device`): where ImageBind reads the words.
+
+        Returns:
+            `list`: per instruction, a `(num_image_placeholders,)` float32 tensor on the CPU, or `None` for an
+            instruction with one image or without words.
+        """
+        rows = [b for b, p in enumerate(parsed) if len(p.image_references) > 1 and p.words]
+        priors: list[torch.Tensor | None] = [None] * len(parsed)
+        if weight == 0 or not rows:
+            return priors
+        words = torch.nn.functional.normalize(self.encode_captions([parsed[b].words for b in rows], device), dim=-1)
+        for b, text in zip(rows, words.cpu()):
+            images = [pos for pos, ref in enumerate(parsed[b].references) if ref.kind == "image"]
+            vectors = torch.nn.functional.normalize(media_embeds[b][images].float().cpu(), dim=-1)
+            priors[b] = weight * (vectors @ text)
+        return priors
 
     def caption_agreement_scorer(
         self,
@@ -620,6 +670,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         base_agreement_weight: float = 0.0,
         parsed: list[ParsedInstruction] | None = None,
         media_embeds: list[torch.Tensor] | None = None,
+        base_priors: list[torch.Tensor | None] | None = None,
     ) -> Callable:
         """The ``candidate_scorer`` (of `generate_with_media`) that `llm_rerank_weight` and
         `llm_base_agreement_weight` use: beam score + ``weight`` · cosine between ImageBind's embedding of each beam's
@@ -635,6 +686,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             parsed (`list[ParsedInstruction]`, *optional*): the batch's instructions (row ``row`` of the scorer's
                 calls is ``parsed[row]``), to select each answer's base image.
             media_embeds (`list[torch.Tensor]`, *optional*): the batch's ImageBind vectors (`encode_media`).
+            base_priors (`list`, *optional*): per instruction, the `select_base_image` prior
+                (`instruction_base_priors`).
 
         Returns:
             `Callable`: ``choose(row, texts, beam_scores, generation_embeds, base_embeds) -> int``, the index of the
@@ -644,6 +697,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(
                 "`base_agreement_weight` > 0 selects each answer's base: pass `parsed` and `media_embeds`."
             )
+        priors = base_priors if base_priors is not None else [None] * len(parsed or [])
 
         def choose(
             row: int, texts: list[str], beam_scores: torch.Tensor, generation_embeds: list, base_embeds: list
@@ -660,7 +714,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             if base_agreement_weight > 0:
                 bases = []
                 for j in valid:
-                    index = self.select_base_image(parsed[row], media_embeds[row], base_embeds[j], generation_embeds[j])
+                    index = self.select_base_image(
+                        parsed[row], media_embeds[row], base_embeds[j], generation_embeds[j], priors[row]
+                    )
                     bases.append(media_embeds[row][parsed[row].position_of("image", index)])
                 bases = torch.stack(bases).to(device)
                 totals = totals + base_agreement_weight * self.base_agreement(text_embeds, bases)
@@ -681,6 +737,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         base_agreement_weight: float,
         max_new_tokens: int,
         device: torch.device,
+        base_priors: list[torch.Tensor | None] | None = None,
     ) -> tuple[list[str], list[torch.Tensor | None], list[torch.Tensor | None]]:
         """A second look at instructions with several images, with only the chosen base in view
         (`llm_base_focus_weight`).
@@ -692,7 +749,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         under the real instruction and media (`score_answers`) and ranked by `caption_agreement_scorer` with
         ``base_agreement_weight``; the proposals only widen the choice, the judge still sees the true inputs (an
         instruction that takes another image's background keeps its first answer unless the focused one scores
-        higher there).
+        higher there). Where ``base_priors`` moved the base away from the image the answer's own base embedding
+        points to, the first beams were written about another image: only the focused beams compete.
 
         Args:
             parsed (`list[ParsedInstruction]`): the batch's instructions.
@@ -705,19 +763,28 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             base_agreement_weight (`float`): the base agreement's weight in this ranking.
             max_new_tokens (`int`): the answer length limit.
             device (`torch.device`): where ImageBind reads the captions.
+            base_priors (`list`, *optional*): per instruction, the `select_base_image` prior
+                (`instruction_base_priors`).
 
         Returns:
             `tuple`: new ``answers``, ``generation_embeds`` and ``base_embeds`` (rows that were not looked at again
             keep theirs; the inputs are not modified).
         """
         answers, generation_embeds, base_embeds = list(answers), list(generation_embeds), list(base_embeds)
-        rows, focused_media, focused_patches = [], [], []
+        priors = base_priors if base_priors is not None else [None] * len(parsed)
+        rows, focused_media, focused_patches, moved = [], [], [], set()
         for b, instruction in enumerate(parsed):
             images = [pos for pos, ref in enumerate(instruction.references) if ref.kind == "image"]
             if len(images) < 2 or b not in first_beams or parse_answer(answers[b]).additions:
                 continue
-            index = self.select_base_image(instruction, media_embeds[b], base_embeds[b], generation_embeds[b])
+            index = self.select_base_image(
+                instruction, media_embeds[b], base_embeds[b], generation_embeds[b], priors[b]
+            )
             base_position = instruction.position_of("image", index)
+            if priors[b] is not None and index != self.select_base_image(
+                instruction, media_embeds[b], base_embeds[b], generation_embeds[b]
+            ):
+                moved.add(b)
             media = media_embeds[b].clone()
             media[images] = media_embeds[b][base_position]
             rows.append(b)
@@ -749,7 +816,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         )
         for i, b in enumerate(rows):
             # The first beams are scored again as well, so every candidate gets the same scoring (re-tokenized text).
-            candidates = first_beams[b] + [text for text in focused_beams[i] if text not in first_beams[b]]
+            if b in moved:  # the first beams were written about another image
+                candidates = list(dict.fromkeys(focused_beams[i]))
+            else:
+                candidates = first_beams[b] + [text for text in focused_beams[i] if text not in first_beams[b]]
             scores, generations, bases = score_answers(
                 self.llm,
                 self.llm_tokenizer,
@@ -761,7 +831,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 image_patches=None if image_patches is None else image_patches[b],
             )
             choose = self.caption_agreement_scorer(
-                rerank_weight, device, base_agreement_weight, parsed=[parsed[b]], media_embeds=[media_embeds[b]]
+                rerank_weight,
+                device,
+                base_agreement_weight,
+                parsed=[parsed[b]],
+                media_embeds=[media_embeds[b]],
+                base_priors=[priors[b]],
             )
             pick = choose(0, candidates, scores, generations, bases)
             answers[b], generation_embeds[b], base_embeds[b] = candidates[pick], generations[pick], bases[pick]
@@ -992,6 +1067,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_rerank_weight: float | None = None,
         llm_base_agreement_weight: float | None = None,
         llm_base_focus_weight: float | None = None,
+        base_instruction_weight: float | None = None,
         caption_embedding_weight: float | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
@@ -1026,6 +1102,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `llm_rerank_weight` | — | — | 0 | rerank the beams by each caption's agreement with its generation embedding |
         | `llm_base_agreement_weight` | — | — | 0 | rerank the beams by each caption's agreement with the base image |
         | `llm_base_focus_weight` | — | — | 0 | several images: add beams of the LLM shown only the chosen base, rerank all |
+        | `base_instruction_weight` | — | — | 0 | several images: the base choice also weighs how well the instruction's words fit each image |
         | `caption_embedding_weight` | — | — | 0 | blend ImageBind's embedding of the caption into the LLM's embedding |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
@@ -1078,6 +1155,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 instruction and media (`score_answers`: the same length-normalised log-probability as the beam
                 score), and the best by ``score + llm_rerank_weight · cosine + llm_base_focus_weight ·
                 base_agreement`` is kept. Needs what `llm_base_agreement_weight` needs.
+            base_instruction_weight (`float`, defaults to 0.0): above 0, for an instruction with several images the
+                base is the image with the largest ``e_base · e_image + base_instruction_weight · cos(ImageBind(words),
+                e_image)``, where ``words`` is the instruction without its placeholders
+                (`instruction_base_priors`): "edit the one with a red circle" favours the image with a red circle.
+                Every base choice uses it (the reranking's base agreement, the base focus, the edit). Needs
+                ``imagebind_tokenizer``.
             caption_embedding_weight (`float`, defaults to 0.0): in [0, 1]; above 0, the generation embedding is
                 replaced by `blend_caption_embeddings` of it and ImageBind's text embedding of the answer's caption
                 (this share of the direction, the norm kept) before the prior, the mix and base selection. Needs
@@ -1125,6 +1208,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_rerank_weight=llm_rerank_weight,
             llm_base_agreement_weight=llm_base_agreement_weight,
             llm_base_focus_weight=llm_base_focus_weight,
+            base_instruction_weight=base_instruction_weight,
             caption_embedding_weight=caption_embedding_weight,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
@@ -1165,6 +1249,20 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     "from the pipeline's `edit_defaults`)."
                 )
             self._check_imagebind_tokenizer(name, value, "reads captions")
+        base_instruction_weight = settings["base_instruction_weight"]
+        if not (
+            isinstance(base_instruction_weight, (int, float))
+            and not isinstance(base_instruction_weight, bool)
+            and base_instruction_weight >= 0
+            and np.isfinite(base_instruction_weight)
+        ):
+            raise ValueError(
+                f"`base_instruction_weight` must be a finite number >= 0, got {base_instruction_weight!r}."
+            )
+        if base_instruction_weight > 0 and conditioning_embeds is None:
+            self._check_imagebind_tokenizer(
+                "base_instruction_weight", base_instruction_weight, "embeds the instruction's words"
+            )
         caption_embedding_weight = settings["caption_embedding_weight"]
         if (
             isinstance(caption_embedding_weight, bool)
@@ -1224,9 +1322,15 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         if conditioning_embeds is None:
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
             scorer, first_beams = None, {}
+            base_priors = self.instruction_base_priors(parsed, media_embeds, base_instruction_weight, device)
             if llm_rerank_weight > 0 or llm_base_agreement_weight > 0 or llm_base_focus_weight > 0:
                 scorer = choose = self.caption_agreement_scorer(
-                    llm_rerank_weight, device, llm_base_agreement_weight, parsed=parsed, media_embeds=media_embeds
+                    llm_rerank_weight,
+                    device,
+                    llm_base_agreement_weight,
+                    parsed=parsed,
+                    media_embeds=media_embeds,
+                    base_priors=base_priors,
                 )
             if llm_base_focus_weight > 0:
 
@@ -1256,7 +1360,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             if llm_base_focus_weight > 0:
                 answers, llm_generation_embeds, llm_base_embeds = self.focus_on_base(
                     parsed, media_embeds, image_patches, answers, llm_generation_embeds, llm_base_embeds,
-                    first_beams, llm_rerank_weight, llm_base_focus_weight, llm_max_new_tokens, device,
+                    first_beams, llm_rerank_weight, llm_base_focus_weight, llm_max_new_tokens, device, base_priors,
                 )  # fmt: skip
             parsed_answers = [parse_answer(answer) for answer in answers]
             if caption_embedding_weight > 0:
@@ -1275,7 +1379,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 gen = llm_generation_embeds[b]
                 base = llm_base_embeds[b]
                 # 4. Pick the base image (images only; audio is never a base).
-                base_index = self.select_base_image(parsed[b], media_embeds[b], base, gen)
+                base_index = self.select_base_image(parsed[b], media_embeds[b], base, gen, base_priors[b])
                 if gen is None:
                     if on_invalid_answer == "error":
                         raise ValueError(

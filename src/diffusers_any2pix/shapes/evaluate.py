@@ -935,6 +935,10 @@ def _parser() -> argparse.ArgumentParser:
         help="several images: add beams of the LLM shown only the chosen base, base agreement at this weight (0: off)",
     )  # fmt: skip
     knobs.add_argument(
+        "--base_instruction_weight", type=float, default=None,
+        help="several images: weight of the instruction words' ImageBind agreement with each image in the base choice",
+    )  # fmt: skip
+    knobs.add_argument(
         "--caption_embedding_weight", type=float, default=None,
         help="share of ImageBind's embedding of the caption blended into the generation embedding, in [0, 1]",
     )  # fmt: skip
@@ -953,6 +957,7 @@ _KNOBS = (
     "llm_rerank_weight",
     "llm_base_agreement_weight",
     "llm_base_focus_weight",
+    "base_instruction_weight",
     "caption_embedding_weight",
 )
 
@@ -969,7 +974,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}.")
-    for name in ("llm_rerank_weight", "llm_base_agreement_weight", "llm_base_focus_weight"):
+    for name in ("llm_rerank_weight", "llm_base_agreement_weight", "llm_base_focus_weight", "base_instruction_weight"):
         weight = getattr(args, name)
         if weight is not None and not (weight >= 0 and math.isfinite(weight)):
             parser.error(f"--{name} must be a finite number >= 0, got {weight}.")

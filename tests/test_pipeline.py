@@ -1023,6 +1023,9 @@ def test_base_instruction_weight_picks_the_base_the_words_describe(base_agreemen
         )
         disagreements += plain.base_image_indices != [by_words]
     assert disagreements  # some pair where the words overrule the LLM's own choice
+    # No beam search needed: the weight applies to a greedy answer's base as well.
+    greedy = run(pipe, instruction, images=images, base_instruction_weight=1e6, **{**edit, "llm_num_beams": 1})
+    assert greedy.base_image_indices == [by_words]
     # A stored default acts like the argument; with `conditioning_embeds` no base is chosen and no tokenizer needed.
     stored = _attribute_reading_pipe(edit_defaults={"base_instruction_weight": 1e6})
     assert run(stored, instruction, images=images, **edit).base_image_indices == moved.base_image_indices

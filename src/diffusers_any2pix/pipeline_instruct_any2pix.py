@@ -1235,34 +1235,28 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_rerank_weight = settings["llm_rerank_weight"]
         llm_base_agreement_weight = settings["llm_base_agreement_weight"]
         llm_base_focus_weight = settings["llm_base_focus_weight"]
-        for name in ("llm_rerank_weight", "llm_base_agreement_weight", "llm_base_focus_weight"):
+        base_instruction_weight = settings["base_instruction_weight"]
+        # What each weight reads with ImageBind's text tower; the three `llm_*` weights also rank beams.
+        text_uses = {
+            "llm_rerank_weight": "reads captions",
+            "llm_base_agreement_weight": "reads captions",
+            "llm_base_focus_weight": "reads captions",
+            "base_instruction_weight": "embeds the instruction's words",
+        }
+        for name, use in text_uses.items():
             value = settings[name]
             is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (is_number and value >= 0 and np.isfinite(value)):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
             if value == 0 or conditioning_embeds is not None:
                 continue
-            if llm_num_beams < 2:
+            if name.startswith("llm_") and llm_num_beams < 2:
                 raise ValueError(
                     f"`{name}={value}` reranks beams: it needs `llm_num_beams` > 1 (and `llm_do_sample=False`), got "
                     f"llm_num_beams={llm_num_beams}; pass `{name}=0` to decode without reranking (the weight may come "
                     "from the pipeline's `edit_defaults`)."
                 )
-            self._check_imagebind_tokenizer(name, value, "reads captions")
-        base_instruction_weight = settings["base_instruction_weight"]
-        if not (
-            isinstance(base_instruction_weight, (int, float))
-            and not isinstance(base_instruction_weight, bool)
-            and base_instruction_weight >= 0
-            and np.isfinite(base_instruction_weight)
-        ):
-            raise ValueError(
-                f"`base_instruction_weight` must be a finite number >= 0, got {base_instruction_weight!r}."
-            )
-        if base_instruction_weight > 0 and conditioning_embeds is None:
-            self._check_imagebind_tokenizer(
-                "base_instruction_weight", base_instruction_weight, "embeds the instruction's words"
-            )
+            self._check_imagebind_tokenizer(name, value, use)
         caption_embedding_weight = settings["caption_embedding_weight"]
         if (
             isinstance(caption_embedding_weight, bool)

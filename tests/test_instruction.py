@@ -13,6 +13,7 @@ def test_placeholders_resolve_in_order_of_appearance():
     assert parsed.llm_text == "add <video> to <video> in the style of <video>"
     assert parsed.image_references == (MediaReference("image", 1), MediaReference("image", 0))
     assert parsed.position_of("image", 0) == 2
+    assert parsed.image_positions == (1, 2)
     assert parsed.words == "add to in the style of"
 
 

@@ -51,6 +51,11 @@ class ParsedInstruction:
     def image_references(self) -> tuple[MediaReference, ...]:
         return tuple(ref for ref in self.references if ref.kind == "image")
 
+    @property
+    def image_positions(self) -> tuple[int, ...]:
+        """Positions (order of appearance) of the image placeholders, aligned with `image_references`."""
+        return tuple(pos for pos, ref in enumerate(self.references) if ref.kind == "image")
+
     def position_of(self, kind: str, index: int) -> int:
         """Position (order of appearance) of the placeholder of input ``index`` of ``kind``."""
         return self.references.index(MediaReference(kind, index))

@@ -615,7 +615,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             prior (`torch.Tensor`, *optional*): one score per image placeholder, in order of appearance, added to the
                 dot products (`instruction_base_priors`).
         """
-        candidates = [(pos, ref) for pos, ref in enumerate(instruction.references) if ref.kind == "image"]
+        candidates = list(zip(instruction.image_positions, instruction.image_references))
         if len(candidates) == 1:
             return candidates[0][1].index
         query = base_embed if base_embed is not None else generation_embed
@@ -658,7 +658,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             return priors
         words = torch.nn.functional.normalize(self.encode_captions([parsed[b].words for b in rows], device), dim=-1)
         for b, text in zip(rows, words.cpu()):
-            images = [pos for pos, ref in enumerate(parsed[b].references) if ref.kind == "image"]
+            images = list(parsed[b].image_positions)
             vectors = torch.nn.functional.normalize(media_embeds[b][images].float().cpu(), dim=-1)
             priors[b] = weight * (vectors @ text)
         return priors
@@ -774,7 +774,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         priors = base_priors if base_priors is not None else [None] * len(parsed)
         rows, focused_media, focused_patches, moved = [], [], [], set()
         for b, instruction in enumerate(parsed):
-            images = [pos for pos, ref in enumerate(instruction.references) if ref.kind == "image"]
+            images = list(instruction.image_positions)
             if len(images) < 2 or b not in first_beams or parse_answer(answers[b]).additions:
                 continue
             index = self.select_base_image(

@@ -400,6 +400,11 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
              r"`caption_embedding_weight` must be a number in \[0, 1\]")  # fmt: skip
             for w in (-0.1, 1.5, float("nan"), True, "1")
         ],
+        *[
+            (dict(images=[image(0)], caption_embedding_weight=w), ValueError,
+             r"`caption_embedding_weight` must be a number in \[0, 1\] or a non-empty list of them")  # fmt: skip
+            for w in ([], (0.3, 1.5), [0.3, True], [0.3, "1"])
+        ],
         (dict(images=[image(0)], caption_embedding_weight=0.5), ValueError,
          r"`caption_embedding_weight=0.5` embeds the LLM's caption .* no `imagebind_tokenizer`"),  # fmt: skip
         *[
@@ -409,6 +414,13 @@ def test_bad_instructions_fail_before_any_model_runs(native_pipe, monkeypatch, i
         ],
         (dict(images=[image(0)], base_instruction_weight=2.0), ValueError,
          r"`base_instruction_weight=2.0` embeds the instruction's words .* no `imagebind_tokenizer`"),  # fmt: skip
+        *[
+            (dict(images=[image(0)], num_candidate_images=n), ValueError,
+             "`num_candidate_images` must be a positive int")  # fmt: skip
+            for n in (0, -1, True, 1.5, "2")
+        ],
+        (dict(images=[image(0)], num_candidate_images=2), ValueError,
+         r"`num_candidate_images=2` compares each candidate image .* no `imagebind_tokenizer`"),  # fmt: skip
     ],
 )
 def test_bad_arguments(native_pipe, kwargs, error, match):
@@ -750,6 +762,168 @@ def test_caption_embedding_weight_blends_the_captions_imagebind_embedding_into_t
     native = make_pipe("imagebind")
     given = dict(output_type="np", conditioning_embeds=out.conditioning_embeds)
     assert np.array_equal(run(native, **given, caption_embedding_weight=1.0).images, run(native, **given).images)
+
+
+# ------------------------------------------------------------------------------------------------ candidate images
+def _caption_cosines(pipe, images: torch.Tensor, caption: str) -> torch.Tensor:
+    """cos(ImageBind(image_i), ImageBind(caption)), from ImageBind's own methods; images in [0, 1]."""
+    pixels = pipe.imagebind_processor.preprocess_image(images)
+    image_embeds = pipe.image_encoder.encode_image(pixels)
+    text = pipe.image_encoder.encode_text(pipe.imagebind_processor.tokenize([caption]))[0]
+    return torch.nn.functional.cosine_similarity(image_embeds, text[None], dim=-1)
+
+
+def test_candidate_images_keep_the_one_imagebind_finds_closest_to_the_caption(reranking_pipe):
+    """With a single generator the k candidates are exactly the k images of ``num_images_per_prompt=k`` (same noise
+    draw); the output is the one with the largest ImageBind cosine to the caption."""
+    picks = []
+    for seed in range(4):
+        every = run(reranking_pipe, output_type="pt", seed=seed, num_images_per_prompt=3)
+        cosines = _caption_cosines(reranking_pipe, every.images, every.captions[0])
+        assert cosines.unique().numel() == 3  # a real choice
+        best = run(reranking_pipe, output_type="pt", seed=seed, num_candidate_images=3)
+        assert best.images.shape == (1, 3, 32, 32) and best.captions == every.captions
+        pick = int(cosines.argmax())
+        assert torch.equal(best.images[0], every.images[pick])
+        latents = run(reranking_pipe, output_type="latent", seed=seed, num_images_per_prompt=3).images
+        assert torch.equal(run(reranking_pipe, output_type="latent", seed=seed, num_candidate_images=3).images[0],
+                           latents[pick])  # fmt: skip
+        picks.append(pick)
+    assert any(pick != 0 for pick in picks)  # not always the first draw
+    # One candidate is the plain edit; a stored default applies like the argument.
+    plain = run(reranking_pipe, output_type="np", seed=1)
+    assert np.array_equal(run(reranking_pipe, output_type="np", seed=1, num_candidate_images=1).images, plain.images)
+    stored = make_pipe(
+        "imagebind", imagebind_tokenizer=tiny_clip_tokenizer(), edit_defaults={"num_candidate_images": 3}
+    )
+    assert torch.equal(run(stored, output_type="pt", seed=3).images, best.images)
+
+
+def test_candidate_images_per_output_image_with_a_generator_per_output(reranking_pipe):
+    """Two instructions × two images per prompt × three candidates: the callback sees all 12 rows, and each output is
+    its own group's best (scored here on the final latents the callback saw)."""
+    final = {}
+
+    def keep_last(pipe, step, timestep, kwargs):
+        final["latents"] = kwargs["latents"].clone()
+        return {}
+
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    out = reranking_pipe(
+        ["add [audio1] to [image1]", "make [image2] look like [image1]"],
+        images=[[image(0)], [image(1), image(2)]],
+        audio=[[clip()], None],
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        num_candidate_images=3,
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=keep_last,
+    )
+    assert out.images.shape == (4, 4, 16, 16) and final["latents"].shape == (12, 4, 16, 16)
+    decoded = (reranking_pipe.vae_decode(final["latents"]).float() / 2 + 0.5).clamp(0, 1)
+    for i in range(4):
+        caption = out.captions[i // 2]
+        group = range(3 * i, 3 * i + 3)
+        cosines = _caption_cosines(reranking_pipe, decoded[list(group)], caption)
+        assert torch.equal(out.images[i], final["latents"][group[int(cosines.argmax())]])
+    # Each output image's candidates come from its own generator: the same seeds give the same edit.
+    again = reranking_pipe(
+        ["add [audio1] to [image1]", "make [image2] look like [image1]"],
+        images=[[image(0)], [image(1), image(2)]],
+        audio=[[clip()], None],
+        num_inference_steps=2,
+        num_images_per_prompt=2,
+        num_candidate_images=3,
+        generator=[torch.Generator().manual_seed(s) for s in range(4)],
+        output_type="latent",
+    )
+    assert torch.equal(again.images, out.images)
+    needs = r"list of 3 generators; a list needs one per output image: 1 instruction\(s\) × num_images_per_prompt=2"
+    with pytest.raises(ValueError, match=needs):
+        reranking_pipe("edit [image1]", images=[image(0)], num_images_per_prompt=2,
+                       generator=[torch.Generator() for _ in range(3)])  # fmt: skip
+
+
+def test_several_caption_weights_keep_per_instruction_the_weight_with_the_closest_candidate(reranking_pipe):
+    """Two instructions × two images × weights (0, 1) × two candidates, a generator per output image: each
+    instruction keeps the weight of its best candidate (its embeddings are that weight's own edit's), and each output
+    image its best candidate at that weight — checked on the final latents the callback saw."""
+    final = {}
+
+    def keep_last(pipe, step, timestep, kwargs):
+        final["latents"] = kwargs["latents"].clone()
+        return {}
+
+    edit = dict(
+        instruction=["add [audio1] to [image1]", "make [image2] look like [image1]"],
+        images=[[image(0)], [image(1), image(2)]],
+        audio=[[clip()], None],
+        num_inference_steps=2,
+        llm_do_sample=False,
+        llm_num_beams=2,
+    )
+    out = reranking_pipe(
+        **edit, num_images_per_prompt=2, num_candidate_images=2, caption_embedding_weight=[0.0, 1.0],
+        generator=[torch.Generator().manual_seed(s) for s in range(4)], output_type="latent",
+        callback_on_step_end=keep_last,
+    )  # fmt: skip
+    assert out.images.shape == (4, 4, 16, 16) and final["latents"].shape == (16, 4, 16, 16)  # rows (b, w, image, c)
+    decoded = (reranking_pipe.vae_decode(final["latents"]).float() / 2 + 0.5).clamp(0, 1)
+    cosines = torch.cat([_caption_cosines(reranking_pipe, decoded[8 * b : 8 * b + 8], out.captions[b]) for b in (0, 1)])
+    cosines = cosines.view(2, 2, 2, 2)
+    for b in range(2):
+        weight = int(cosines[b].flatten(1).amax(dim=-1).argmax())
+        single = reranking_pipe(**edit, caption_embedding_weight=(0.0, 1.0)[weight], output_type="latent",
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+        for name in ("generation_embeds", "refined_embeds", "conditioning_embeds"):
+            assert torch.equal(getattr(out, name)[b], getattr(single, name)[b]), name
+        assert out.base_image_indices[b] == single.base_image_indices[b]
+        for i in range(2):
+            candidate = int(cosines[b, weight, i].argmax())
+            row = ((b * 2 + weight) * 2 + i) * 2 + candidate
+            assert torch.equal(out.images[2 * b + i], final["latents"][row])
+    assert cosines[:, 0].ne(cosines[:, 1]).all()  # the weights give different images
+    # One weight in a list is that weight; a stored list applies like the argument.
+    listed = reranking_pipe(**edit, caption_embedding_weight=[1.0], generator=torch.Generator().manual_seed(3))
+    number = reranking_pipe(**edit, caption_embedding_weight=1.0, generator=torch.Generator().manual_seed(3))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(listed.images, number.images))
+    stored = make_pipe(
+        "imagebind", imagebind_tokenizer=tiny_clip_tokenizer(), edit_defaults={"caption_embedding_weight": [0.0, 1.0]}
+    )
+    from_defaults = stored(**edit, output_type="np", generator=torch.Generator().manual_seed(5)).images
+    passed = reranking_pipe(**edit, output_type="np", generator=torch.Generator().manual_seed(5),
+                            caption_embedding_weight=(0.0, 1.0)).images  # fmt: skip
+    assert from_defaults.shape == (2, 32, 32, 3) and np.array_equal(from_defaults, passed)
+
+
+def test_score_candidate_images_compares_with_the_conditioning_where_there_is_no_caption(reranking_pipe):
+    images = torch.rand(3, 3, 32, 32)
+    conditioning = torch.randn(3, TINY_EMBED_DIM)
+    pipe, cpu = reranking_pipe, torch.device("cpu")
+    scores = pipe.score_candidate_images(images, ["a red circle", None, ""], conditioning, cpu)
+    assert torch.allclose(scores[0], _caption_cosines(pipe, images[:1], "a red circle")[0], atol=1e-6)
+    image_embeds = pipe.image_encoder.encode_image(pipe.imagebind_processor.preprocess_image(images))
+    expected = torch.nn.functional.cosine_similarity(image_embeds[1:], conditioning[1:], dim=-1)
+    assert torch.allclose(scores[1:], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="One caption and one conditioning embedding per image: got 3 images, 2"):
+        reranking_pipe.score_candidate_images(images, ["a", "b"], conditioning, torch.device("cpu"))
+
+
+def test_candidate_images_with_conditioning_embeds_need_no_tokenizer():
+    """Without `captions` the candidates are judged against the conditioning embedding itself."""
+    native = make_pipe("imagebind")
+    first = run(native, output_type="pt", seed=2)
+    given = dict(output_type="pt", seed=2, conditioning_embeds=first.conditioning_embeds)
+    every = run(native, **given, num_images_per_prompt=3)
+    pixels = native.imagebind_processor.preprocess_image(every.images)
+    cosines = torch.nn.functional.cosine_similarity(
+        native.image_encoder.encode_image(pixels), first.conditioning_embeds, dim=-1
+    )
+    best = run(native, **given, num_candidate_images=3)
+    assert torch.equal(best.images[0], every.images[int(cosines.argmax())])
+    with pytest.raises(ValueError, match=r"`num_candidate_images=3` compares each candidate image with its caption"):
+        run(native, **given, num_candidate_images=3, captions="a red circle")
 
 
 ATTRIBUTE_CLASSES = [3, 2, 4, 3, 5, 2, 4]

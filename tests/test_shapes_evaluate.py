@@ -596,7 +596,8 @@ def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, c
     output = tmp_path / "report.json"
     argv = _cli_argv(workspace) + ["--max_examples", "2", "--output", str(output), "--llm_num_beams", "2",
                                    "--llm_rerank_weight", "0", "--llm_base_agreement_weight", "0",
-                                   "--llm_base_focus_weight", "0", "--base_instruction_weight", "0"]  # fmt: skip
+                                   "--llm_base_focus_weight", "0", "--base_instruction_weight", "0",
+                                   "--num_candidate_images", "1"]  # fmt: skip
     assert evaluate.main(argv + selection) == 0
     report = json.load(open(output))
     assert list(report["baselines"]) == baselines and list(report["ablations"]) == ablations
@@ -604,6 +605,7 @@ def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, c
     assert report["pipeline_kwargs"]["llm_rerank_weight"] == report["pipeline_kwargs"]["llm_base_agreement_weight"] == 0
     assert report["pipeline_kwargs"]["llm_base_focus_weight"] == 0
     assert report["pipeline_kwargs"]["base_instruction_weight"] == 0
+    assert report["pipeline_kwargs"]["num_candidate_images"] == 1
     assert set(report["examples"][0]) >= {MODEL, *baselines, *ablations}
     printed = capsys.readouterr().out
     assert ("- baselines -" in printed) == bool(baselines) and ("- ablations -" in printed) == bool(ablations)
@@ -634,6 +636,8 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
         (["--model", "MODEL"], "--data is required"),
         (["--model", "MODEL", "--data", "DATA", "--max_examples", "0"], "--max_examples must be a positive"),
         (["--model", "MODEL", "--data", "DATA", "--llm_num_beams", "0"], "--llm_num_beams must be a positive"),
+        (["--model", "MODEL", "--data", "DATA", "--num_candidate_images", "0"],
+         "--num_candidate_images must be a positive"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--llm_rerank_weight", "-1"], "--llm_rerank_weight must be a finite"),
         (["--model", "MODEL", "--data", "DATA", "--llm_rerank_weight", "nan"], "--llm_rerank_weight must be a finite"),
         *[

@@ -35,6 +35,7 @@ from .multimodal_llm import (
     expand_media_tokens,
     generate_with_media,
     get_multimodal_token_ids,
+    ParsedAnswer,
     parse_answer,
     score_answers,
 )
@@ -76,6 +77,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "llm_base_focus_weight": 0.0,
     "base_instruction_weight": 0.0,
     "caption_embedding_weight": 0.0,
+    "num_candidate_images": 1,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
@@ -906,6 +908,86 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         # On the captions' device: the adapter may sit elsewhere (model offload).
         return same.clamp_min(BASE_AGREEMENT_FLOOR).log().topk(kept, dim=-1).values.sum(-1).to(caption_embeds.device)
 
+    def score_candidate_images(
+        self,
+        images: torch.Tensor,
+        captions: list[str | None],
+        conditioning_embeds: torch.Tensor,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """How well decoded images show what they were made for (`num_candidate_images`): the cosine between
+        ImageBind's embedding of each image and ImageBind's text embedding of its caption, or, for a row without a
+        caption, its conditioning embedding (which lives in ImageBind's space).
+
+        Args:
+            images (`torch.Tensor`): `(n, 3, H, W)` in [0, 1]; read as ImageBind reads an 8-bit image file.
+            captions (`list[str | None]`): one per image; ``None`` compares with the conditioning embedding instead.
+            conditioning_embeds (`torch.Tensor`): `(n, embed_dim)` the embeddings the images were conditioned on.
+            device (`torch.device`): where ImageBind runs.
+
+        Returns:
+            `torch.Tensor`: `(n,)` float32 cosines, on ``device``.
+        """
+        if not len(captions) == images.shape[0] == conditioning_embeds.shape[0]:
+            raise ValueError(
+                f"One caption and one conditioning embedding per image: got {images.shape[0]} images, "
+                f"{len(captions)} captions and {conditioning_embeds.shape[0]} embeddings."
+            )
+        pixels = self.imagebind_processor.preprocess_image(images.cpu())
+        image_embeds = self.image_encoder.encode_image(pixels.to(device=device, dtype=self.image_encoder.dtype))
+        targets = conditioning_embeds.float().to(device).clone()
+        rows = [i for i, caption in enumerate(captions) if caption]
+        if rows:
+            targets[rows] = self.encode_captions([captions[i] for i in rows], device)
+        unit = torch.nn.functional.normalize
+        return (unit(image_embeds.float(), dim=-1) * unit(targets, dim=-1)).sum(dim=-1)
+
+    def _caption_blended(
+        self,
+        generation_embeds: list[torch.Tensor | None],
+        answers: list[ParsedAnswer],
+        weight: float,
+        device: torch.device,
+    ) -> list[torch.Tensor | None]:
+        """The generation embeddings with `blend_caption_embeddings` at ``weight`` (answers without a caption or an
+        embedding, and weight 0, keep theirs)."""
+        rows = [b for b, g in enumerate(generation_embeds) if g is not None and answers[b].caption]
+        if weight == 0 or not rows:
+            return list(generation_embeds)
+        blended = self.blend_caption_embeddings(
+            torch.stack([generation_embeds[b].float().to(device) for b in rows]),
+            self.encode_captions([answers[b].caption for b in rows], device),
+            weight,
+        )
+        out = list(generation_embeds)
+        for b, row in zip(rows, blended):
+            out[b] = row
+        return out
+
+    @staticmethod
+    def _candidate_noise(
+        shape: torch.Size,
+        generator: torch.Generator | list[torch.Generator] | None,
+        layout: tuple[int, int, int, int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Generator | list[torch.Generator] | None]:
+        """Fresh noise for latent rows laid out as ``layout = (instructions, caption weights, images per prompt,
+        candidates)``, and the generator(s) for the scheduler's steps, one per row when ``generator`` is a list.
+
+        A list holds one generator per output image (instruction, image): each draws the rows of all its caption
+        weights and candidates, as `randn_tensor` draws one row per generator."""
+        if not isinstance(generator, list):
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype), generator
+        batch, weights, images, candidates = layout
+        draws = [
+            randn_tensor((weights, candidates, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator
+        ]
+        # (batch · images) draws of (weights, candidates) rows → rows ordered (batch, weight, image, candidate).
+        noise = torch.stack(draws).view(batch, images, weights, candidates, *shape[1:]).transpose(1, 2)
+        rows = [generator[b * images + i] for b in range(batch) for _ in range(weights) for i in range(images)]
+        return noise.reshape(shape), [g for g in rows for _ in range(candidates)]
+
     def encode_prompt(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning of an SD 1.x / SDXL decoder: ``(prompt_embeds, pooled_prompt_embeds or None)``."""
         return encode_decoder_prompt(
@@ -1030,6 +1112,20 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 f"`{name}=0` (the weight may come from the pipeline's `edit_defaults`)."
             )
 
+    @staticmethod
+    def _caption_weights(value: Any) -> tuple[float, ...]:
+        """`caption_embedding_weight` as a tuple: one weight, or the weights every output image is drawn at."""
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        ok = bool(values) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values
+        )
+        if not ok:
+            raise ValueError(
+                "`caption_embedding_weight` must be a number in [0, 1] or a non-empty list of them, got "
+                f"{value!r}."
+            )
+        return tuple(float(v) for v in values)
+
     def resolve_edit_settings(self, **passed: Any) -> dict[str, Any]:
         """The edit knobs for one call: passed value, else the pipeline's ``edit_defaults``, else the official
         ``__call__`` default."""
@@ -1068,7 +1164,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_base_agreement_weight: float | None = None,
         llm_base_focus_weight: float | None = None,
         base_instruction_weight: float | None = None,
-        caption_embedding_weight: float | None = None,
+        caption_embedding_weight: float | list[float] | None = None,
+        num_candidate_images: int | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
         on_invalid_answer: str = "error",
@@ -1104,6 +1201,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `llm_base_focus_weight` | — | — | 0 | several images: add beams of the LLM shown only the chosen base, rerank all |
         | `base_instruction_weight` | — | — | 0 | several images: the base choice also weighs how well the instruction's words fit each image |
         | `caption_embedding_weight` | — | — | 0 | blend ImageBind's embedding of the caption into the LLM's embedding |
+        | `num_candidate_images` | — | — | 1 | draw several edits per output, keep the one closest to its caption |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -1161,10 +1259,22 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 (`instruction_base_priors`): "edit the one with a red circle" favours the image with a red circle.
                 Every base choice uses it (the reranking's base agreement, the base focus, the edit). Needs
                 ``imagebind_tokenizer``.
-            caption_embedding_weight (`float`, defaults to 0.0): in [0, 1]; above 0, the generation embedding is
-                replaced by `blend_caption_embeddings` of it and ImageBind's text embedding of the answer's caption
-                (this share of the direction, the norm kept) before the prior, the mix and base selection. Needs
-                ``imagebind_tokenizer``; answers without a caption keep their embedding.
+            caption_embedding_weight (`float` or `list[float]`, defaults to 0.0): in [0, 1]; above 0, the generation
+                embedding is replaced by `blend_caption_embeddings` of it and ImageBind's text embedding of the
+                answer's caption (this share of the direction, the norm kept) before the prior, the mix and base
+                selection. Needs ``imagebind_tokenizer``; answers without a caption keep their embedding. A list of
+                weights draws every output image at each of them (one conditioning, base choice and inversion per
+                weight) and keeps, per instruction, the weight whose best candidate `score_candidate_images` scores
+                highest: the output's embeddings and base are that weight's.
+            num_candidate_images (`int`, defaults to 1): above 1, every output image (at each caption weight) is
+                the best of this many denoisings from different noise, judged by `score_candidate_images`: the
+                cosine between ImageBind's embedding of the decoded candidate and ImageBind's text embedding of its
+                caption (the conditioning embedding where there is no caption to read: an answer without one, or
+                `conditioning_embeds` without `captions`). A decoder that draws a rare combination of attributes
+                wrongly from some noise or conditioning draws it right from another; ImageBind, bound to text, tells
+                them apart. Costs that many times the denoising and a VAE decode of every candidate; the callback
+                sees every candidate's latents (rows ordered by instruction, caption weight, output image,
+                candidate). Needs ``imagebind_tokenizer`` to read captions.
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.
@@ -1181,7 +1291,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 With ``conditioning_embeds``: the decoder captions (one per instruction) in place of the LLM's; by
                 default the instruction text. Only text-to-image decoders read them.
             num_images_per_prompt (`int`, defaults to 1): edits per instruction (one LLM answer, different noise).
-            generator (`torch.Generator` or list, *optional*): makes LLM sampling and all noise deterministic.
+            generator (`torch.Generator` or list, *optional*): makes LLM sampling and all noise deterministic. A list
+                holds one generator per output image (``batch × num_images_per_prompt``); the LLM samples from a copy
+                of the first.
             output_type (`str`, defaults to ``"pil"``): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skips the VAE).
             return_dict (`bool`, defaults to True): return an [`InstructAny2PixPipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*):
@@ -1210,6 +1322,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             llm_base_focus_weight=llm_base_focus_weight,
             base_instruction_weight=base_instruction_weight,
             caption_embedding_weight=caption_embedding_weight,
+            num_candidate_images=num_candidate_images,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
         )
@@ -1258,17 +1371,20 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 )
             self._check_imagebind_tokenizer(name, value, use)
         caption_embedding_weight = settings["caption_embedding_weight"]
-        if (
-            isinstance(caption_embedding_weight, bool)
-            or not isinstance(caption_embedding_weight, (int, float))
-            or not 0 <= caption_embedding_weight <= 1
-        ):
-            raise ValueError(
-                f"`caption_embedding_weight` must be a number in [0, 1], got {caption_embedding_weight!r}."
-            )
-        if caption_embedding_weight > 0 and conditioning_embeds is None:
+        caption_weights = self._caption_weights(caption_embedding_weight)
+        if any(caption_weights) and conditioning_embeds is None:
             self._check_imagebind_tokenizer(
                 "caption_embedding_weight", caption_embedding_weight, "embeds the LLM's caption"
+            )
+        if conditioning_embeds is not None:  # no LLM, no caption to blend: one conditioning per instruction
+            caption_weights = (0.0,)
+        num_candidate_images = settings["num_candidate_images"]
+        candidates_ok = isinstance(num_candidate_images, int) and not isinstance(num_candidate_images, bool)
+        if not candidates_ok or num_candidate_images < 1:
+            raise ValueError(f"`num_candidate_images` must be a positive int, got {num_candidate_images!r}.")
+        if num_candidate_images > 1 and (conditioning_embeds is None or captions is not None):
+            self._check_imagebind_tokenizer(
+                "num_candidate_images", num_candidate_images, "compares each candidate image with its caption"
             )
         for name in ("llm_base_agreement_weight", "llm_base_focus_weight"):
             if settings[name] > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
@@ -1307,6 +1423,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         per_audio = [[self.imagebind_processor.load_audio(clip) for clip in clips] for clips in per_audio]
         device = self._execution_device
         batch_size = len(instructions)
+        if isinstance(generator, list) and len(generator) != batch_size * num_images_per_prompt:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators; a list needs one per output image: "
+                f"{batch_size} instruction(s) × num_images_per_prompt={num_images_per_prompt} = "
+                f"{batch_size * num_images_per_prompt}."
+            )
         embed_dim = self.image_encoder.config.out_embed_dim
         media_norm = self.mm_adapter.config.media_embed_norm
 
@@ -1357,84 +1479,96 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     first_beams, llm_rerank_weight, llm_base_focus_weight, llm_max_new_tokens, device, base_priors,
                 )  # fmt: skip
             parsed_answers = [parse_answer(answer) for answer in answers]
-            if caption_embedding_weight > 0:
-                rows = [b for b, g in enumerate(llm_generation_embeds) if g is not None and parsed_answers[b].caption]
-                if rows:
-                    blended = self.blend_caption_embeddings(
-                        torch.stack([llm_generation_embeds[b].float().to(device) for b in rows]),
-                        self.encode_captions([parsed_answers[b].caption for b in rows], device),
-                        caption_embedding_weight,
-                    )
-                    for b, row in zip(rows, blended):
-                        llm_generation_embeds[b] = row
-            captions, generation_rows, base_rows, base_indices = [], [], [], []
+            captions, base_rows = [], []
             for b in range(batch_size):
-                answer = parsed_answers[b]
-                gen = llm_generation_embeds[b]
-                base = llm_base_embeds[b]
-                # 4. Pick the base image (images only; audio is never a base).
-                base_index = self.select_base_image(parsed[b], media_embeds[b], base, gen, base_priors[b])
-                if gen is None:
-                    if on_invalid_answer == "error":
-                        raise ValueError(
-                            f"The LLM's answer to {instructions[b]!r} has no generation embedding (<im_gen>…<video>): "
-                            f"{answers[b]!r}. Try another seed, or pass on_invalid_answer='use_base'."
-                        )
-                    gen = rescale_to_norm(media_embeds[b][parsed[b].position_of("image", base_index)], media_norm)
-                captions.append(answer.caption if answer.caption is not None else (None if on_invalid_answer == "error" else instructions[b]))
-                generation_rows.append(gen.float().to(device))
-                base_rows.append(base)
-                base_indices.append(base_index)
+                if llm_generation_embeds[b] is None and on_invalid_answer == "error":
+                    raise ValueError(
+                        f"The LLM's answer to {instructions[b]!r} has no generation embedding (<im_gen>…<video>): "
+                        f"{answers[b]!r}. Try another seed, or pass on_invalid_answer='use_base'."
+                    )
+                caption = parsed_answers[b].caption
+                if caption is None and on_invalid_answer == "use_base":
+                    caption = instructions[b]
+                captions.append(caption)
+                base_rows.append(llm_base_embeds[b])
+            judged_captions = [answer.caption or None for answer in parsed_answers]
+            # One variant per instruction and caption weight (v = b · W + w); each gets its own conditioning.
+            variant_generations = [
+                self._caption_blended(llm_generation_embeds, parsed_answers, weight, device)
+                for weight in caption_weights
+            ]
+            generation_rows, base_indices = [], []
+            for b in range(batch_size):
+                for blended in variant_generations:
+                    gen = blended[b]
+                    # 4. Pick the base image (images only; audio is never a base).
+                    base_index = self.select_base_image(
+                        parsed[b], media_embeds[b], llm_base_embeds[b], gen, base_priors[b]
+                    )
+                    if gen is None:  # on_invalid_answer="use_base"
+                        gen = rescale_to_norm(media_embeds[b][parsed[b].position_of("image", base_index)], media_norm)
+                    generation_rows.append(gen.float().to(device))
+                    base_indices.append(base_index)
             generation_embeds = torch.stack(generation_rows)
 
-            # 5. Refine with the prior (once for the whole batch, both guidance branches in one pass).
+            # 5. Refine with the prior (once for every variant, both guidance branches in one pass).
             refined_embeds = self.prior.refine(
                 generation_embeds.to(self.prior.dtype),
                 guidance_scale=prior_guidance_scale,
                 score=prior_score,
-                text_hidden_states=self.encode_prior_prompt(batch_size, device),
+                text_hidden_states=self.encode_prior_prompt(len(generation_rows), device),
             ).float()
 
             # 6. Mix: z = h0·e_base + h1·e_gen + h2·e_refined, rescaled to `embedding_norm`.
+            variant_of = [b for b in range(batch_size) for _ in caption_weights]
             base_media = torch.stack(
-                [media_embeds[b][parsed[b].position_of("image", base_indices[b])] for b in range(batch_size)]
+                [media_embeds[b][parsed[b].position_of("image", i)] for b, i in zip(variant_of, base_indices)]
             ).to(device)
             h0, h1, h2 = embedding_weights
             mixed = h0 * rescale_to_norm(base_media, media_norm) + h1 * generation_embeds + h2 * refined_embeds
             conditioning_embeds = rescale_to_norm(mixed, embedding_norm)
         else:
             answers, base_rows = [""] * batch_size, [None] * batch_size
+            judged_captions = list(captions) if captions is not None else [None] * batch_size
             captions = list(captions) if captions is not None else [p.text for p in parsed]
             base_indices = [p.image_references[0].index for p in parsed]
+            variant_of = list(range(batch_size))
             generation_embeds = refined_embeds = torch.zeros(batch_size, embed_dim, device=device)
             conditioning_embeds = conditioning_embeds.to(device=device, dtype=torch.float32)
+        num_variants = len(caption_weights)
 
-        # 7. Decoder conditioning, computed once per instruction.
+        # 7. Decoder conditioning, computed once per variant.
         do_cfg = guidance_scale > 1.0
+        prompts = [captions[b] if captions[b] is not None else instructions[b] for b in variant_of]
         unet_kwargs = self._decoder_conditioning(
-            captions, conditioning_embeds, negative_prompt, prompt_template, height, width, device, do_cfg
-        )
+            prompts, conditioning_embeds, negative_prompt, prompt_template, height, width,
+            device, do_cfg,
+        )  # fmt: skip
 
         with temporary_ip_adapter_scale(self.unet, ip_adapter_scale):
-            # 8. Invert each base image once (VAE mean; DDIM inversion with the decoding conditioning, guidance 1),
-            # then repeat it for num_images_per_prompt.
-            base_images = [per_images[b][base_indices[b]] for b in range(batch_size)]
+            # 8. Invert each variant's base image once (VAE mean; DDIM inversion with the decoding conditioning,
+            # guidance 1), then repeat it for every output image and candidate: rows (b, w, image, candidate).
+            base_images = [per_images[b][i] for b, i in zip(variant_of, base_indices)]
             pixels = self.image_processor.preprocess(base_images, height=height, width=width, resize_mode="crop")
             latents = self.vae_encode(pixels.to(device)).to(self.unet.dtype)
             latents = self.invert(latents, num_inference_steps, self._conditional_branch(unet_kwargs, do_cfg), device)
-            latents = latents.repeat_interleave(num_images_per_prompt, dim=0)
-            unet_kwargs = self._repeat_per_item(unet_kwargs, num_images_per_prompt, do_cfg)
-            repeated_embeds = conditioning_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            repeats = num_images_per_prompt * num_candidate_images
+            latents = latents.repeat_interleave(repeats, dim=0)
+            unet_kwargs = self._repeat_per_item(unet_kwargs, repeats, do_cfg)
+            repeated_embeds = conditioning_embeds.repeat_interleave(repeats, dim=0)
 
             # 9. Mix in fresh noise (the main edit-strength knob), then denoise with guidance.
-            noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+            noise, step_generator = self._candidate_noise(
+                latents.shape, generator, (batch_size, num_variants, num_images_per_prompt, num_candidate_images),
+                device, latents.dtype,
+            )  # fmt: skip
             latents = mix_latents_with_noise(latents, noise, structure_preservation)
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             latents = latents * self.scheduler.init_noise_sigma
             timesteps = self.scheduler.timesteps
             extra_step_kwargs = {}
             if "generator" in inspect.signature(self.scheduler.step).parameters:
-                extra_step_kwargs["generator"] = generator
+                extra_step_kwargs["generator"] = step_generator
             self._num_timesteps = len(timesteps)
             for i, t in enumerate(self.progress_bar(timesteps)):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -1451,11 +1585,35 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
 
-        # 10. Decode.
+        # 10. Decode; with several candidates, keep per instruction the caption weight whose best candidate is
+        # closest to the caption, and per output image its closest candidate at that weight.
+        decoded = None
+        chosen = torch.zeros(batch_size, dtype=torch.long)
+        if num_variants * num_candidate_images > 1:
+            decoded = self.vae_decode(latents)
+            scores = self.score_candidate_images(
+                (decoded.float() / 2 + 0.5).clamp(0, 1),
+                [judged_captions[b] for b in variant_of for _ in range(repeats)],
+                repeated_embeds,
+                device,
+            ).cpu()
+            scores = scores.view(batch_size, num_variants, num_images_per_prompt, num_candidate_images)
+            chosen = scores.flatten(2).amax(dim=-1).argmax(dim=-1)
+            best = scores[torch.arange(batch_size), chosen].argmax(dim=-1)  # (batch, images)
+            variants = torch.arange(batch_size) * num_variants + chosen
+            keep = (variants[:, None] * num_images_per_prompt + torch.arange(num_images_per_prompt)) * (
+                num_candidate_images
+            ) + best
+            keep = keep.flatten()
+            latents, decoded = latents[keep.to(latents.device)], decoded[keep.to(decoded.device)]
+        variants = (torch.arange(batch_size) * num_variants + chosen).tolist()
+        generation_embeds, refined_embeds = generation_embeds[variants], refined_embeds[variants]
+        conditioning_embeds = conditioning_embeds[variants]
+        base_indices = [base_indices[v] for v in variants]
         if output_type == "latent":
             image = latents
         else:
-            decoded = self.vae_decode(latents)
+            decoded = self.vae_decode(latents) if decoded is None else decoded
             image = self.image_processor.postprocess(decoded, output_type=output_type)
 
         self.maybe_free_model_hooks()

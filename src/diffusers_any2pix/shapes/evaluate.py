@@ -939,8 +939,13 @@ def _parser() -> argparse.ArgumentParser:
         help="several images: weight of the instruction words' ImageBind agreement with each image in the base choice",
     )  # fmt: skip
     knobs.add_argument(
-        "--caption_embedding_weight", type=float, default=None,
-        help="share of ImageBind's embedding of the caption blended into the generation embedding, in [0, 1]",
+        "--caption_embedding_weight", type=float, nargs="+", default=None,
+        help="share of ImageBind's embedding of the caption blended into the generation embedding, in [0, 1]; several: "
+        "every output is drawn at each, the one closest to its caption kept",
+    )  # fmt: skip
+    knobs.add_argument(
+        "--num_candidate_images", type=int, default=None,
+        help="edits drawn per output; the one ImageBind finds closest to its caption is kept",
     )  # fmt: skip
     parser.add_argument("--no_progress", action="store_true")
     return parser
@@ -959,6 +964,7 @@ _KNOBS = (
     "llm_base_focus_weight",
     "base_instruction_weight",
     "caption_embedding_weight",
+    "num_candidate_images",
 )
 
 
@@ -970,7 +976,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--model is required (or --train alone to train and save the probe).")
     if args.model is not None and args.data is None:
         parser.error("--data is required with --model.")
-    for name in ("max_examples", "batch_size", "probe_steps", "num_inference_steps", "llm_num_beams"):
+    for name in (
+        "max_examples", "batch_size", "probe_steps", "num_inference_steps", "llm_num_beams", "num_candidate_images"
+    ):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be a positive integer, got {value}.")
@@ -978,9 +986,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         weight = getattr(args, name)
         if weight is not None and not (weight >= 0 and math.isfinite(weight)):
             parser.error(f"--{name} must be a finite number >= 0, got {weight}.")
-    weight = args.caption_embedding_weight
-    if weight is not None and not 0 <= weight <= 1:
-        parser.error(f"--caption_embedding_weight must be a number in [0, 1], got {weight}.")
+    for weight in args.caption_embedding_weight or ():
+        if not 0 <= weight <= 1:
+            parser.error(f"--caption_embedding_weight must be a number in [0, 1], got {weight}.")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "model_index.json")):
         parser.error(f"--model {args.model!r} is not a saved pipeline folder (no model_index.json).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1020,6 +1028,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pipeline_kwargs = {name: getattr(args, name) for name in _KNOBS if getattr(args, name) is not None}
     if args.embedding_weights is not None:
         pipeline_kwargs["embedding_weights"] = tuple(args.embedding_weights)
+    if args.caption_embedding_weight is not None:  # one weight as a number, several as a list
+        weights = args.caption_embedding_weight
+        pipeline_kwargs["caption_embedding_weight"] = weights[0] if len(weights) == 1 else list(weights)
     pipeline_kwargs["llm_do_sample"] = args.llm_do_sample
     configurations = {
         MODEL: {},

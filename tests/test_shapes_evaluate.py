@@ -614,6 +614,22 @@ def test_cli_selects_baselines_and_ablations(workspace, tmp_path, monkeypatch, c
         assert report["criteria"]["passed"] is False and "no baseline run: n/a (FAIL)" in printed
 
 
+@pytest.mark.parametrize("given, passed", [(["0.3"], 0.3), (["0.3", "1"], [0.3, 1.0])])
+def test_cli_passes_one_caption_weight_as_a_number_and_several_as_a_list(workspace, monkeypatch, given, passed):
+    seen = {}
+
+    def stop(pipeline, probe, examples, configurations, pipeline_kwargs, **kwargs):
+        seen.update(pipeline_kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.99))
+    monkeypatch.setattr(evaluate, "run_evaluation", stop)
+    with pytest.raises(SystemExit):
+        evaluate.main(_cli_argv(workspace) + ["--max_examples", "1", "--caption_embedding_weight", *given,
+                                              "--num_candidate_images", "3"])  # fmt: skip
+    assert seen["caption_embedding_weight"] == passed and seen["num_candidate_images"] == 3
+
+
 def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "probe_accuracy", lambda probe: _accuracy(0.985))
     calls = []
@@ -649,6 +665,8 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
          "--caption_embedding_weight must be a number in [0, 1]"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "nan"],
          "--caption_embedding_weight must be a number in [0, 1]"),  # fmt: skip
+        (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "0.3", "2"],
+         "--caption_embedding_weight must be a number in [0, 1], got 2.0"),  # fmt: skip
         (["--model", "DATA", "--data", "DATA"], "not a saved pipeline folder"),
         (["--model", "MODEL", "--data", "DATA", "--split", "dev"], "No split 'dev'"),
         (["--model", "MODEL", "--data", "DATA", "--baselines", "prior_only"], "invalid choice: 'prior_only'"),

@@ -31,11 +31,11 @@ from .models.ip_adapter import ImageBindIPAdapter, temporary_ip_adapter_scale
 from .models.mm_adapter import MultimodalAdapter, rescale_to_norm
 from .models.prior import Any2PixPrior
 from .multimodal_llm import (
+    ParsedAnswer,
     build_vicuna_prompt,
     expand_media_tokens,
     generate_with_media,
     get_multimodal_token_ids,
-    ParsedAnswer,
     parse_answer,
     score_answers,
 )
@@ -1541,9 +1541,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         do_cfg = guidance_scale > 1.0
         prompts = [captions[b] if captions[b] is not None else instructions[b] for b in variant_of]
         unet_kwargs = self._decoder_conditioning(
-            prompts, conditioning_embeds, negative_prompt, prompt_template, height, width,
-            device, do_cfg,
-        )  # fmt: skip
+            prompts, conditioning_embeds, negative_prompt, prompt_template, height, width, device, do_cfg
+        )
 
         with temporary_ip_adapter_scale(self.unet, ip_adapter_scale):
             # 8. Invert each variant's base image once (VAE mean; DDIM inversion with the decoding conditioning,
@@ -1600,11 +1599,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             scores = scores.view(batch_size, num_variants, num_images_per_prompt, num_candidate_images)
             chosen = scores.flatten(2).amax(dim=-1).argmax(dim=-1)
             best = scores[torch.arange(batch_size), chosen].argmax(dim=-1)  # (batch, images)
-            variants = torch.arange(batch_size) * num_variants + chosen
-            keep = (variants[:, None] * num_images_per_prompt + torch.arange(num_images_per_prompt)) * (
-                num_candidate_images
-            ) + best
-            keep = keep.flatten()
+            images = (torch.arange(batch_size) * num_variants + chosen)[:, None] * num_images_per_prompt
+            keep = ((images + torch.arange(num_images_per_prompt)) * num_candidate_images + best).flatten()
             latents, decoded = latents[keep.to(latents.device)], decoded[keep.to(decoded.device)]
         variants = (torch.arange(batch_size) * num_variants + chosen).tolist()
         generation_embeds, refined_embeds = generation_embeds[variants], refined_embeds[variants]

@@ -808,17 +808,17 @@ def test_candidate_images_per_output_image_with_a_generator_per_output(reranking
         final["latents"] = kwargs["latents"].clone()
         return {}
 
-    generators = [torch.Generator().manual_seed(s) for s in range(4)]
-    out = reranking_pipe(
-        ["add [audio1] to [image1]", "make [image2] look like [image1]"],
+    edit = dict(
+        instruction=["add [audio1] to [image1]", "make [image2] look like [image1]"],
         images=[[image(0)], [image(1), image(2)]],
         audio=[[clip()], None],
         num_inference_steps=2,
         num_images_per_prompt=2,
         num_candidate_images=3,
-        generator=generators,
         output_type="latent",
-        callback_on_step_end=keep_last,
+    )
+    out = reranking_pipe(
+        **edit, generator=[torch.Generator().manual_seed(s) for s in range(4)], callback_on_step_end=keep_last
     )
     assert out.images.shape == (4, 4, 16, 16) and final["latents"].shape == (12, 4, 16, 16)
     decoded = (reranking_pipe.vae_decode(final["latents"]).float() / 2 + 0.5).clamp(0, 1)
@@ -828,16 +828,7 @@ def test_candidate_images_per_output_image_with_a_generator_per_output(reranking
         cosines = _caption_cosines(reranking_pipe, decoded[list(group)], caption)
         assert torch.equal(out.images[i], final["latents"][group[int(cosines.argmax())]])
     # Each output image's candidates come from its own generator: the same seeds give the same edit.
-    again = reranking_pipe(
-        ["add [audio1] to [image1]", "make [image2] look like [image1]"],
-        images=[[image(0)], [image(1), image(2)]],
-        audio=[[clip()], None],
-        num_inference_steps=2,
-        num_images_per_prompt=2,
-        num_candidate_images=3,
-        generator=[torch.Generator().manual_seed(s) for s in range(4)],
-        output_type="latent",
-    )
+    again = reranking_pipe(**edit, generator=[torch.Generator().manual_seed(s) for s in range(4)])
     assert torch.equal(again.images, out.images)
     needs = r"list of 3 generators; a list needs one per output image: 1 instruction\(s\) × num_images_per_prompt=2"
     with pytest.raises(ValueError, match=needs):

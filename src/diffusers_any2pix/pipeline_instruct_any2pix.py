@@ -102,7 +102,9 @@ class InstructAny2PixPipelineOutput(BaseOutput):
             Per instruction, the index into that instruction's ``images`` of the image that was edited.
         generation_embeds (`torch.Tensor`):
             ``(batch, embed_dim)`` the LLM's generation embedding (read at ``<im_gen>…<video>``; blended with
-            ImageBind's embedding of the caption when `caption_embedding_weight` > 0).
+            ImageBind's embedding of the caption when `caption_embedding_weight` > 0; with several caption weights,
+            at the weight kept for that instruction, as are the base index and the refined and conditioning
+            embeddings).
         base_embeds (`list[torch.Tensor | None]`):
             The LLM's base embedding per instruction (``None`` with one image or a ``<base_null>`` answer).
         refined_embeds (`torch.Tensor`):

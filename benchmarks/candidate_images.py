@@ -18,6 +18,7 @@ not on the test split.
 import argparse
 import itertools
 import json
+import os
 import time
 
 import torch
@@ -76,6 +77,9 @@ def main(argv=None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     if pipe.imagebind_tokenizer is None:
         raise SystemExit(f"--model {args.model}: the pipeline has no imagebind_tokenizer; the score reads captions.")
+    if not os.path.isfile(os.path.join(args.probe, "config.json")):
+        raise SystemExit(f"--probe {args.probe}: no saved probe (`python -m diffusers_any2pix.shapes.evaluate --train "
+                         "--probe DIR` trains one).")  # fmt: skip
     probe, _ = load_or_train_probe(args.probe)
     examples = load_examples(args.data, args.split, args.max_examples)
     num_weights, k = len(args.weights), args.candidates

@@ -105,6 +105,10 @@ def test_refusals(setup):
             str(setup / "probe"), "--max_examples", "2"]  # fmt: skip
     with pytest.raises(SystemExit, match="has no imagebind_tokenizer"):
         candidate_images.main(argv)
+    argv = ["--model", str(setup / "pipe"), "--data", str(setup / "data"), "--split", "train", "--probe",
+            str(setup / "no_probe"), "--max_examples", "2"]  # fmt: skip
+    with pytest.raises(SystemExit, match="no_probe: no saved probe"):
+        candidate_images.main(argv)
 
 
 @pytest.mark.parametrize(

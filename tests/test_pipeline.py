@@ -1,6 +1,7 @@
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import PIL.Image
@@ -799,24 +800,33 @@ def test_candidate_images_keep_the_one_imagebind_finds_closest_to_the_caption(re
     assert torch.equal(run(stored, output_type="pt", seed=3).images, best.images)
 
 
-def test_candidate_images_per_output_image_with_a_generator_per_output(reranking_pipe):
-    """Two instructions × two images per prompt × three candidates: the callback sees all 12 rows, and each output is
-    its own group's best (scored here on the final latents the callback saw)."""
+def _two_instructions(**kwargs) -> dict:
+    """A batch of two edits (one with audio, one with two images), two denoising steps."""
+    return dict(
+        instruction=["add [audio1] to [image1]", "make [image2] look like [image1]"],
+        images=[[image(0)], [image(1), image(2)]],
+        audio=[[clip()], None],
+        num_inference_steps=2,
+        **kwargs,
+    )
+
+
+def _final_latents() -> tuple[dict, Callable]:
+    """A `callback_on_step_end` that keeps the last step's latents (every candidate's) in the returned dict."""
     final = {}
 
     def keep_last(pipe, step, timestep, kwargs):
         final["latents"] = kwargs["latents"].clone()
         return {}
 
-    edit = dict(
-        instruction=["add [audio1] to [image1]", "make [image2] look like [image1]"],
-        images=[[image(0)], [image(1), image(2)]],
-        audio=[[clip()], None],
-        num_inference_steps=2,
-        num_images_per_prompt=2,
-        num_candidate_images=3,
-        output_type="latent",
-    )
+    return final, keep_last
+
+
+def test_candidate_images_per_output_image_with_a_generator_per_output(reranking_pipe):
+    """Two instructions × two images per prompt × three candidates: the callback sees all 12 rows, and each output is
+    its own group's best (scored here on the final latents the callback saw)."""
+    final, keep_last = _final_latents()
+    edit = _two_instructions(num_images_per_prompt=2, num_candidate_images=3, output_type="latent")
     out = reranking_pipe(
         **edit, generator=[torch.Generator().manual_seed(s) for s in range(4)], callback_on_step_end=keep_last
     )
@@ -840,20 +850,8 @@ def test_several_caption_weights_keep_per_instruction_the_weight_with_the_closes
     """Two instructions × two images × weights (0, 1) × two candidates, a generator per output image: each
     instruction keeps the weight of its best candidate (its embeddings are that weight's own edit's), and each output
     image its best candidate at that weight — checked on the final latents the callback saw."""
-    final = {}
-
-    def keep_last(pipe, step, timestep, kwargs):
-        final["latents"] = kwargs["latents"].clone()
-        return {}
-
-    edit = dict(
-        instruction=["add [audio1] to [image1]", "make [image2] look like [image1]"],
-        images=[[image(0)], [image(1), image(2)]],
-        audio=[[clip()], None],
-        num_inference_steps=2,
-        llm_do_sample=False,
-        llm_num_beams=2,
-    )
+    final, keep_last = _final_latents()
+    edit = _two_instructions(llm_do_sample=False, llm_num_beams=2)
     out = reranking_pipe(
         **edit, num_images_per_prompt=2, num_candidate_images=2, caption_embedding_weight=[0.0, 1.0],
         generator=[torch.Generator().manual_seed(s) for s in range(4)], output_type="latent",

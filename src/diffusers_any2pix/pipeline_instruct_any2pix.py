@@ -31,7 +31,6 @@ from .models.ip_adapter import ImageBindIPAdapter, temporary_ip_adapter_scale
 from .models.mm_adapter import MultimodalAdapter, rescale_to_norm
 from .models.prior import Any2PixPrior
 from .multimodal_llm import (
-    ParsedAnswer,
     build_vicuna_prompt,
     expand_media_tokens,
     generate_with_media,
@@ -940,25 +939,29 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         targets = conditioning_embeds.float().to(device).clone()
         rows = [i for i, caption in enumerate(captions) if caption]
         if rows:
-            targets[rows] = self.encode_captions([captions[i] for i in rows], device)
+            # Candidates share their caption: read each distinct one once.
+            distinct = list(dict.fromkeys(captions[i] for i in rows))
+            read = self.encode_captions(distinct, device)
+            targets[rows] = read[[distinct.index(captions[i]) for i in rows]]
         unit = torch.nn.functional.normalize
         return (unit(image_embeds.float(), dim=-1) * unit(targets, dim=-1)).sum(dim=-1)
 
     def _caption_blended(
         self,
         generation_embeds: list[torch.Tensor | None],
-        answers: list[ParsedAnswer],
+        caption_embeds: dict[int, torch.Tensor],
         weight: float,
         device: torch.device,
     ) -> list[torch.Tensor | None]:
-        """The generation embeddings with `blend_caption_embeddings` at ``weight`` (answers without a caption or an
-        embedding, and weight 0, keep theirs)."""
-        rows = [b for b, g in enumerate(generation_embeds) if g is not None and answers[b].caption]
+        """The generation embeddings with `blend_caption_embeddings` at ``weight`` for the rows in
+        ``caption_embeds`` (row → ImageBind's embedding of that answer's caption); other rows, and weight 0, keep
+        theirs."""
+        rows = list(caption_embeds)
         if weight == 0 or not rows:
             return list(generation_embeds)
         blended = self.blend_caption_embeddings(
             torch.stack([generation_embeds[b].float().to(device) for b in rows]),
-            self.encode_captions([answers[b].caption for b in rows], device),
+            torch.stack([caption_embeds[b] for b in rows]),
             weight,
         )
         out = list(generation_embeds)
@@ -1494,9 +1497,15 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 captions.append(caption)
                 base_rows.append(llm_base_embeds[b])
             judged_captions = [answer.caption or None for answer in parsed_answers]
-            # One variant per instruction and caption weight (v = b · W + w); each gets its own conditioning.
+            # One variant per instruction and caption weight (v = b · W + w); each gets its own conditioning. The
+            # captions are read once, for every weight.
+            caption_embeds = {}
+            rows = [b for b, g in enumerate(llm_generation_embeds) if g is not None and parsed_answers[b].caption]
+            if rows and any(caption_weights):
+                read = self.encode_captions([parsed_answers[b].caption for b in rows], device)
+                caption_embeds = dict(zip(rows, read))
             variant_generations = [
-                self._caption_blended(llm_generation_embeds, parsed_answers, weight, device)
+                self._caption_blended(llm_generation_embeds, caption_embeds, weight, device)
                 for weight in caption_weights
             ]
             generation_rows, base_indices = [], []

@@ -83,7 +83,8 @@ def collect_beams(pipe, examples, num_beams: int, batch_size: int) -> list[dict]
         for start in range(0, len(examples), batch_size):
             batch_beams.clear()
             _call(pipe, examples[start : start + batch_size], llm_num_beams=num_beams, llm_rerank_weight=0.0,
-                  llm_base_agreement_weight=0.0, llm_base_focus_weight=0.0, base_instruction_weight=0.0)  # fmt: skip
+                  llm_base_agreement_weight=0.0, llm_base_focus_weight=0.0, base_instruction_weight=0.0,
+                  llm_ensemble_weight=0.0)  # fmt: skip
             beams.extend(batch_beams)
     finally:
         pipeline_module.generate_with_media = original
@@ -154,21 +155,22 @@ def main(argv=None) -> dict:
         subset = examples[: args.timing_examples]
         # The scoring costs the same at any weight above 0; weights are passed so stored defaults do not apply.
         plain = dict(
-            llm_rerank_weight=0.0, llm_base_agreement_weight=0.0, llm_base_focus_weight=0.0, base_instruction_weight=0.0
+            llm_rerank_weight=0.0, llm_base_agreement_weight=0.0, llm_base_focus_weight=0.0, base_instruction_weight=0.0,
+            llm_ensemble_weight=0.0,
         )
         timings = {
             "4 beams": time_llm(pipe, subset, llm_num_beams=4, **plain),
             f"{args.num_beams} beams": time_llm(pipe, subset, llm_num_beams=args.num_beams, **plain),
             f"{args.num_beams} beams reranked": time_llm(
                 pipe, subset, llm_num_beams=args.num_beams, llm_rerank_weight=0.5, llm_base_agreement_weight=0.0,
-                llm_base_focus_weight=0.0, base_instruction_weight=0.0,
+                llm_base_focus_weight=0.0, base_instruction_weight=0.0, llm_ensemble_weight=0.0,
             ),
         }
         if max(args.base_weights) > 0:
             timings[f"{args.num_beams} beams reranked + base agreement"] = time_llm(
                 pipe, subset, llm_num_beams=args.num_beams, llm_rerank_weight=0.5,
                 llm_base_agreement_weight=max(args.base_weights), llm_base_focus_weight=0.0,
-                base_instruction_weight=0.0,
+                base_instruction_weight=0.0, llm_ensemble_weight=0.0,
             )  # fmt: skip
         results["llm_seconds_per_instruction"] = timings
         print("LLM stage, seconds per instruction: " + ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))

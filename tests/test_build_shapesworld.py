@@ -88,6 +88,7 @@ def _config_dir(root, text_decoder: bool = False) -> str:
     }  # fmt: skip
     if text_decoder:  # the real build's layout, with its LLM options: patch tokens, answer noise, reproduce samples
         settings["features"] = {"image_patches": True}
+        settings["llm_2"] = {}  # and a second LLM
         settings["llm"].update(
             image_patch_tokens=2, patch_embed_dim=16, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2,
             answer_noise_prob=0.3, answer_noise_source="context", reproduce_prob=0.2,
@@ -108,7 +109,8 @@ def _assert_edits_a_scene(pipeline: InstructAny2PixPipeline, work) -> None:
 def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
     config_dir = _config_dir(tmp_path)
     work, out = tmp_path / "work", tmp_path / "pipeline"
-    stages = [s for s in build.STAGES if s != "evaluate"]  # a 1-step probe is (rightly) refused by the evaluator
+    # A 1-step probe is (rightly) refused by the evaluator; this build.json has no llm_2 section.
+    stages = [s for s in build.STAGES if s not in ("evaluate", "llm_2")]
     argv = ["--output_dir", str(out), "--work_dir", str(work), "--config_dir", config_dir, "--stages", *stages]
     assert build.main(argv) == 0
     log = json.loads((work / "build_log.json").read_text())
@@ -118,7 +120,7 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
     assert log["data"]["threads"] is None
 
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
-    assert pipeline.config.edit_defaults == TINY["edit_defaults.json"]
+    assert pipeline.config.edit_defaults == TINY["edit_defaults.json"] and pipeline.llm_2 is None
     # The pipeline reads text with the ImageBind tokenizer the imagebind stage trained its text tower with.
     stage_tokenizer = AutoTokenizer.from_pretrained(str(work / "imagebind" / "imagebind_tokenizer"))
     assert pipeline.imagebind_tokenizer.get_vocab() == stage_tokenizer.get_vocab()
@@ -162,6 +164,7 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
     assert build.main(argv + ["--dry_run"]) == 0
     commands = capsys.readouterr().out
     assert "--mode text_unet" in commands and "--image_patches" in commands and "--image_patch_tokens 2" in commands
+    assert "llm_2: " in commands
     assert build.main(argv) == 0
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.decoder_family == "sd" and pipeline.ip_adapter is not None
@@ -172,14 +175,27 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
                                                                           "the</w>", "left</w>"]  # fmt: skip
     assert pipeline.resolve_edit_settings()["negative_prompt"] == ""
     _assert_edits_a_scene(pipeline, work)
+    # The second LLM: trained on the first's tokenizer with another seed, reading media as the first does.
+    assert pipeline.llm_2 is not None and pipeline.mm_adapter_2.config.attribute_classes == list(ATTRIBUTE_CLASSES)
+    assert (pipeline.mm_adapter_2.tokens_per_medium, pipeline.mm_adapter_2.tokens_per_image) == (8, 10)
+    assert not torch.equal(pipeline.llm_2.lm_head.weight, pipeline.llm.lm_head.weight)
+    log = json.loads((work / "build_log.json").read_text())
+    assert log["llm_2"]["command"][log["llm_2"]["command"].index("--seed") + 1] == "1"
+    scene = next(p for p in sorted((work / "data" / "media" / "scenes").iterdir()))
+    result = pipeline(
+        "add a red circle to [image1]", images=[str(scene)], on_invalid_answer="use_base", llm_do_sample=False,
+        llm_num_beams=2, llm_ensemble_weight=0.5, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert result.images[0].size == (32, 32)
 
 
 def test_force_selects_the_dependent_stages():
     assert build._dependents(["prior"]) == {"prior", "pipeline", "evaluate"}
     assert build._dependents(["features"]) == {
-        "features", "vae", "unet", "llm", "reader", "prior", "pipeline", "evaluate"
+        "features", "vae", "unet", "llm", "reader", "llm_2", "prior", "pipeline", "evaluate"
     }  # fmt: skip
-    assert build._dependents(["llm"]) == {"llm", "reader", "pipeline", "evaluate"}
+    assert build._dependents(["llm"]) == {"llm", "reader", "llm_2", "pipeline", "evaluate"}
+    assert build._dependents(["llm_2"]) == {"llm_2", "pipeline", "evaluate"}
 
 
 def test_dry_run_prints_the_commands(tmp_path, capsys):
@@ -187,11 +203,26 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     argv = ["--output_dir", str(tmp_path / "o"), "--work_dir", str(tmp_path / "w"), "--config_dir", config_dir]
     assert build.main(argv + ["--dry_run"]) == 0
     printed = capsys.readouterr().out
-    assert all(f"{stage}: " in printed for stage in build.STAGES)
+    assert all(f"{stage}: " in printed for stage in build.STAGES if stage != "llm_2")
+    assert "llm_2: " not in printed and "--llm_2" not in printed  # no llm_2 section in build.json
     assert "--channel_shuffle_prob 0.5" in printed and "--corrupted_image_pairs" in printed
     assert "fit_attribute_reader.py" in printed and "--max_train_steps 20 --train_batch_size 8" in printed
     assert "--mm_adapter " + os.path.join(str(tmp_path / "w"), "reader", "mm_adapter") in printed
     assert not (tmp_path / "w" / "build_log.json").exists()
+    # An llm_2 section: the llm stage's options with another seed, the first LLM's tokenizer, the fitted reader.
+    settings = json.loads(open(os.path.join(config_dir, "build.json")).read())
+    settings["llm_2"] = {"seed_offset": 3, "learning_rate": 0.001}
+    with open(os.path.join(config_dir, "build.json"), "w") as f:
+        json.dump(settings, f)
+    assert build.main(argv + ["--dry_run"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("llm_2: "))
+    work = str(tmp_path / "w")
+    assert "--seed 3 " in line and "--learning_rate 0.001" in line and "--embed_dim 16" in line
+    assert "--pretrained_llm_tokenizer " + os.path.join(work, "llm", "llm_tokenizer") in line
+    assert "--attribute_reader " + os.path.join(work, "reader", ATTRIBUTE_HEADS_FILE) in line
+    del settings["llm_2"]
+    with open(os.path.join(config_dir, "build.json"), "w") as f:
+        json.dump(settings, f)
     # An LLM without attribute tokens has no reader to fit: no reader stage, the LLM's adapter is the pipeline's.
     settings = json.loads(open(os.path.join(config_dir, "build.json")).read())
     del settings["llm"]["attribute_reader"]

@@ -626,8 +626,9 @@ def test_cli_passes_one_caption_weight_as_a_number_and_several_as_a_list(workspa
     monkeypatch.setattr(evaluate, "run_evaluation", stop)
     with pytest.raises(SystemExit):
         evaluate.main(_cli_argv(workspace) + ["--max_examples", "1", "--caption_embedding_weight", *given,
-                                              "--num_candidate_images", "3"])  # fmt: skip
+                                              "--num_candidate_images", "3", "--llm_ensemble_weight", "0.25"])  # fmt: skip
     assert seen["caption_embedding_weight"] == passed and seen["num_candidate_images"] == 3
+    assert seen["llm_ensemble_weight"] == 0.25
 
 
 def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
@@ -667,6 +668,11 @@ def test_cli_train_only_saves_a_probe(tmp_path, monkeypatch, capsys):
          "--caption_embedding_weight must be a number in [0, 1]"),  # fmt: skip
         (["--model", "MODEL", "--data", "DATA", "--caption_embedding_weight", "0.3", "2"],
          "--caption_embedding_weight must be a number in [0, 1], got 2.0"),  # fmt: skip
+        *[
+            (["--model", "MODEL", "--data", "DATA", "--llm_ensemble_weight", value],
+             "--llm_ensemble_weight must be a number in [0, 1]")  # fmt: skip
+            for value in ("-0.5", "1.5", "nan")
+        ],
         (["--model", "DATA", "--data", "DATA"], "not a saved pipeline folder"),
         (["--model", "MODEL", "--data", "DATA", "--split", "dev"], "No split 'dev'"),
         (["--model", "MODEL", "--data", "DATA", "--baselines", "prior_only"], "invalid choice: 'prior_only'"),

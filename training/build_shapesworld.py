@@ -15,10 +15,13 @@ Stages, each a plain command of this repository (logged with its wall time to ``
    decoder layout: a UNet reading the caption through a CLIP text encoder, with the ImageBind tokenizer's one token
    per word, plus an IP-Adapter for the ImageBind embedding) when ``unet.json`` is a text-to-image UNet and
    ``text_encoder.json`` is present, or ``--mode imagebind_unet`` for an ImageBind-native ``unet.json``.
-5. ``llm``, ``reader`` then ``prior``: ``training/train_llm.py --llm_config`` (a small Llama and a word-level
-   tokenizer, from scratch); with attribute tokens (``"attribute_reader": true``), ``training/fit_attribute_reader.py``
-   fits the adapter's reader again to the final ImageBind's embeddings of the training scenes, keeping its reads of
-   object images and sounds; ``training/train_prior.py --prior_config``.
+5. ``llm``, ``reader``, ``llm_2`` then ``prior``: ``training/train_llm.py --llm_config`` (a small Llama and a
+   word-level tokenizer, from scratch); with attribute tokens (``"attribute_reader": true``),
+   ``training/fit_attribute_reader.py`` fits the adapter's reader again to the final ImageBind's embeddings of the
+   training scenes, keeping its reads of object images and sounds; when ``build.json`` has an ``llm_2`` section, a
+   second LLM of the same recipe with another seed (``seed_offset``, default 1), on the first LLM's tokenizer and
+   reading media through the fitted reader, for the pipeline's ``llm_ensemble_weight``;
+   ``training/train_prior.py --prior_config``.
 6. ``pipeline``: the components assembled into one pipeline with the ShapesWorld edit settings, saved as safetensors.
 7. ``evaluate``: ``python -m diffusers_any2pix.shapes.evaluate`` on the held-out test split (with baselines).
 
@@ -55,13 +58,14 @@ DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "unet": ("vae",),
     "llm": ("features",),
     "reader": ("llm",),
+    "llm_2": ("llm", "reader"),
     "prior": ("features",),
-    "pipeline": ("imagebind", "unet", "llm", "reader", "prior"),
+    "pipeline": ("imagebind", "unet", "llm", "reader", "llm_2", "prior"),
     "evaluate": ("pipeline",),
 }
 STAGES = tuple(DEPENDENCIES)
 DECODER_LANE = ("vae", "unet")
-LANGUAGE_LANE = ("llm", "reader", "prior")
+LANGUAGE_LANE = ("llm", "reader", "llm_2", "prior")
 
 
 @dataclass
@@ -136,10 +140,19 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     if reads_attributes:
         settings["llm"] = {**settings["llm"], "attribute_reader": imagebind}
 
-    def training_stage(name: str, script: str, component: str, model_args: list[str]) -> Stage:
+    def training_stage(name: str, script: str, component: str, model_args: list[str], seed: int = args.seed) -> Stage:
         """A training script on the generated data, saving ``component`` in ``<work_dir>/<name>``."""
-        command = [py, _script(script), *model_args, "--data_dir", data, "--output_dir", out[name], *common]
+        command = [py, _script(script), *model_args, "--data_dir", data, "--output_dir", out[name]]
+        command += ["--seed", str(seed), "--report_to", "none"]
         return Stage(name, command + _options(settings[name]), os.path.join(out[name], component, "config.json"))
+
+    second_llm = "llm_2" in settings
+    if second_llm:  # the llm stage's recipe, another seed, the first LLM's tokenizer and the fitted reader
+        seed_offset = settings["llm_2"].get("seed_offset", 1)
+        overrides = {k: v for k, v in settings["llm_2"].items() if k != "seed_offset"}
+        settings["llm_2"] = {**settings["llm"], **overrides}
+        if reads_attributes:
+            settings["llm_2"]["attribute_reader"] = os.path.join(out["reader"], "attribute_heads.safetensors")
 
     stages = [
         Stage(
@@ -177,6 +190,16 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             + ["--unet_config", os.path.join(cfg, "unet.json"), "--pretrained_vae", os.path.join(out["vae"], "vae")],
         ),  # fmt: skip
         training_stage("llm", "train_llm.py", "llm", ["--llm_config", os.path.join(cfg, "llm.json")]),
+        *(
+            [training_stage(
+                "llm_2", "train_llm.py", "llm",
+                ["--llm_config", os.path.join(cfg, "llm.json"),
+                 "--pretrained_llm_tokenizer", os.path.join(out["llm"], "llm_tokenizer")],
+                seed=args.seed + seed_offset,
+            )]
+            if second_llm
+            else []
+        ),  # fmt: skip
         Stage(
             "reader",
             [
@@ -199,6 +222,7 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
                 "--edit_defaults", os.path.join(cfg, "edit_defaults.json"),
                 # the reader stage's adapter (its attribute reader fitted again) when the build has that stage
                 "--mm_adapter", os.path.join(out["reader" if reads_attributes else "llm"], "mm_adapter"),
+                *(["--llm_2", out["llm_2"]] if second_llm else []),
             ]  # fmt: skip
             + _options(settings.get("pipeline", {})),
             os.path.join(work, "pipeline.done"),
@@ -214,7 +238,8 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             os.path.join(work, "evaluation_test.json"),
         ),
     ]
-    # Without attribute tokens there is no reader to fit: the pipeline takes the llm stage's adapter.
+    # Without attribute tokens there is no reader to fit: the pipeline takes the llm stage's adapter. (The llm_2
+    # stage exists only with an llm_2 section in build.json.)
     return {stage.name: stage for stage in stages if stage.name != "reader" or reads_attributes}
 
 
@@ -224,10 +249,12 @@ def assemble(
     output_dir: str,
     save_dtype: str = "float32",
     mm_adapter: Optional[str] = None,
+    llm_2: Optional[str] = None,
 ) -> None:
     """Loads the trained components of ``work_dir`` into one pipeline and saves it to ``output_dir``, its weights in
     ``save_dtype`` (``float16`` halves the size; `InstructAny2PixPipeline.from_pretrained` loads in float32).
-    ``mm_adapter``: the adapter folder to use (default: the llm stage's)."""
+    ``mm_adapter``: the adapter folder to use (default: the llm stage's). ``llm_2``: a second `train_llm.py` output
+    folder (its ``llm`` and ``mm_adapter``, trained on the llm stage's tokenizer) for `llm_ensemble_weight`."""
     import torch
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -263,6 +290,7 @@ def assemble(
         imagebind_tokenizer=AutoTokenizer.from_pretrained(path("imagebind", "imagebind_tokenizer")),
         edit_defaults=_load_json(edit_defaults_file),
         **decoder,
+        **_second_llm(llm_2, path("llm", "llm_tokenizer")),
     )
     # Only the pipeline's own folders are replaced; the rest of --output_dir (e.g. the repository) is left alone.
     for name in list(pipeline.components) + ["model_index.json"]:
@@ -279,6 +307,27 @@ def assemble(
     print(f"Saved the ShapesWorld pipeline to {output_dir} ({size / 2**20:.1f} MiB).")
     with open(os.path.join(work_dir, "pipeline.done"), "w") as f:
         f.write(f"{size}\n")
+
+
+def _second_llm(folder: Optional[str], llm_tokenizer: str) -> dict:
+    """``llm_2`` and ``mm_adapter_2`` from a `train_llm.py` output folder (none without one); refuses, by name, a
+    second LLM whose tokenizer is not the first's (the pipeline scores both LLMs' answers with one tokenizer)."""
+    if folder is None:
+        return {}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
+
+    ours = AutoTokenizer.from_pretrained(os.path.join(folder, "llm_tokenizer")).get_vocab()
+    if ours != AutoTokenizer.from_pretrained(llm_tokenizer).get_vocab():
+        raise ValueError(
+            f"--llm_2 {folder!r}: its llm_tokenizer differs from {llm_tokenizer!r}; train it with "
+            "`train_llm.py --pretrained_llm_tokenizer` set to the first LLM's tokenizer."
+        )
+    return {
+        "llm_2": AutoModelForCausalLM.from_pretrained(os.path.join(folder, "llm")),
+        "mm_adapter_2": MultimodalAdapter.from_pretrained(os.path.join(folder, "mm_adapter")),
+    }
 
 
 class BuildLog:
@@ -331,8 +380,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--output_dir", required=True)
         parser.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
         parser.add_argument("--mm_adapter", default=None, help="adapter folder (default: <work_dir>/llm/mm_adapter)")
+        parser.add_argument("--llm_2", default=None, help="a second train_llm.py output folder (llm_ensemble_weight)")
         options = parser.parse_args(argv[1:])
-        assemble(options.work_dir, options.edit_defaults, options.output_dir, options.save_dtype, options.mm_adapter)
+        assemble(
+            options.work_dir, options.edit_defaults, options.output_dir, options.save_dtype, options.mm_adapter,
+            options.llm_2,
+        )
         return 0
     args = parse_args(argv)
     stages = build_stages(args)

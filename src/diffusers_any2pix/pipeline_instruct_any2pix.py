@@ -77,6 +77,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "base_instruction_weight": 0.0,
     "caption_embedding_weight": 0.0,
     "num_candidate_images": 1,
+    "llm_ensemble_weight": 0.0,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
@@ -216,13 +217,18 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             BPE); only the beam reranking (`llm_rerank_weight`, `llm_base_agreement_weight`,
             `llm_base_focus_weight`), `base_instruction_weight` and `caption_embedding_weight` read text with
             ImageBind.
+        llm_2 ([`~transformers.PreTrainedModel`], optional), mm_adapter_2 ([`MultimodalAdapter`], optional): a
+            second multimodal LLM, trained apart on the same tokenizer (``llm_tokenizer``) and media, whose beams and
+            scores join the first LLM's (`llm_ensemble_weight`); given together or not at all.
         edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
             `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """
 
-    model_cpu_offload_seq = "image_encoder->llm->prior_text_encoder->prior->text_encoder->text_encoder_2->unet->vae"
+    model_cpu_offload_seq = (
+        "image_encoder->llm->llm_2->prior_text_encoder->prior->text_encoder->text_encoder_2->unet->vae"
+    )
     # The adapter is tiny and used between the other models' calls; keep it on the execution device.
-    _exclude_from_cpu_offload = ["mm_adapter"]
+    _exclude_from_cpu_offload = ["mm_adapter", "mm_adapter_2"]
     _optional_components = [
         "text_encoder",
         "tokenizer",
@@ -232,6 +238,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         "prior_text_encoder",
         "prior_tokenizer",
         "imagebind_tokenizer",
+        "llm_2",
+        "mm_adapter_2",
     ]
     _callback_tensor_inputs = ["latents", "conditioning_embeds"]
 
@@ -253,6 +261,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         prior_text_encoder: CLIPTextModel | None = None,
         prior_tokenizer: PreTrainedTokenizerBase | None = None,
         imagebind_tokenizer: PreTrainedTokenizerBase | None = None,
+        llm_2: PreTrainedModel | None = None,
+        mm_adapter_2: MultimodalAdapter | None = None,
         edit_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -273,6 +283,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             "prior_text_encoder": prior_text_encoder,
             "prior_tokenizer": prior_tokenizer,
             "imagebind_tokenizer": imagebind_tokenizer,
+            "llm_2": llm_2,
+            "mm_adapter_2": mm_adapter_2,
         }
         # diffusers accepts None for any component at load time; fail here, by name, instead of mid-call.
         missing = [n for n, c in components.items() if c is None and n not in self._optional_components]
@@ -308,34 +320,50 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             if a != b:
                 raise ValueError(f"Component size mismatch: {what_a} is {a} but {what_b} is {b}.")
 
-        same("image_encoder.config.out_embed_dim", embed_dim, "mm_adapter.config.embed_dim", c["mm_adapter"].config.embed_dim)
         same("image_encoder.config.out_embed_dim", embed_dim, "prior.config.embed_dim", c["prior"].config.embed_dim)
-        same(
-            "llm.config.hidden_size",
-            c["llm"].config.get_text_config().hidden_size,
-            "mm_adapter.config.llm_hidden_size",
-            c["mm_adapter"].config.llm_hidden_size,
-        )
-        if c["mm_adapter"].config.image_patch_tokens:
-            same(
-                "image_encoder.config.vision_embed_dim",
-                c["image_encoder"].config.vision_embed_dim,
-                "mm_adapter.config.patch_embed_dim",
-                c["mm_adapter"].config.patch_embed_dim,
-            )
         same("vae.config.latent_channels", c["vae"].config.latent_channels, "unet.config.in_channels", c["unet"].config.in_channels)
-        if len(c["llm_tokenizer"]) > c["llm"].get_input_embeddings().num_embeddings:
-            raise ValueError(
-                f"llm_tokenizer has {len(c['llm_tokenizer'])} tokens but the llm's input embeddings only have "
-                f"{c['llm'].get_input_embeddings().num_embeddings} rows; resize them after adding the special tokens "
-                "(see `add_multimodal_tokens`)."
+        if (c.get("llm_2") is None) != (c.get("mm_adapter_2") is None):
+            raise ValueError("`llm_2` and `mm_adapter_2` must be given together (or both omitted).")
+        pairs = [("llm", "mm_adapter")] + ([("llm_2", "mm_adapter_2")] if c.get("llm_2") is not None else [])
+        for llm_name, adapter_name in pairs:
+            llm, adapter = c[llm_name], c[adapter_name]
+            same(
+                "image_encoder.config.out_embed_dim", embed_dim, f"{adapter_name}.config.embed_dim",
+                adapter.config.embed_dim,
+            )  # fmt: skip
+            same(
+                f"{llm_name}.config.hidden_size",
+                llm.config.get_text_config().hidden_size,
+                f"{adapter_name}.config.llm_hidden_size",
+                adapter.config.llm_hidden_size,
             )
-        word_ids = c["mm_adapter"].config.attribute_word_ids
-        if word_ids is not None and max(word_ids) >= len(c["llm_tokenizer"]):
-            raise ValueError(
-                f"mm_adapter.config.attribute_word_ids reach token id {max(word_ids)} but llm_tokenizer has only "
-                f"{len(c['llm_tokenizer'])} tokens: the adapter's attribute tokens were trained on another tokenizer's "
-                "words."
+            if adapter.config.image_patch_tokens:
+                same(
+                    "image_encoder.config.vision_embed_dim",
+                    c["image_encoder"].config.vision_embed_dim,
+                    f"{adapter_name}.config.patch_embed_dim",
+                    adapter.config.patch_embed_dim,
+                )
+            if len(c["llm_tokenizer"]) > llm.get_input_embeddings().num_embeddings:
+                raise ValueError(
+                    f"llm_tokenizer has {len(c['llm_tokenizer'])} tokens but the {llm_name}'s input embeddings only "
+                    f"have {llm.get_input_embeddings().num_embeddings} rows; resize them after adding the special "
+                    "tokens (see `add_multimodal_tokens`)."
+                )
+            word_ids = adapter.config.attribute_word_ids
+            if word_ids is not None and max(word_ids) >= len(c["llm_tokenizer"]):
+                raise ValueError(
+                    f"{adapter_name}.config.attribute_word_ids reach token id {max(word_ids)} but llm_tokenizer has "
+                    f"only {len(c['llm_tokenizer'])} tokens: the adapter's attribute tokens were trained on another "
+                    "tokenizer's words."
+                )
+        if c.get("mm_adapter_2") is not None:
+            # Both LLMs read the media `encode_media` prepares for the first adapter.
+            same(
+                "mm_adapter.config.image_patch_tokens",
+                c["mm_adapter"].config.image_patch_tokens,
+                "mm_adapter_2.config.image_patch_tokens",
+                c["mm_adapter_2"].config.image_patch_tokens,
             )
         if (c["prior_text_encoder"] is None) != (c["prior_tokenizer"] is None):
             raise ValueError("`prior_text_encoder` and `prior_tokenizer` must be given together (or both omitted).")
@@ -586,9 +614,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             audio_offset += len(audio)
         return media_embeds, (image_patches if read_patches else None)
 
-    def llm_prompt(self, parsed: ParsedInstruction) -> str:
-        """The vicuna prompt of an instruction, each image with as many ``<video>`` tokens as the adapter reads."""
-        adapter = self.mm_adapter
+    def llm_prompt(self, parsed: ParsedInstruction, adapter: MultimodalAdapter | None = None) -> str:
+        """The vicuna prompt of an instruction, each image with as many ``<video>`` tokens as ``adapter`` (default:
+        `mm_adapter`) reads."""
+        adapter = self.mm_adapter if adapter is None else adapter
         read_patches = adapter.patch_resampler is not None
         counts = [
             adapter.tokens_per_image if read_patches and ref.kind == "image" else adapter.tokens_per_medium
@@ -709,6 +738,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             valid = [j for j, caption in enumerate(captions) if caption and generation_embeds[j] is not None]
             if not valid:
                 return 0
+            if weight == 0 and base_agreement_weight == 0:  # nothing to read: the best scored valid answer
+                return valid[int(beam_scores[valid].float().argmax())]
             text_embeds = self.encode_captions([captions[j] for j in valid], device)
             text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)
             intended = torch.stack([generation_embeds[j].float().to(device) for j in valid])
@@ -741,6 +772,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         max_new_tokens: int,
         device: torch.device,
         base_priors: list[torch.Tensor | None] | None = None,
+        num_beams: int | None = None,
+        ensemble_weight: float = 0.0,
     ) -> tuple[list[str], list[torch.Tensor | None], list[torch.Tensor | None]]:
         """A second look at instructions with several images, with only the chosen base in view
         (`llm_base_focus_weight`).
@@ -748,8 +781,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         Given several scenes, the LLM often copies an object or a background of another input into the edited base.
         For each instruction with several images whose answer lists no ``additions`` (so no other input is meant
         to bring content that the LLM would name), every image is replaced by the base the answer selected and the
-        LLM answers again with as many beams as ``first_beams`` holds for it. The union of both beam sets is scored
-        under the real instruction and media (`score_answers`) and ranked by `caption_agreement_scorer` with
+        LLM answers again with ``num_beams`` beams. The union of both beam sets is scored under the real instruction
+        and media (`score_candidates`) and ranked by `caption_agreement_scorer` with
         ``base_agreement_weight``; the proposals only widen the choice, the judge still sees the true inputs (an
         instruction that takes another image's background keeps its first answer unless the focused one scores
         higher there). Where ``base_priors`` moved the base away from the image the answer's own base embedding
@@ -768,6 +801,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             device (`torch.device`): where ImageBind reads the captions.
             base_priors (`list`, *optional*): per instruction, the `select_base_image` prior
                 (`instruction_base_priors`).
+            num_beams (`int`, *optional*): beams of the focused look; default as many as ``first_beams`` holds for
+                the first row looked at again.
+            ensemble_weight (`float`, *optional*, defaults to 0.0): `llm_2`'s share of every candidate's score
+                (`score_candidates`).
 
         Returns:
             `tuple`: new ``answers``, ``generation_embeds`` and ``base_embeds`` (rows that were not looked at again
@@ -814,7 +851,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             token_ids=self.token_ids,
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            num_beams=len(first_beams[rows[0]]),
+            num_beams=num_beams or len(first_beams[rows[0]]),
             candidate_scorer=keep_all,
         )
         for i, b in enumerate(rows):
@@ -823,27 +860,153 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 candidates = list(dict.fromkeys(focused_beams[i]))
             else:
                 candidates = first_beams[b] + [text for text in focused_beams[i] if text not in first_beams[b]]
-            scores, generations, bases = score_answers(
-                self.llm,
-                self.llm_tokenizer,
-                self.mm_adapter,
-                self.llm_prompt(parsed[b]),
-                media_embeds[b],
-                candidates,
-                token_ids=self.token_ids,
-                image_patches=None if image_patches is None else image_patches[b],
-            )
-            choose = self.caption_agreement_scorer(
-                rerank_weight,
-                device,
-                base_agreement_weight,
-                parsed=[parsed[b]],
-                media_embeds=[media_embeds[b]],
-                base_priors=[priors[b]],
-            )
-            pick = choose(0, candidates, scores, generations, bases)
-            answers[b], generation_embeds[b], base_embeds[b] = candidates[pick], generations[pick], bases[pick]
+            answers[b], generation_embeds[b], base_embeds[b] = self._judge(
+                parsed[b], media_embeds[b], None if image_patches is None else image_patches[b], candidates,
+                ensemble_weight, rerank_weight, base_agreement_weight, device, priors[b],
+            )  # fmt: skip
         return answers, generation_embeds, base_embeds
+
+    def _judge(
+        self,
+        parsed: ParsedInstruction,
+        media_embeds: torch.Tensor,
+        image_patches: list[torch.Tensor | None] | None,
+        candidates: list[str],
+        ensemble_weight: float,
+        rerank_weight: float,
+        base_agreement_weight: float,
+        device: torch.device,
+        base_prior: torch.Tensor | None,
+    ) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
+        """The best of one instruction's candidate answers (`score_candidates`, then `caption_agreement_scorer`),
+        with the generation and base embeddings the first LLM reads from it."""
+        scores, generations, bases = self.score_candidates(
+            parsed, media_embeds, image_patches, candidates, ensemble_weight
+        )
+        choose = self.caption_agreement_scorer(
+            rerank_weight, device, base_agreement_weight, parsed=[parsed], media_embeds=[media_embeds],
+            base_priors=[base_prior],
+        )  # fmt: skip
+        pick = choose(0, candidates, scores, generations, bases)
+        return candidates[pick], generations[pick], bases[pick]
+
+    def score_candidates(
+        self,
+        parsed: ParsedInstruction,
+        media_embeds: torch.Tensor,
+        image_patches: list[torch.Tensor | None] | None,
+        candidates: list[str],
+        ensemble_weight: float = 0.0,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Scores candidate answers to one instruction under its real media (`score_answers`): the first LLM's
+        length-normalised log-probability, mixed with `llm_2`'s as ``(1 − ensemble_weight) · s + ensemble_weight ·
+        s_2`` when ``ensemble_weight`` > 0. The embeddings are always the first LLM's (its adapter was trained to
+        read them), so the ensemble only changes which answer is chosen.
+
+        Args:
+            parsed (`ParsedInstruction`): the instruction.
+            media_embeds (`torch.Tensor`): its ImageBind vectors (`encode_media`).
+            image_patches (`list[torch.Tensor | None]`, *optional*): its patch tokens (`encode_media`).
+            candidates (`list[str]`): decoded answers (special tokens kept, no EOS).
+            ensemble_weight (`float`, *optional*, defaults to 0.0): `llm_2`'s share of the score (needs `llm_2`).
+
+        Returns:
+            `tuple`: ``scores`` `(len(candidates),)`, and per candidate the generation and base embeddings the first
+            LLM predicts (`None` where the answer has none).
+        """
+        scores, generations, bases = score_answers(
+            self.llm, self.llm_tokenizer, self.mm_adapter, self.llm_prompt(parsed), media_embeds, candidates,
+            token_ids=self.token_ids, image_patches=image_patches,
+        )  # fmt: skip
+        if ensemble_weight > 0:
+            if self.llm_2 is None:
+                raise ValueError(f"`ensemble_weight={ensemble_weight}` mixes in `llm_2`'s scores: load `llm_2`.")
+            scores_2, _, _ = score_answers(
+                self.llm_2, self.llm_tokenizer, self.mm_adapter_2, self.llm_prompt(parsed, self.mm_adapter_2),
+                media_embeds, candidates,
+                token_ids=self.token_ids, image_patches=image_patches,
+            )  # fmt: skip
+            scores = (1 - ensemble_weight) * scores + ensemble_weight * scores_2.to(scores.device)
+        return scores, generations, bases
+
+    def ensemble_answers(
+        self,
+        parsed: list[ParsedInstruction],
+        media_embeds: list[torch.Tensor],
+        image_patches: list[list[torch.Tensor | None]] | None,
+        first_beams: dict[int, list[str]],
+        ensemble_weight: float,
+        rerank_weight: float,
+        base_agreement_weight: float,
+        max_new_tokens: int,
+        device: torch.device,
+        base_priors: list[torch.Tensor | None] | None = None,
+    ) -> tuple[list[str], list[torch.Tensor | None], list[torch.Tensor | None], dict[int, list[str]]]:
+        """The second LLM's answers beside the first's (`llm_ensemble_weight`).
+
+        Two LLMs trained apart (another seed of the same recipe) err on different instructions; where one writes a
+        colour the words just said instead of the one it sees, the other often does not. `llm_2` answers every
+        instruction with as many beams as the first look had; its beams join the first ones, every candidate is
+        scored under both LLMs (`score_candidates`) and ranked by `caption_agreement_scorer`.
+
+        Args:
+            parsed (`list[ParsedInstruction]`): the batch's instructions.
+            media_embeds (`list[torch.Tensor]`): their ImageBind vectors (`encode_media`).
+            image_patches (`list[list[torch.Tensor | None]]`, *optional*): their patch tokens (`encode_media`).
+            first_beams (`dict[int, list[str]]`): for every row, every final beam of the first LLM (best first).
+            ensemble_weight (`float`): `llm_2`'s share of each candidate's score, in (0, 1].
+            rerank_weight (`float`), base_agreement_weight (`float`): the judge's weights (`llm_rerank_weight`,
+                `llm_base_agreement_weight`).
+            max_new_tokens (`int`): the answer length limit.
+            device (`torch.device`): where ImageBind reads the captions.
+            base_priors (`list`, *optional*): per instruction, the `select_base_image` prior
+                (`instruction_base_priors`).
+
+        Returns:
+            `tuple`: per instruction the chosen answer, its generation and base embeddings (the first LLM's), and the
+            candidates of every row (the first beams, then `llm_2`'s new ones), for `focus_on_base`.
+        """
+        if self.llm_2 is None:
+            raise ValueError(
+                f"`llm_ensemble_weight={ensemble_weight}` needs a second LLM: load `llm_2` and `mm_adapter_2`."
+            )
+        rows = list(range(len(parsed)))
+        missing = [b for b in rows if b not in first_beams]
+        if missing:
+            raise ValueError(f"`first_beams` must hold every row's beams; rows {missing} have none.")
+        if not rows:
+            return [], [], [], {}
+        second_beams = {}
+
+        def keep_all(row: int, texts: list[str], *unused) -> int:
+            second_beams[row] = list(texts)
+            return 0
+
+        generate_with_media(
+            self.llm_2,
+            self.llm_tokenizer,
+            self.mm_adapter_2,
+            prompts=[self.llm_prompt(p, self.mm_adapter_2) for p in parsed],
+            media_embeds=media_embeds,
+            image_patches=image_patches,
+            token_ids=self.token_ids,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            num_beams=len(first_beams[0]),
+            candidate_scorer=keep_all,
+        )
+        priors = base_priors if base_priors is not None else [None] * len(parsed)
+        answers, generation_embeds, base_embeds, candidates_per_row = [], [], [], {}
+        for b in rows:
+            candidates_per_row[b] = list(dict.fromkeys(first_beams[b] + second_beams[b]))
+            answer, generation, base = self._judge(
+                parsed[b], media_embeds[b], None if image_patches is None else image_patches[b],
+                candidates_per_row[b], ensemble_weight, rerank_weight, base_agreement_weight, device, priors[b],
+            )  # fmt: skip
+            answers.append(answer)
+            generation_embeds.append(generation)
+            base_embeds.append(base)
+        return answers, generation_embeds, base_embeds, candidates_per_row
 
     def encode_captions(self, captions: list[str], device: torch.device) -> torch.Tensor:
         """ImageBind's text embeddings of captions, `(len(captions), embed_dim)` in float32 (read with
@@ -1171,6 +1334,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         base_instruction_weight: float | None = None,
         caption_embedding_weight: float | list[float] | None = None,
         num_candidate_images: int | None = None,
+        llm_ensemble_weight: float | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
         on_invalid_answer: str = "error",
@@ -1207,6 +1371,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `base_instruction_weight` | — | — | 0 | several images: the base choice also weighs how well the instruction's words fit each image |
         | `caption_embedding_weight` | — | — | 0 | blend ImageBind's embedding of the caption into the LLM's embedding |
         | `num_candidate_images` | — | — | 1 | draw several edits per output, keep the one closest to its caption |
+        | `llm_ensemble_weight` | — | — | 0 | a second LLM (`llm_2`) adds its beams and shares every answer's score |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -1280,6 +1445,12 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 them apart. Costs that many times the denoising and a VAE decode of every candidate; the callback
                 sees every candidate's latents (rows ordered by instruction, caption weight, output image,
                 candidate). Needs ``imagebind_tokenizer`` to read captions.
+            llm_ensemble_weight (`float`, defaults to 0.0): in [0, 1]; above 0, the second LLM (`llm_2`, with
+                `mm_adapter_2`) answers every instruction with ``llm_num_beams`` beams too; its beams join the first
+                LLM's, and every answer's score — in the reranking and in the base focus — becomes ``(1 − w) · s +
+                w · s_2``, the two LLMs' length-normalised log-probabilities of it (`ensemble_answers`,
+                `score_candidates`). The embeddings are still read from the first LLM. Needs `llm_2` and beam
+                search (``llm_num_beams`` > 1).
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.
@@ -1328,6 +1499,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             base_instruction_weight=base_instruction_weight,
             caption_embedding_weight=caption_embedding_weight,
             num_candidate_images=num_candidate_images,
+            llm_ensemble_weight=llm_ensemble_weight,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
         )
@@ -1391,6 +1563,22 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             self._check_imagebind_tokenizer(
                 "num_candidate_images", num_candidate_images, "compares each candidate image with its caption"
             )
+        llm_ensemble_weight = settings["llm_ensemble_weight"]
+        ensemble_ok = isinstance(llm_ensemble_weight, (int, float)) and not isinstance(llm_ensemble_weight, bool)
+        if not (ensemble_ok and 0 <= llm_ensemble_weight <= 1):
+            raise ValueError(f"`llm_ensemble_weight` must be a number in [0, 1], got {llm_ensemble_weight!r}.")
+        if llm_ensemble_weight > 0 and conditioning_embeds is None:
+            if self.llm_2 is None:
+                raise ValueError(
+                    f"`llm_ensemble_weight={llm_ensemble_weight}` mixes in a second LLM, but this pipeline has no "
+                    "`llm_2` (pass `llm_2=` and `mm_adapter_2=`, e.g. another seed's `train_llm.py` output), or pass "
+                    "`llm_ensemble_weight=0` (the weight may come from the pipeline's `edit_defaults`)."
+                )
+            if llm_num_beams < 2:
+                raise ValueError(
+                    f"`llm_ensemble_weight={llm_ensemble_weight}` pools both LLMs' beams: it needs `llm_num_beams` > 1 "
+                    f"(and `llm_do_sample=False`), got llm_num_beams={llm_num_beams}."
+                )
         for name in ("llm_base_agreement_weight", "llm_base_focus_weight"):
             if settings[name] > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
                 raise ValueError(
@@ -1444,7 +1632,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             # 3. LLM: caption, generation embedding and base embedding (KV cache; media injected at prefill).
             scorer, first_beams = None, {}
             base_priors = self.instruction_base_priors(parsed, media_embeds, base_instruction_weight, device)
-            if llm_rerank_weight > 0 or llm_base_agreement_weight > 0 or llm_base_focus_weight > 0:
+            keep_beams = llm_base_focus_weight > 0 or llm_ensemble_weight > 0
+            if llm_rerank_weight > 0 or llm_base_agreement_weight > 0 or keep_beams:
                 scorer = choose = self.caption_agreement_scorer(
                     llm_rerank_weight,
                     device,
@@ -1453,10 +1642,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     media_embeds=media_embeds,
                     base_priors=base_priors,
                 )
-            if llm_base_focus_weight > 0:
+            if keep_beams:
 
                 def scorer(row, texts, *scores_and_embeds):
-                    first_beams[row] = list(texts)  # `focus_on_base` ranks them again beside its own
+                    first_beams[row] = list(texts)  # ranked again beside `llm_2`'s and the focused ones
                     return choose(row, texts, *scores_and_embeds)
 
             llm_out = generate_with_media(
@@ -1478,10 +1667,16 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             answers = list(llm_out.texts)
             llm_generation_embeds = list(llm_out.generation_embeds)
             llm_base_embeds = list(llm_out.base_embeds)
+            if llm_ensemble_weight > 0:
+                answers, llm_generation_embeds, llm_base_embeds, first_beams = self.ensemble_answers(
+                    parsed, media_embeds, image_patches, first_beams, llm_ensemble_weight, llm_rerank_weight,
+                    llm_base_agreement_weight, llm_max_new_tokens, device, base_priors,
+                )  # fmt: skip
             if llm_base_focus_weight > 0:
                 answers, llm_generation_embeds, llm_base_embeds = self.focus_on_base(
                     parsed, media_embeds, image_patches, answers, llm_generation_embeds, llm_base_embeds,
                     first_beams, llm_rerank_weight, llm_base_focus_weight, llm_max_new_tokens, device, base_priors,
+                    num_beams=llm_num_beams, ensemble_weight=llm_ensemble_weight,
                 )  # fmt: skip
             parsed_answers = [parse_answer(answer) for answer in answers]
             captions, base_rows = [], []

@@ -947,6 +947,10 @@ def _parser() -> argparse.ArgumentParser:
         "--num_candidate_images", type=int, default=None,
         help="edits drawn per output; the one ImageBind finds closest to its caption is kept",
     )  # fmt: skip
+    knobs.add_argument(
+        "--llm_ensemble_weight", type=float, default=None,
+        help="share of the second LLM (llm_2) in every answer's score, its beams pooled with the first's, in [0, 1]",
+    )  # fmt: skip
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -965,6 +969,7 @@ _KNOBS = (
     "base_instruction_weight",
     "caption_embedding_weight",
     "num_candidate_images",
+    "llm_ensemble_weight",
 )
 
 
@@ -989,6 +994,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for weight in args.caption_embedding_weight or ():
         if not 0 <= weight <= 1:
             parser.error(f"--caption_embedding_weight must be a number in [0, 1], got {weight}.")
+    if args.llm_ensemble_weight is not None and not 0 <= args.llm_ensemble_weight <= 1:
+        parser.error(f"--llm_ensemble_weight must be a number in [0, 1], got {args.llm_ensemble_weight}.")
     if args.model is not None and not os.path.isfile(os.path.join(args.model, "model_index.json")):
         parser.error(f"--model {args.model!r} is not a saved pipeline folder (no model_index.json).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

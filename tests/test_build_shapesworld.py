@@ -246,3 +246,14 @@ def test_missing_config_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build.parse_args(["--output_dir", "o", "--config_dir", text_config_dir])
     assert "there is no text_encoder.json" in capsys.readouterr().err
+
+
+def test_second_llm_must_share_the_first_llms_tokenizer(tmp_path):
+    from diffusers_any2pix.testing_utils import tiny_llm_tokenizer
+    from diffusers_any2pix.word_tokenizer import build_word_level_tokenizer
+
+    tiny_llm_tokenizer().save_pretrained(str(tmp_path / "first"))
+    build_word_level_tokenizer(["another vocabulary"]).save_pretrained(str(tmp_path / "second" / "llm_tokenizer"))
+    with pytest.raises(ValueError, match=r"--llm_2 '.*second': its llm_tokenizer differs from '.*first'"):
+        build._second_llm(str(tmp_path / "second"), str(tmp_path / "first"))
+    assert build._second_llm(None, str(tmp_path / "first")) == {}

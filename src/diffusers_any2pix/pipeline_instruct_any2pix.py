@@ -1646,6 +1646,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
 
                 def scorer(row, texts, *scores_and_embeds):
                     first_beams[row] = list(texts)  # ranked again beside `llm_2`'s and the focused ones
+                    if llm_ensemble_weight > 0:  # `ensemble_answers` judges the pooled beams: no pick needed here
+                        return 0
                     return choose(row, texts, *scores_and_embeds)
 
             llm_out = generate_with_media(

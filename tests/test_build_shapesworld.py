@@ -89,6 +89,7 @@ def _config_dir(root, text_decoder: bool = False) -> str:
     if text_decoder:  # the real build's layout, with its LLM options: patch tokens, answer noise, reproduce samples
         settings["features"] = {"image_patches": True}
         settings["llm_2"] = {}  # and a second LLM
+        settings["verifier"] = {**steps, "hidden_size": 16, "num_layers": 1}  # and an edit verifier
         settings["llm"].update(
             image_patch_tokens=2, patch_embed_dim=16, resampler_hidden_size=16, resampler_depth=1, resampler_heads=2,
             answer_noise_prob=0.3, answer_noise_source="context", reproduce_prob=0.2,
@@ -109,8 +110,8 @@ def _assert_edits_a_scene(pipeline: InstructAny2PixPipeline, work) -> None:
 def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
     config_dir = _config_dir(tmp_path)
     work, out = tmp_path / "work", tmp_path / "pipeline"
-    # A 1-step probe is (rightly) refused by the evaluator; this build.json has no llm_2 section.
-    stages = [s for s in build.STAGES if s not in ("evaluate", "llm_2")]
+    # A 1-step probe is (rightly) refused by the evaluator; this build.json has no llm_2 and no verifier section.
+    stages = [s for s in build.STAGES if s not in ("evaluate", "llm_2", "verifier")]
     argv = ["--output_dir", str(out), "--work_dir", str(work), "--config_dir", config_dir, "--stages", *stages]
     assert build.main(argv) == 0
     log = json.loads((work / "build_log.json").read_text())
@@ -121,6 +122,7 @@ def test_build_makes_a_loadable_pipeline_and_logs_every_stage(tmp_path):
 
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.config.edit_defaults == TINY["edit_defaults.json"] and pipeline.llm_2 is None
+    assert pipeline.edit_verifier is None
     # The pipeline reads text with the ImageBind tokenizer the imagebind stage trained its text tower with.
     stage_tokenizer = AutoTokenizer.from_pretrained(str(work / "imagebind" / "imagebind_tokenizer"))
     assert pipeline.imagebind_tokenizer.get_vocab() == stage_tokenizer.get_vocab()
@@ -164,7 +166,7 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
     assert build.main(argv + ["--dry_run"]) == 0
     commands = capsys.readouterr().out
     assert "--mode text_unet" in commands and "--image_patches" in commands and "--image_patch_tokens 2" in commands
-    assert "llm_2: " in commands
+    assert "llm_2: " in commands and "train_edit_verifier.py --attribute_reader" in commands
     assert build.main(argv) == 0
     pipeline = InstructAny2PixPipeline.from_pretrained(str(out))
     assert pipeline.decoder_family == "sd" and pipeline.ip_adapter is not None
@@ -187,12 +189,20 @@ def test_build_with_a_text_to_image_decoder(tmp_path, capsys):
         llm_num_beams=2, llm_ensemble_weight=0.5, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert result.images[0].size == (32, 32)
+    # The edit verifier: trained in the decoder lane on the imagebind stage's heads, for ShapesWorld's fields.
+    assert pipeline.edit_verifier.num_classes == pipeline.mm_adapter.config.attribute_classes
+    assert log["verifier"]["threads"] == 1 and "--attribute_reader" in log["verifier"]["command"]
+    result = pipeline(
+        "add a red circle to [image1]", images=[str(scene)], on_invalid_answer="use_base", llm_do_sample=False,
+        llm_num_beams=2, edit_verifier_weight=1.0, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert result.images[0].size == (32, 32)
 
 
 def test_force_selects_the_dependent_stages():
     assert build._dependents(["prior"]) == {"prior", "pipeline", "evaluate"}
     assert build._dependents(["features"]) == {
-        "features", "vae", "unet", "llm", "reader", "llm_2", "prior", "pipeline", "evaluate"
+        "features", "vae", "unet", "verifier", "llm", "reader", "llm_2", "prior", "pipeline", "evaluate"
     }  # fmt: skip
     assert build._dependents(["llm"]) == {"llm", "reader", "llm_2", "pipeline", "evaluate"}
     assert build._dependents(["llm_2"]) == {"llm_2", "pipeline", "evaluate"}
@@ -203,8 +213,9 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     argv = ["--output_dir", str(tmp_path / "o"), "--work_dir", str(tmp_path / "w"), "--config_dir", config_dir]
     assert build.main(argv + ["--dry_run"]) == 0
     printed = capsys.readouterr().out
-    assert all(f"{stage}: " in printed for stage in build.STAGES if stage != "llm_2")
+    assert all(f"{stage}: " in printed for stage in build.STAGES if stage not in ("llm_2", "verifier"))
     assert "llm_2: " not in printed and "--llm_2" not in printed  # no llm_2 section in build.json
+    assert "verifier: " not in printed and "--edit_verifier" not in printed  # nor a verifier section
     assert "--channel_shuffle_prob 0.5" in printed and "--corrupted_image_pairs" in printed
     assert "fit_attribute_reader.py" in printed and "--max_train_steps 20 --train_batch_size 8" in printed
     assert "--mm_adapter " + os.path.join(str(tmp_path / "w"), "reader", "mm_adapter") in printed

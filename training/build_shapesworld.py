@@ -14,7 +14,10 @@ Stages, each a plain command of this repository (logged with its wall time to ``
 4. ``vae`` then ``unet``: ``training/train_decoder.py --mode vae``, then the UNet: ``--mode text_unet`` (the official
    decoder layout: a UNet reading the caption through a CLIP text encoder, with the ImageBind tokenizer's one token
    per word, plus an IP-Adapter for the ImageBind embedding) when ``unet.json`` is a text-to-image UNet and
-   ``text_encoder.json`` is present, or ``--mode imagebind_unet`` for an ImageBind-native ``unet.json``.
+   ``text_encoder.json`` is present, or ``--mode imagebind_unet`` for an ImageBind-native ``unet.json``; then,
+   when ``build.json`` has a ``verifier`` section, ``verifier``: ``training/train_edit_verifier.py`` — the edit
+   verifier the pipeline's ``edit_verifier_weight`` ranks answers with, reading the inputs through the attribute
+   heads the imagebind stage saved (as the llm stage does).
 5. ``llm``, ``reader``, ``llm_2`` then ``prior``: ``training/train_llm.py --llm_config`` (a small Llama and a
    word-level tokenizer, from scratch); with attribute tokens (``"attribute_reader": true``),
    ``training/fit_attribute_reader.py`` fits the adapter's reader again to the final ImageBind's embeddings of the
@@ -56,15 +59,16 @@ DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "features": ("data", "imagebind"),
     "vae": ("features",),
     "unet": ("vae",),
+    "verifier": ("features",),
     "llm": ("features",),
     "reader": ("llm",),
     "llm_2": ("llm", "reader"),
     "prior": ("features",),
-    "pipeline": ("imagebind", "unet", "llm", "reader", "llm_2", "prior"),
+    "pipeline": ("imagebind", "unet", "verifier", "llm", "reader", "llm_2", "prior"),
     "evaluate": ("pipeline",),
 }
 STAGES = tuple(DEPENDENCIES)
-DECODER_LANE = ("vae", "unet")
+DECODER_LANE = ("vae", "unet", "verifier")
 LANGUAGE_LANE = ("llm", "reader", "llm_2", "prior")
 
 
@@ -146,6 +150,7 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
         command += ["--seed", str(seed), "--report_to", "none"]
         return Stage(name, command + _options(settings[name]), os.path.join(out[name], component, "config.json"))
 
+    verifies = "verifier" in settings
     second_llm = "llm_2" in settings
     if second_llm:  # the llm stage's recipe, another seed, the first LLM's tokenizer and the fitted reader
         seed_offset = settings["llm_2"].get("seed_offset", 1)
@@ -189,6 +194,11 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
             )
             + ["--unet_config", os.path.join(cfg, "unet.json"), "--pretrained_vae", os.path.join(out["vae"], "vae")],
         ),  # fmt: skip
+        *(
+            [training_stage("verifier", "train_edit_verifier.py", "edit_verifier", ["--attribute_reader", imagebind])]
+            if verifies
+            else []
+        ),
         training_stage("llm", "train_llm.py", "llm", ["--llm_config", os.path.join(cfg, "llm.json")]),
         *(
             [training_stage(
@@ -223,6 +233,7 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
                 # the reader stage's adapter (its attribute reader fitted again) when the build has that stage
                 "--mm_adapter", os.path.join(out["reader" if reads_attributes else "llm"], "mm_adapter"),
                 *(["--llm_2", out["llm_2"]] if second_llm else []),
+                *(["--edit_verifier", os.path.join(out["verifier"], "edit_verifier")] if verifies else []),
             ]  # fmt: skip
             + _options(settings.get("pipeline", {})),
             os.path.join(work, "pipeline.done"),
@@ -239,7 +250,7 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
         ),
     ]
     # Without attribute tokens there is no reader to fit: the pipeline takes the llm stage's adapter. (The llm_2
-    # stage exists only with an llm_2 section in build.json.)
+    # and verifier stages exist only with their sections in build.json.)
     return {stage.name: stage for stage in stages if stage.name != "reader" or reads_attributes}
 
 
@@ -250,17 +261,20 @@ def assemble(
     save_dtype: str = "float32",
     mm_adapter: Optional[str] = None,
     llm_2: Optional[str] = None,
+    edit_verifier: Optional[str] = None,
 ) -> None:
     """Loads the trained components of ``work_dir`` into one pipeline and saves it to ``output_dir``, its weights in
     ``save_dtype`` (``float16`` halves the size; `InstructAny2PixPipeline.from_pretrained` loads in float32).
     ``mm_adapter``: the adapter folder to use (default: the llm stage's). ``llm_2``: a second `train_llm.py` output
-    folder (its ``llm`` and ``mm_adapter``, trained on the llm stage's tokenizer) for `llm_ensemble_weight`."""
+    folder (its ``llm`` and ``mm_adapter``, trained on the llm stage's tokenizer) for `llm_ensemble_weight`.
+    ``edit_verifier``: a `train_edit_verifier.py` component folder for `edit_verifier_weight`."""
     import torch
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPTextModel
 
     from diffusers_any2pix import InstructAny2PixPipeline
+    from diffusers_any2pix.models.edit_verifier import EditVerifier
     from diffusers_any2pix.models.imagebind import ImageBindModel
     from diffusers_any2pix.models.ip_adapter import ImageBindIPAdapter
     from diffusers_any2pix.models.mm_adapter import MultimodalAdapter
@@ -291,6 +305,7 @@ def assemble(
         edit_defaults=_load_json(edit_defaults_file),
         **decoder,
         **_second_llm(llm_2, path("llm", "llm_tokenizer")),
+        edit_verifier=EditVerifier.from_pretrained(edit_verifier) if edit_verifier is not None else None,
     )
     # Only the pipeline's own folders are replaced; the rest of --output_dir (e.g. the repository) is left alone.
     for name in list(pipeline.components) + ["model_index.json"]:
@@ -381,10 +396,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument("--save_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
         parser.add_argument("--mm_adapter", default=None, help="adapter folder (default: <work_dir>/llm/mm_adapter)")
         parser.add_argument("--llm_2", default=None, help="a second train_llm.py output folder (llm_ensemble_weight)")
+        parser.add_argument("--edit_verifier", default=None, help="an EditVerifier folder (edit_verifier_weight)")
         options = parser.parse_args(argv[1:])
         assemble(
             options.work_dir, options.edit_defaults, options.output_dir, options.save_dtype, options.mm_adapter,
-            options.llm_2,
+            options.llm_2, options.edit_verifier,
         )
         return 0
     args = parse_args(argv)

@@ -26,6 +26,7 @@ from transformers import (
 
 # Every component module must be imported here: diffusers resolves our classes through ``sys.modules``.
 from .instruction import ParsedInstruction, parse_instruction
+from .models.edit_verifier import EditVerifier
 from .models.imagebind import ImageBindModel
 from .models.ip_adapter import ImageBindIPAdapter, temporary_ip_adapter_scale
 from .models.mm_adapter import MultimodalAdapter, rescale_to_norm
@@ -78,6 +79,7 @@ BUILTIN_EDIT_DEFAULTS: dict[str, Any] = {
     "caption_embedding_weight": 0.0,
     "num_candidate_images": 1,
     "llm_ensemble_weight": 0.0,
+    "edit_verifier_weight": 0.0,
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "prompt_template": DEFAULT_PROMPT_TEMPLATE,
 }
@@ -220,6 +222,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         llm_2 ([`~transformers.PreTrainedModel`], optional), mm_adapter_2 ([`MultimodalAdapter`], optional): a
             second multimodal LLM, trained apart on the same tokenizer (``llm_tokenizer``) and media, whose beams and
             scores join the first LLM's (`llm_ensemble_weight`); given together or not at all.
+        edit_verifier ([`EditVerifier`], optional): predicts the attribute fields of an edit's result from the
+            instruction and the attribute reads of its inputs, and reads them from a caption; their agreement joins
+            the ranking of the LLM's answers (`edit_verifier_weight`). Needs an `mm_adapter` with an attribute reader
+            whose fields are the verifier's.
         edit_defaults (`dict`, *optional*): defaults for the edit knobs of `__call__` (same names), saved in
             `model_index.json`; e.g. a converted official pipeline records the official demo's settings here.
     """
@@ -228,7 +234,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         "image_encoder->llm->llm_2->prior_text_encoder->prior->text_encoder->text_encoder_2->unet->vae"
     )
     # The adapter is tiny and used between the other models' calls; keep it on the execution device.
-    _exclude_from_cpu_offload = ["mm_adapter", "mm_adapter_2"]
+    _exclude_from_cpu_offload = ["mm_adapter", "mm_adapter_2", "edit_verifier"]
     _optional_components = [
         "text_encoder",
         "tokenizer",
@@ -240,6 +246,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         "imagebind_tokenizer",
         "llm_2",
         "mm_adapter_2",
+        "edit_verifier",
     ]
     _callback_tensor_inputs = ["latents", "conditioning_embeds"]
 
@@ -263,6 +270,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         imagebind_tokenizer: PreTrainedTokenizerBase | None = None,
         llm_2: PreTrainedModel | None = None,
         mm_adapter_2: MultimodalAdapter | None = None,
+        edit_verifier: EditVerifier | None = None,
         edit_defaults: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -285,6 +293,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             "imagebind_tokenizer": imagebind_tokenizer,
             "llm_2": llm_2,
             "mm_adapter_2": mm_adapter_2,
+            "edit_verifier": edit_verifier,
         }
         # diffusers accepts None for any component at load time; fail here, by name, instead of mid-call.
         missing = [n for n, c in components.items() if c is None and n not in self._optional_components]
@@ -356,6 +365,19 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     f"{adapter_name}.config.attribute_word_ids reach token id {max(word_ids)} but llm_tokenizer has "
                     f"only {len(c['llm_tokenizer'])} tokens: the adapter's attribute tokens were trained on another "
                     "tokenizer's words."
+                )
+        verifier = c.get("edit_verifier")
+        if verifier is not None:
+            reader_classes = c["mm_adapter"].config.attribute_classes
+            if reader_classes is None:
+                raise ValueError(
+                    "`edit_verifier` reads the inputs through the attribute reader of `mm_adapter`, which has none "
+                    "(`attribute_classes`)."
+                )
+            if list(reader_classes) != list(verifier.num_classes):
+                raise ValueError(
+                    f"Component size mismatch: mm_adapter.config.attribute_classes is {list(reader_classes)} but "
+                    f"edit_verifier.config.class_words has fields of {list(verifier.num_classes)} classes."
                 )
         if c.get("mm_adapter_2") is not None:
             # Both LLMs read the media `encode_media` prepares for the first adapter.
@@ -695,6 +717,26 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             priors[b] = weight * (vectors @ text)
         return priors
 
+    def edit_verifier_predictions(
+        self, parsed: list[ParsedInstruction], media_embeds: list[torch.Tensor]
+    ) -> list[list[torch.Tensor]]:
+        """The `edit_verifier`'s prediction of every instruction's result: per instruction, one class distribution
+        per attribute field (float32, CPU), from its words and its inputs' attribute reads
+        (`MultimodalAdapter.read_attributes` of their ImageBind vectors).
+
+        Args:
+            parsed (`list[ParsedInstruction]`): the batch's instructions.
+            media_embeds (`list[torch.Tensor]`): their ImageBind vectors (`encode_media`).
+        """
+        if self.edit_verifier is None:
+            raise ValueError("`edit_verifier_predictions` needs the `edit_verifier` component.")
+        rows = []
+        for instruction, embeds in zip(parsed, media_embeds):
+            reads = torch.cat(self.mm_adapter.read_attributes(embeds), dim=-1).float().cpu() if len(embeds) else None
+            rows.append({(ref.kind, ref.index + 1): reads[pos] for pos, ref in enumerate(instruction.references)})
+        predicted = self.edit_verifier.predict([p.text for p in parsed], rows)
+        return [[field[b].cpu() for field in predicted] for b in range(len(parsed))]
+
     def caption_agreement_scorer(
         self,
         weight: float,
@@ -703,11 +745,15 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         parsed: list[ParsedInstruction] | None = None,
         media_embeds: list[torch.Tensor] | None = None,
         base_priors: list[torch.Tensor | None] | None = None,
+        verifier_weight: float = 0.0,
+        verifier_predictions: list[list[torch.Tensor]] | None = None,
     ) -> Callable:
-        """The ``candidate_scorer`` (of `generate_with_media`) that `llm_rerank_weight` and
-        `llm_base_agreement_weight` use: beam score + ``weight`` · cosine between ImageBind's embedding of each beam's
-        caption and the generation embedding of the same answer + ``base_agreement_weight`` · `base_agreement` of the
-        caption with the base image that answer selects.
+        """The ``candidate_scorer`` (of `generate_with_media`) that `llm_rerank_weight`,
+        `llm_base_agreement_weight` and `edit_verifier_weight` use: beam score + ``weight`` · cosine between
+        ImageBind's embedding of each beam's caption and the generation embedding of the same answer +
+        ``base_agreement_weight`` · `base_agreement` of the caption with the base image that answer selects +
+        ``verifier_weight`` · `EditVerifier.agreement` of the verifier's prediction for the instruction with its
+        reading of the caption.
 
         Args:
             weight (`float`): the weight of the cosine (0 with ``base_agreement_weight`` 0 picks the best beam that
@@ -720,6 +766,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             media_embeds (`list[torch.Tensor]`, *optional*): the batch's ImageBind vectors (`encode_media`).
             base_priors (`list`, *optional*): per instruction, the `select_base_image` prior
                 (`instruction_base_priors`).
+            verifier_weight (`float`, *optional*, defaults to 0.0): the weight of the edit verifier's agreement;
+                above 0 it needs ``verifier_predictions`` and the `edit_verifier` component.
+            verifier_predictions (`list`, *optional*): per instruction, the verifier's per-field prediction of the
+                result (`edit_verifier_predictions`).
 
         Returns:
             `Callable`: ``choose(row, texts, beam_scores, generation_embeds, base_embeds) -> int``, the index of the
@@ -728,6 +778,11 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         if base_agreement_weight > 0 and (parsed is None or media_embeds is None):
             raise ValueError(
                 "`base_agreement_weight` > 0 selects each answer's base: pass `parsed` and `media_embeds`."
+            )
+        if verifier_weight > 0 and (verifier_predictions is None or self.edit_verifier is None):
+            raise ValueError(
+                "`verifier_weight` > 0 needs the `edit_verifier` component and `verifier_predictions` "
+                "(`edit_verifier_predictions`)."
             )
         priors = base_priors if base_priors is not None else [None] * len(parsed or [])
 
@@ -738,13 +793,15 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             valid = [j for j, caption in enumerate(captions) if caption and generation_embeds[j] is not None]
             if not valid:
                 return 0
-            if weight == 0 and base_agreement_weight == 0:  # nothing to read: the best scored valid answer
+            if weight == 0 and base_agreement_weight == 0 and verifier_weight == 0:  # the best scored valid answer
                 return valid[int(beam_scores[valid].float().argmax())]
-            text_embeds = self.encode_captions([captions[j] for j in valid], device)
-            text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)
-            intended = torch.stack([generation_embeds[j].float().to(device) for j in valid])
-            agreement = (text_embeds * torch.nn.functional.normalize(intended, dim=-1)).sum(dim=-1)
-            totals = beam_scores[valid].float().to(device) + weight * agreement
+            totals = beam_scores[valid].float().to(device)
+            if weight > 0 or base_agreement_weight > 0:  # read with ImageBind's text tower
+                text_embeds = self.encode_captions([captions[j] for j in valid], device)
+                text_embeds = torch.nn.functional.normalize(text_embeds, dim=-1)
+                intended = torch.stack([generation_embeds[j].float().to(device) for j in valid])
+                agreement = (text_embeds * torch.nn.functional.normalize(intended, dim=-1)).sum(dim=-1)
+                totals = totals + weight * agreement
             if base_agreement_weight > 0:
                 bases = []
                 for j in valid:
@@ -754,6 +811,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     bases.append(media_embeds[row][parsed[row].position_of("image", index)])
                 bases = torch.stack(bases).to(device)
                 totals = totals + base_agreement_weight * self.base_agreement(text_embeds, bases)
+            if verifier_weight > 0:
+                read = self.edit_verifier.predict([captions[j] for j in valid])
+                totals = totals + verifier_weight * EditVerifier.agreement(verifier_predictions[row], read).to(device)
             return valid[int(totals.argmax())]
 
         return choose
@@ -774,6 +834,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         base_priors: list[torch.Tensor | None] | None = None,
         num_beams: int | None = None,
         ensemble_weight: float = 0.0,
+        verifier_weight: float = 0.0,
+        verifier_predictions: list[list[torch.Tensor]] | None = None,
     ) -> tuple[list[str], list[torch.Tensor | None], list[torch.Tensor | None]]:
         """A second look at instructions with several images, with only the chosen base in view
         (`llm_base_focus_weight`).
@@ -805,6 +867,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 the first row looked at again.
             ensemble_weight (`float`, *optional*, defaults to 0.0): `llm_2`'s share of every candidate's score
                 (`score_candidates`).
+            verifier_weight (`float`, *optional*, defaults to 0.0), verifier_predictions (`list`, *optional*): the
+                edit verifier's term of the ranking (`caption_agreement_scorer`).
 
         Returns:
             `tuple`: new ``answers``, ``generation_embeds`` and ``base_embeds`` (rows that were not looked at again
@@ -863,6 +927,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             answers[b], generation_embeds[b], base_embeds[b] = self._judge(
                 parsed[b], media_embeds[b], None if image_patches is None else image_patches[b], candidates,
                 ensemble_weight, rerank_weight, base_agreement_weight, device, priors[b],
+                verifier_weight, None if verifier_predictions is None else verifier_predictions[b],
             )  # fmt: skip
         return answers, generation_embeds, base_embeds
 
@@ -877,6 +942,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         base_agreement_weight: float,
         device: torch.device,
         base_prior: torch.Tensor | None,
+        verifier_weight: float = 0.0,
+        verifier_prediction: list[torch.Tensor] | None = None,
     ) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
         """The best of one instruction's candidate answers (`score_candidates`, then `caption_agreement_scorer`),
         with the generation and base embeddings the first LLM reads from it."""
@@ -885,7 +952,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         )
         choose = self.caption_agreement_scorer(
             rerank_weight, device, base_agreement_weight, parsed=[parsed], media_embeds=[media_embeds],
-            base_priors=[base_prior],
+            base_priors=[base_prior], verifier_weight=verifier_weight,
+            verifier_predictions=None if verifier_prediction is None else [verifier_prediction],
         )  # fmt: skip
         pick = choose(0, candidates, scores, generations, bases)
         return candidates[pick], generations[pick], bases[pick]
@@ -941,6 +1009,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         max_new_tokens: int,
         device: torch.device,
         base_priors: list[torch.Tensor | None] | None = None,
+        verifier_weight: float = 0.0,
+        verifier_predictions: list[list[torch.Tensor]] | None = None,
     ) -> tuple[list[str], list[torch.Tensor | None], list[torch.Tensor | None], dict[int, list[str]]]:
         """The second LLM's answers beside the first's (`llm_ensemble_weight`).
 
@@ -961,6 +1031,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             device (`torch.device`): where ImageBind reads the captions.
             base_priors (`list`, *optional*): per instruction, the `select_base_image` prior
                 (`instruction_base_priors`).
+            verifier_weight (`float`, *optional*, defaults to 0.0), verifier_predictions (`list`, *optional*): the
+                edit verifier's term of the ranking (`caption_agreement_scorer`).
 
         Returns:
             `tuple`: per instruction the chosen answer, its generation and base embeddings (the first LLM's), and the
@@ -1002,6 +1074,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             answer, generation, base = self._judge(
                 parsed[b], media_embeds[b], None if image_patches is None else image_patches[b],
                 candidates_per_row[b], ensemble_weight, rerank_weight, base_agreement_weight, device, priors[b],
+                verifier_weight, None if verifier_predictions is None else verifier_predictions[b],
             )  # fmt: skip
             answers.append(answer)
             generation_embeds.append(generation)
@@ -1335,6 +1408,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         caption_embedding_weight: float | list[float] | None = None,
         num_candidate_images: int | None = None,
         llm_ensemble_weight: float | None = None,
+        edit_verifier_weight: float | None = None,
         negative_prompt: str | None = None,
         prompt_template: str | None = None,
         on_invalid_answer: str = "error",
@@ -1372,6 +1446,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
         | `caption_embedding_weight` | — | — | 0 | blend ImageBind's embedding of the caption into the LLM's embedding |
         | `num_candidate_images` | — | — | 1 | draw several edits per output, keep the one closest to its caption |
         | `llm_ensemble_weight` | — | — | 0 | a second LLM (`llm_2`) adds its beams and shares every answer's score |
+        | `edit_verifier_weight` | — | — | 0 | rerank the answers by the edit verifier's agreement with their captions |
         | — | — | `refinement` | 0.5 / 0.3 | SDXL-refiner img2img strength: not part of this pipeline (chain `StableDiffusionXLImg2ImgPipeline`) |
 
         Official advice, in our names: too little change → lower `structure_preservation`, raise `embedding_norm`,
@@ -1451,6 +1526,13 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 w · s_2``, the two LLMs' length-normalised log-probabilities of it (`ensemble_answers`,
                 `score_candidates`). The embeddings are still read from the first LLM. Needs `llm_2` and beam
                 search (``llm_num_beams`` > 1).
+            edit_verifier_weight (`float`, defaults to 0.0): above 0, every ranking of the LLM's answers (the
+                reranking, the base focus, the ensemble) adds ``edit_verifier_weight · Σ_f log Σ_c p_f(c) q_f(c)``:
+                ``p`` the `edit_verifier`'s prediction of the result's attribute fields from the instruction's words
+                and its inputs' attribute reads (`edit_verifier_predictions`), ``q`` its reading of the answer's
+                caption. The verifier copies classes from where the instruction points, so it catches the LLM
+                writing a colour the words name onto an object the edit leaves alone. Needs `edit_verifier` and beam
+                search (``llm_num_beams`` > 1).
             negative_prompt (`str`, defaults to the official one): the decoder's negative prompt (text-to-image
                 decoders). A decoder trained with empty prompts as its unconditional input (e.g. ShapesWorld's) stores
                 ``""`` in its `edit_defaults`.
@@ -1500,6 +1582,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             caption_embedding_weight=caption_embedding_weight,
             num_candidate_images=num_candidate_images,
             llm_ensemble_weight=llm_ensemble_weight,
+            edit_verifier_weight=edit_verifier_weight,
             negative_prompt=negative_prompt,
             prompt_template=prompt_template,
         )
@@ -1579,6 +1662,23 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     f"`llm_ensemble_weight={llm_ensemble_weight}` pools both LLMs' beams: it needs `llm_num_beams` > 1 "
                     f"(and `llm_do_sample=False`), got llm_num_beams={llm_num_beams}."
                 )
+        edit_verifier_weight = settings["edit_verifier_weight"]
+        verifier_ok = isinstance(edit_verifier_weight, (int, float)) and not isinstance(edit_verifier_weight, bool)
+        if not (verifier_ok and edit_verifier_weight >= 0 and np.isfinite(edit_verifier_weight)):
+            raise ValueError(f"`edit_verifier_weight` must be a finite number >= 0, got {edit_verifier_weight!r}.")
+        if edit_verifier_weight > 0 and conditioning_embeds is None:
+            if self.edit_verifier is None:
+                raise ValueError(
+                    f"`edit_verifier_weight={edit_verifier_weight}` ranks answers with an edit verifier, but this "
+                    "pipeline has no `edit_verifier` (pass `edit_verifier=`, e.g. `training/train_edit_verifier.py`'s "
+                    "output), or pass `edit_verifier_weight=0` (the weight may come from the pipeline's "
+                    "`edit_defaults`)."
+                )
+            if llm_num_beams < 2:
+                raise ValueError(
+                    f"`edit_verifier_weight={edit_verifier_weight}` reranks beams: it needs `llm_num_beams` > 1 (and "
+                    f"`llm_do_sample=False`), got llm_num_beams={llm_num_beams}."
+                )
         for name in ("llm_base_agreement_weight", "llm_base_focus_weight"):
             if settings[name] > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
                 raise ValueError(
@@ -1611,6 +1711,9 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             conditioning_embeds,
             captions,
         )
+        if edit_verifier_weight > 0 and conditioning_embeds is None:
+            for p in parsed:  # the verifier's limits (placeholders, length), before any model runs
+                self.edit_verifier.tokenize(p.text)
         # Decode every input once, up front: bad files fail here, before any model runs.
         per_images = [[self.imagebind_processor.load_image(img) for img in imgs] for imgs in per_images]
         per_audio = [[self.imagebind_processor.load_audio(clip) for clip in clips] for clips in per_audio]
@@ -1633,7 +1736,10 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             scorer, first_beams = None, {}
             base_priors = self.instruction_base_priors(parsed, media_embeds, base_instruction_weight, device)
             keep_beams = llm_base_focus_weight > 0 or llm_ensemble_weight > 0
-            if llm_rerank_weight > 0 or llm_base_agreement_weight > 0 or keep_beams:
+            verifier_predictions = None
+            if edit_verifier_weight > 0:
+                verifier_predictions = self.edit_verifier_predictions(parsed, media_embeds)
+            if llm_rerank_weight > 0 or llm_base_agreement_weight > 0 or edit_verifier_weight > 0 or keep_beams:
                 scorer = choose = self.caption_agreement_scorer(
                     llm_rerank_weight,
                     device,
@@ -1641,6 +1747,8 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     parsed=parsed,
                     media_embeds=media_embeds,
                     base_priors=base_priors,
+                    verifier_weight=edit_verifier_weight,
+                    verifier_predictions=verifier_predictions,
                 )
             if keep_beams:
 
@@ -1673,12 +1781,14 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                 answers, llm_generation_embeds, llm_base_embeds, first_beams = self.ensemble_answers(
                     parsed, media_embeds, image_patches, first_beams, llm_ensemble_weight, llm_rerank_weight,
                     llm_base_agreement_weight, llm_max_new_tokens, device, base_priors,
+                    edit_verifier_weight, verifier_predictions,
                 )  # fmt: skip
             if llm_base_focus_weight > 0:
                 answers, llm_generation_embeds, llm_base_embeds = self.focus_on_base(
                     parsed, media_embeds, image_patches, answers, llm_generation_embeds, llm_base_embeds,
                     first_beams, llm_rerank_weight, llm_base_focus_weight, llm_max_new_tokens, device, base_priors,
                     num_beams=llm_num_beams, ensemble_weight=llm_ensemble_weight,
+                    verifier_weight=edit_verifier_weight, verifier_predictions=verifier_predictions,
                 )  # fmt: skip
             parsed_answers = [parse_answer(answer) for answer in answers]
             captions, base_rows = [], []

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Exact captions of a ShapesWorld pipeline with a second LLM, at several `llm_ensemble_weight` values.
+"""Exact captions of a ShapesWorld pipeline with a second LLM, at several `llm_ensemble_weight` values (or at
+several values of another knob that ranks the LLM's answers: ``--knob edit_verifier_weight``).
 
     python benchmarks/llm_ensemble.py --model PIPELINE --data dev --split test --weights 0 0.25 0.5
+    python benchmarks/llm_ensemble.py --knob edit_verifier_weight --model . --data dev --split test --weights 0 0.02
 
 PIPELINE holds `llm_2` and `mm_adapter_2` (e.g. the root with a second seed's `train_llm.py` output added: the
-build's ``assemble --llm_2``). For each weight the pipeline answers every example of the split with its stored knobs
-otherwise, one decoder step, one candidate image and latents out (only the answers matter); printed per weight: the
-exact target captions, overall and per instruction type, how many the weight gains and loses against the first
-weight, and the seconds per instruction of the call. Choose the weight on a development split with held-out
-combinations (`shapes.generate` with another seed, its ``test`` split), not on the test split.
+build's ``assemble --llm_2``), or, for ``edit_verifier_weight``, an `edit_verifier`. For each weight the pipeline
+answers every example of the split with its stored knobs otherwise, one decoder step, one candidate image and latents
+out (only the answers matter); printed per weight: the exact target captions, overall and per instruction type, how
+many the weight gains and loses against the first weight, and the seconds per instruction of the call. Choose the
+weight on a development split with held-out combinations (`shapes.generate` with another seed, its ``test`` split),
+not on the test split.
 """
 
 import argparse
@@ -24,9 +27,13 @@ from diffusers_any2pix.shapes.evaluate import load_examples
 from diffusers_any2pix.shapes.world import caption
 
 
+# knob → the optional component it needs
+KNOB_COMPONENTS = {"llm_ensemble_weight": "llm_2", "edit_verifier_weight": "edit_verifier"}
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a saved pipeline folder with llm_2 and mm_adapter_2")
+    parser.add_argument("--model", required=True, help="a saved pipeline folder with the knob's components")
+    parser.add_argument("--knob", default="llm_ensemble_weight", choices=sorted(KNOB_COMPONENTS))
     parser.add_argument("--data", required=True, help="a ShapesWorld dataset root")
     parser.add_argument("--split", default="val")
     parser.add_argument("--max_examples", type=int, default=None, help="read the first N examples of the split")
@@ -34,15 +41,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output", default=None, help="write the figures as JSON")
     args = parser.parse_args(argv)
-    if any(not 0 <= w <= 1 for w in args.weights):
-        parser.error(f"--weights must be numbers in [0, 1], got {args.weights}.")
+    highest = 1 if args.knob == "llm_ensemble_weight" else float("inf")
+    if any(not 0 <= w <= highest for w in args.weights):
+        parser.error(f"--weights of {args.knob} must be numbers in [0, {highest:g}], got {args.weights}.")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be a positive integer, got {args.batch_size}.")
     return args
 
 
-def answer_all(pipe: InstructAny2PixPipeline, examples, weight: float, batch_size: int) -> tuple[list, float]:
-    """The pipeline's captions of every example at ``weight`` and the seconds per instruction."""
+def answer_all(
+    pipe: InstructAny2PixPipeline, examples, weight: float, batch_size: int, knob: str = "llm_ensemble_weight"
+) -> tuple[list, float]:
+    """The pipeline's captions of every example with ``knob`` at ``weight`` and the seconds per instruction."""
     captions, start = [], time.perf_counter()
     for first in range(0, len(examples), batch_size):
         batch = examples[first : first + batch_size]
@@ -54,7 +64,7 @@ def answer_all(pipe: InstructAny2PixPipeline, examples, weight: float, batch_siz
             num_candidate_images=1,
             output_type="latent",
             on_invalid_answer="use_base",
-            llm_ensemble_weight=weight,
+            **{knob: weight},
         )
         captions += out.captions
     return captions, (time.perf_counter() - start) / len(examples)
@@ -65,17 +75,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     pipe = InstructAny2PixPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    if pipe.llm_2 is None:
-        raise SystemExit(f"--model {args.model}: the pipeline has no llm_2 (and mm_adapter_2) to mix in.")
+    if getattr(pipe, KNOB_COMPONENTS[args.knob]) is None:
+        raise SystemExit(f"--model {args.model}: the pipeline has no {KNOB_COMPONENTS[args.knob]} for {args.knob}.")
     examples = load_examples(args.data, args.split, args.max_examples)
     targets = [caption(e.target_scene) for e in examples]
     types = sorted({e.type for e in examples})
     counts = Counter(e.type for e in examples)
-    results = {"split": args.split, "num_examples": len(examples), "per_type": dict(counts)}
+    results = {"knob": args.knob, "split": args.split, "num_examples": len(examples), "per_type": dict(counts)}
     print(f"{'weight':>8}  {'exact':>12}  {'+':>4} {'-':>4}  {'s/instr':>7}  " + "  ".join(f"{t:>12}" for t in types))
     first_right = None
     for weight in args.weights:
-        captions, seconds = answer_all(pipe, examples, weight, args.batch_size)
+        captions, seconds = answer_all(pipe, examples, weight, args.batch_size, args.knob)
         right = [text == target for text, target in zip(captions, targets)]
         first_right = right if first_right is None else first_right
         per_type = Counter(e.type for e, ok in zip(examples, right) if ok)

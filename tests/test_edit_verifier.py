@@ -107,7 +107,7 @@ def test_encode_and_its_errors():
 def test_a_field_with_one_source_copies_it_and_words_only_offer_their_classes():
     verifier = _verifier(seed=3)
     reads = _reads(1)
-    (predicted,) = [p for p in [verifier.predict(["[image1]"], [{("image", 1): reads}])]]
+    predicted = verifier.predict(["[image1]"], [{("image", 1): reads}])
     # The background field's only source is the image's background read: the mixture is that read, exactly.
     torch.testing.assert_close(predicted[0][0], reads[:4])
     # Each shape field mixes the image's three shape reads and the empty class: its mass is theirs.

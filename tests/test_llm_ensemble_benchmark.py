@@ -1,4 +1,5 @@
-"""benchmarks/llm_ensemble.py: exact captions of a pipeline with a second LLM at several ensemble weights."""
+"""benchmarks/llm_ensemble.py: exact captions of a pipeline with a second LLM at several ensemble weights, or with
+an edit verifier at several `edit_verifier_weight` values."""
 
 import importlib.util
 import json
@@ -11,7 +12,14 @@ from diffusers_any2pix import InstructAny2PixPipeline
 from diffusers_any2pix.shapes import generate_dataset
 from diffusers_any2pix.shapes.evaluate import load_examples
 from diffusers_any2pix.shapes.world import caption
-from diffusers_any2pix.testing_utils import tiny_clip_tokenizer, tiny_llm, tiny_pipeline_components
+from diffusers_any2pix.models.edit_verifier import EditVerifier
+from diffusers_any2pix.shapes.world import ATTRIBUTE_CLASS_NAMES
+from diffusers_any2pix.testing_utils import (
+    tiny_clip_tokenizer,
+    tiny_llm,
+    tiny_pipeline_components,
+    with_attribute_reader,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("llm_ensemble", os.path.join(REPO, "benchmarks", "llm_ensemble.py"))
@@ -33,6 +41,13 @@ def setup(tmp_path_factory):
         edit_defaults=edit,
     ).save_pretrained(root / "pipe")  # fmt: skip
     InstructAny2PixPipeline(**components).save_pretrained(root / "plain")
+    class_words = [list(field) for field in ATTRIBUTE_CLASS_NAMES]
+    verifier = EditVerifier(class_words=class_words, words=["add"], num_layers=1, hidden_size=16)
+    adapter = with_attribute_reader(components["mm_adapter"], [len(f) for f in ATTRIBUTE_CLASS_NAMES])
+    InstructAny2PixPipeline(
+        **{**components, "mm_adapter": adapter}, imagebind_tokenizer=tiny_clip_tokenizer(), edit_verifier=verifier,
+        edit_defaults=edit,
+    ).save_pretrained(root / "verifying")  # fmt: skip
     return root
 
 
@@ -65,13 +80,33 @@ def test_the_benchmark_reports_the_pipelines_captions_per_weight(setup, tmp_path
 
 def test_a_pipeline_without_a_second_llm_is_refused(setup):
     argv = ["--model", str(setup / "plain"), "--data", str(setup / "data"), "--split", "train", "--max_examples", "2"]
-    with pytest.raises(SystemExit, match="has no llm_2"):
+    with pytest.raises(SystemExit, match="has no llm_2 for llm_ensemble_weight"):
         llm_ensemble.main(argv)
+    with pytest.raises(SystemExit, match="has no edit_verifier for edit_verifier_weight"):
+        llm_ensemble.main(argv + ["--knob", "edit_verifier_weight"])
+
+
+def test_the_verifier_knob_reports_the_pipelines_captions(setup):
+    argv = ["--model", str(setup / "verifying"), "--data", str(setup / "data"), "--split", "train",
+            "--max_examples", "4", "--knob", "edit_verifier_weight", "--weights", "0", "5"]  # fmt: skip
+    report = llm_ensemble.main(argv)
+    assert report["knob"] == "edit_verifier_weight"
+    examples = load_examples(str(setup / "data"), "train", 4)
+    pipe = InstructAny2PixPipeline.from_pretrained(setup / "verifying")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe([e.instruction for e in examples], images=[[Image.open(p).convert("RGB") for p in e.image_paths]
+               for e in examples], audio=[list(e.audio_paths) for e in examples], num_inference_steps=1,
+               num_candidate_images=1, output_type="latent", on_invalid_answer="use_base",
+               edit_verifier_weight=5.0)  # fmt: skip
+    assert report["weight=5"]["captions"] == out.captions
 
 
 @pytest.mark.parametrize(
     "extra, match",
-    [(["--weights", "1.5"], "--weights must be numbers in"), (["--weights", "-0.1"], "--weights must be numbers in"),
+    [(["--weights", "1.5"], "--weights of llm_ensemble_weight must be numbers in [0, 1]"),
+     (["--weights", "-0.1"], "--weights of llm_ensemble_weight must be numbers in"),
+     (["--knob", "edit_verifier_weight", "--weights", "-1"], "of edit_verifier_weight must be numbers in [0, inf]"),
+     (["--knob", "temperature"], "invalid choice: 'temperature'"),
      (["--batch_size", "0"], "--batch_size must be a positive")],
 )  # fmt: skip
 def test_bad_arguments(extra, match, capsys):

@@ -1354,6 +1354,15 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             )
 
     @staticmethod
+    def _check_beams(name: str, value: float, llm_num_beams: int, use: str) -> None:
+        """Knobs that choose among the LLM's final beams need beam search."""
+        if llm_num_beams < 2:
+            raise ValueError(
+                f"`{name}={value}` {use}: it needs `llm_num_beams` > 1 (and `llm_do_sample=False`), got "
+                f"llm_num_beams={llm_num_beams}."
+            )
+
+    @staticmethod
     def _caption_weights(value: Any) -> tuple[float, ...]:
         """`caption_embedding_weight` as a tuple: one weight, or the weights every output image is drawn at."""
         values = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -1657,11 +1666,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     "`llm_2` (pass `llm_2=` and `mm_adapter_2=`, e.g. another seed's `train_llm.py` output), or pass "
                     "`llm_ensemble_weight=0` (the weight may come from the pipeline's `edit_defaults`)."
                 )
-            if llm_num_beams < 2:
-                raise ValueError(
-                    f"`llm_ensemble_weight={llm_ensemble_weight}` pools both LLMs' beams: it needs `llm_num_beams` > 1 "
-                    f"(and `llm_do_sample=False`), got llm_num_beams={llm_num_beams}."
-                )
+            self._check_beams("llm_ensemble_weight", llm_ensemble_weight, llm_num_beams, "pools both LLMs' beams")
         edit_verifier_weight = settings["edit_verifier_weight"]
         verifier_ok = isinstance(edit_verifier_weight, (int, float)) and not isinstance(edit_verifier_weight, bool)
         if not (verifier_ok and edit_verifier_weight >= 0 and np.isfinite(edit_verifier_weight)):
@@ -1674,11 +1679,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
                     "output), or pass `edit_verifier_weight=0` (the weight may come from the pipeline's "
                     "`edit_defaults`)."
                 )
-            if llm_num_beams < 2:
-                raise ValueError(
-                    f"`edit_verifier_weight={edit_verifier_weight}` reranks beams: it needs `llm_num_beams` > 1 (and "
-                    f"`llm_do_sample=False`), got llm_num_beams={llm_num_beams}."
-                )
+            self._check_beams("edit_verifier_weight", edit_verifier_weight, llm_num_beams, "reranks beams")
         for name in ("llm_base_agreement_weight", "llm_base_focus_weight"):
             if settings[name] > 0 and conditioning_embeds is None and self.mm_adapter.attribute_reader is None:
                 raise ValueError(

@@ -3,6 +3,7 @@ invariance, the class-renaming augmentation, save/load, its place in the pipelin
 script end to end on tiny ShapesWorld data, and every error path."""
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -80,8 +81,12 @@ def test_collect_words_and_tokenize():
         (dict(class_words=[["", "red"], ["only one"]]), "at least 2 class words"),
         (dict(class_words=[["", "red"], ["red", "blue"]]), "the word 'red' names classes of two different class types"),
         (dict(words=["red", "add"]), r"`words` must not hold class words .*\['red'\]"),
-        (dict(max_images=0), "`max_images` must be a positive int"),
-        (dict(max_words=True), "`max_words` must be a positive int"),
+        (dict(class_words=[["", "Red"], ["", "blue"]]), r"one lower-case word .* got \['', 'Red'\]"),
+        (dict(class_words=[["", "dark blue"], ["", "x"]]), "every class word must be one lower-case word"),
+        (dict(class_words=[["", "red", "red"], ["", "x"]]), "and appear once in its field"),
+        (dict(max_images=0), "`max_images` must be an int >= 1"),
+        (dict(max_audio=-1), "`max_audio` must be an int >= 0"),
+        (dict(max_words=True), "`max_words` must be an int >= 1"),
     ],
 )
 def test_bad_config_is_named(config, match):
@@ -362,6 +367,19 @@ def test_script_trains_reports_and_writes_a_pipeline_that_verifies(workspace, tm
 def test_script_bad_arguments_are_named(workspace, tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         train_edit_verifier.parse_args(_argv(workspace, tmp_path, *extra))
+
+
+def test_script_names_a_record_it_cannot_read_and_a_verifier_of_other_classes(workspace, tmp_path):
+    records = json.loads(open(os.path.join(workspace["data"], "train", "instruction.json")).read())
+    del records[1]["target_scene"], records[1]["media"][0]["caption"]
+    (tmp_path / "instruction.json").write_text(json.dumps(records))
+    argv = _argv(workspace, tmp_path / "o", "--pipeline", workspace["pipeline"])
+    with pytest.raises(ValueError, match=r"record 1: missing \['target_scene', 'media\[0\].caption'\]"):
+        train_edit_verifier.main(argv + ["--instruction_file", str(tmp_path / "instruction.json")])
+    other = EditVerifier(class_words=[["", "red"], ["", "star"]], words=[], num_layers=1, hidden_size=16)
+    other.save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="reads other classes than ShapesWorld's"):
+        train_edit_verifier.main(argv + ["--pretrained_edit_verifier", str(tmp_path / "other")])
 
 
 def test_script_refuses_a_reader_of_other_fields(workspace, tmp_path):

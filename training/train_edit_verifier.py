@@ -123,7 +123,9 @@ def load_records(path: str) -> list[dict]:
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path} must hold a non-empty list of instruction records.")
     for i, record in enumerate(records):
-        missing = [k for k in ("instruction", "media", "target_scene") if k not in record]
+        missing = [k for k in ("instruction", "media", "result", "target_scene") if k not in record]
+        media = record.get("media", [])
+        missing += [f"media[{j}].{k}" for j, m in enumerate(media) for k in ("kind", "caption") if k not in m]
         if missing:
             raise ValueError(f"{path}, record {i}: missing {missing} (a ShapesWorld instruction record).")
     return records
@@ -240,6 +242,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     pretrained = None
     if args.pretrained_edit_verifier is not None:
         pretrained = EditVerifier.from_pretrained(args.pretrained_edit_verifier)
+        if [list(f) for f in pretrained.config.class_words] != [list(f) for f in ATTRIBUTE_CLASS_NAMES]:
+            raise ValueError(
+                f"--pretrained_edit_verifier {args.pretrained_edit_verifier!r} reads other classes than ShapesWorld's "
+                f"({pretrained.config.class_words})."
+            )
     words, texts, media_reads, labels = build_examples(
         args, None if pretrained is None else list(pretrained.config.words), reader, features
     )

@@ -27,6 +27,7 @@ from torch import nn
 PAD, WORD, CLASS_WORD, MEDIUM = 0, 1, 2, 3
 UNKNOWN_WORD_ID = 1  # word ids: 0 padding, 1 unknown, then `words`
 TOKEN_PATTERN = re.compile(r"\[(image|audio)(\d+)\]|[a-z]+|[^\sa-z]")
+WORD_PATTERN = re.compile(r"[a-z]+")
 # Smallest probability a field's agreement is allowed, so one unreadable field cannot dominate a sum of logs.
 AGREEMENT_FLOOR = 1e-6
 
@@ -114,9 +115,18 @@ class EditVerifier(ModelMixin, ConfigMixin):
                 "`class_words` must be a non-empty list with, per attribute field, a list of at least 2 class words "
                 f"(strings, '' for a class no word names), got {class_words!r}."
             )
+        for field in class_words:
+            named = [word for word in field if word]
+            bad = [word for word in named if not WORD_PATTERN.fullmatch(word)]
+            if bad or len(set(named)) != len(named):
+                raise ValueError(
+                    f"`class_words`: every class word must be one lower-case word ([a-z]+, as `tokenize` splits text) "
+                    f"and appear once in its field; got {field!r}."
+                )
         for name, value in (("max_images", max_images), ("max_audio", max_audio), ("max_words", max_words)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_audio" else 1):
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            lowest = 0 if name == "max_audio" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"`{name}` must be an int >= {lowest}, got {value!r}.")
         types: list[tuple[str, ...]] = []
         for field in class_words:
             if tuple(field) not in types:

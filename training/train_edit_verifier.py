@@ -162,7 +162,8 @@ def caption_examples(records: list[dict]) -> dict[str, list[int]]:
 
 
 class VerifierDataset(torch.utils.data.Dataset):
-    """Encoded instructions and captions with their labels, indexed by ``(epoch, index)``."""
+    """Encoded instructions and captions with their labels, indexed by ``(epoch, index)``; its `collate` takes a
+    batch's rows out of the encoded tensors at once."""
 
     def __init__(self, inputs: EditVerifierInputs, labels: torch.LongTensor):
         self.inputs, self.labels = inputs, labels
@@ -170,15 +171,12 @@ class VerifierDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: tuple[int, int] | int) -> tuple[EditVerifierInputs, torch.LongTensor]:
-        index = item[1] if isinstance(item, tuple) else item
-        return self.inputs.select(slice(index, index + 1)), self.labels[index : index + 1]
+    def __getitem__(self, item: tuple[int, int] | int) -> int:
+        return item[1] if isinstance(item, tuple) else item
 
-
-def collate(items: list) -> tuple[EditVerifierInputs, torch.LongTensor]:
-    inputs = [i for i, _ in items]
-    merged = EditVerifierInputs(**{k: torch.cat([getattr(i, k) for i in inputs]) for k in vars(inputs[0])})
-    return merged, torch.cat([labels for _, labels in items])
+    def collate(self, indices: list[int]) -> tuple[EditVerifierInputs, torch.LongTensor]:
+        rows = torch.tensor(indices)
+        return self.inputs.select(rows), self.labels[rows]
 
 
 def build_examples(
@@ -262,7 +260,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
     logger.info(f"{len(texts)} examples ({sum(1 for r in media_reads if r)} instructions), {len(words)} words.")
     params = [p for p in verifier.parameters() if p.requires_grad]
     setup = training_utils.prepare_training(
-        accelerator, args, verifier, params, dataset, collate_fn=collate, tracker_name="train_edit_verifier"
+        accelerator, args, verifier, params, dataset, collate_fn=dataset.collate, tracker_name="train_edit_verifier"
     )
     unwrapped = accelerator.unwrap_model(setup.model)
 

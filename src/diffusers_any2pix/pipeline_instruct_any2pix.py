@@ -732,7 +732,7 @@ class InstructAny2PixPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError("`edit_verifier_predictions` needs the `edit_verifier` component.")
         rows = []
         for instruction, embeds in zip(parsed, media_embeds):
-            reads = torch.cat(self.mm_adapter.read_attributes(embeds), dim=-1).float().cpu() if len(embeds) else None
+            reads = torch.cat(self.mm_adapter.read_attributes(embeds), dim=-1).float().cpu()
             rows.append({(ref.kind, ref.index + 1): reads[pos] for pos, ref in enumerate(instruction.references)})
         predicted = self.edit_verifier.predict([p.text for p in parsed], rows)
         return [[field[b].cpu() for field in predicted] for b in range(len(parsed))]

@@ -321,27 +321,30 @@ class EditVerifier(ModelMixin, ConfigMixin):
 
         query_states, source_states = hidden[:, -num_fields:], hidden[:, : length + num_slots * num_fields]
         scores = self.query_proj(query_states) @ self.key_proj(source_states).transpose(1, 2) / math.sqrt(d)
-        field_of_source = torch.arange(num_fields, device=device).repeat(num_slots)
-        out = []
-        for f in range(num_fields):
-            t, n = self.field_types[f], self.num_classes[f]
-            word_is_source = is_class & (class_types == t)
-            media_is_source = torch.tensor(
-                [self.field_types[int(g)] == t for g in field_of_source], device=device, dtype=torch.bool
-            )[None] & ~media_padding
-            word_values = nn.functional.one_hot(class_ids.clamp_max(n - 1), n).to(hidden.dtype)
+        # The sources and their class distributions depend only on a field's class type: built once per type.
+        field_of_source = torch.tensor(self.field_types, device=device).repeat(num_slots)
+        sources = {}
+        for t in sorted(set(self.field_types)):
+            n = self.type_sizes[t]
+            is_source = torch.cat([is_class & (class_types == t), (field_of_source == t)[None] & ~media_padding], 1)
             media_values = torch.zeros(batch, num_slots, num_fields, n, device=device, dtype=hidden.dtype)
             for g, read in enumerate(fields):
                 if self.field_types[g] == t:
                     media_values[:, :, g] = read.to(hidden.dtype)
+            word_values = nn.functional.one_hot(class_ids.clamp_max(n - 1), n).to(hidden.dtype)
             values = torch.cat([word_values, media_values.reshape(batch, -1, n)], 1)
-            logits = scores[:, f].masked_fill(~torch.cat([word_is_source, media_is_source], 1), float("-inf"))
             empty = ~self.renamable[t].to(device)
             if empty.any():  # a class no word names (an empty slot) is a source of its own
-                logits = torch.cat([logits, self.empty_logit(query_states[:, f])], 1)
                 values = torch.cat([values, (empty.to(hidden.dtype) / empty.sum()).expand(batch, 1, n)], 1)
+            sources[t] = (is_source, values.float(), bool(empty.any()))
+        out = []
+        for f in range(num_fields):
+            is_source, values, has_empty = sources[self.field_types[f]]
+            logits = scores[:, f].masked_fill(~is_source, float("-inf"))
+            if has_empty:
+                logits = torch.cat([logits, self.empty_logit(query_states[:, f])], 1)
             weights = logits.float().softmax(-1).nan_to_num(0.0)  # a field with no source predicts nothing
-            probs = (weights[:, None] @ values.float())[:, 0]
+            probs = (weights[:, None] @ values)[:, 0]
             out.append(probs.clamp_min(AGREEMENT_FLOOR).log())
         return out
 
